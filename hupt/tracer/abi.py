@@ -62,6 +62,28 @@ class SYS(IntEnum):
 # x32 syscalls are x86_64 numbers with this bit set.
 X32_SYSCALL_BIT = 0x40000000
 AUDIT_ARCH_X86_64 = 0xC000003E
+# A 64-bit task can still make i386 syscalls with `int 0x80` (IA32 emulation);
+# seccomp then reports this arch and i386 numbers.
+AUDIT_ARCH_I386 = 0x40000003
+
+
+class SYS_I386(IntEnum):
+    """i386 syscall numbers (arch/x86/entry/syscalls/syscall_32.tbl) hupt's filter guards."""
+
+    unlink = 10
+    getpid = 20
+    socketcall = 102
+    unlinkat = 301
+    bind = 361
+    listen = 363
+
+
+class SocketCall(IntEnum):
+    """First argument of i386 socketcall(call, args) (include/uapi/linux/net.h)."""
+
+    SOCKET = 1
+    BIND = 2
+    LISTEN = 4
 
 
 class SeccompOp(IntEnum):
@@ -114,6 +136,13 @@ def seccomp_data_arg(n: int, high: bool = False) -> int:
     return 16 + 8 * n + (4 if high else 0)
 
 
+# struct sock_filter { __u16 code; __u8 jt; __u8 jf; __u32 k; };
+SOCK_FILTER = struct.Struct("<HBBI")
+# struct sock_fprog { unsigned short len; /* 6 bytes padding */ struct sock_filter *filter; };
+SOCK_FPROG = struct.Struct("<H6xQ")
+BPF_MAXINSNS = 4096
+
+
 # struct seccomp_notif_sizes { __u16 seccomp_notif, seccomp_notif_resp, seccomp_data; };
 NOTIF_SIZES = struct.Struct("<HHH")
 
@@ -124,6 +153,9 @@ NOTIF_SIZES = struct.Struct("<HHH")
 #     struct seccomp_data data;    /* @16 */
 # };
 NOTIF = struct.Struct("<QII" + "iIQ6Q")
+
+# SECCOMP_IOCTL_NOTIF_ID_VALID takes a pointer to the __u64 id, not the id itself.
+NOTIF_ID = struct.Struct("<Q")
 
 # struct seccomp_notif_resp { __u64 id; __s64 val; __s32 error; __u32 flags; };
 NOTIF_RESP = struct.Struct("<QqiI")

@@ -1,0 +1,5 @@
+import sys
+
+from hupt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``.
+
+Errors the user can act on are HuptError subclasses and come out as one line
+on stderr with a non-zero exit status; a traceback is always a bug.
+Exit statuses: 0 success, 1 the operation failed (e.g. a reload that did not
+produce a serving generation), 2 bad usage or nothing to talk to; ``hupt run``
+exits with the server's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from hupt import log
+from hupt.errors import HuptError, NotUnderHupt, UsageError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Zero-downtime restarts for unmodified Linux servers.
+
+hupt runs a server and, on reload, starts a new generation of the same
+command; when it bind()s an address the old generation holds, it gets the
+same listening socket, so no connection is refused or reset. The old
+generation stops accepting, finishes its in-flight connections and exits.
+"""
+
+RUN_EPILOG = """\
+examples:
+  hupt run -- python3 -m http.server 8000
+  kill -HUP <hupt pid>          # reload (or: hupt reload <pid>)
+
+signals to hupt: HUP reload; TERM/INT stop gracefully (a second INT stops at
+once); USR2 end every drain now.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return v
+
+
+def _signal(text: str) -> int:
+    name = text.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        if text.isdigit() and 0 < int(text) < signal.NSIG:
+            return int(text)
+        raise argparse.ArgumentTypeError(f"unknown signal: {text!r}") from None
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hupt", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every bind/listen handled")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run a server under hupt", description=(
+            "Run CMD as generation 1 and supervise it; hupt's own PID stays the same across "
+            "reloads, so systemd or supervisord can watch it."),
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="S",
+                     help="a new generation must listen on every held address within S "
+                          "seconds, or the reload fails and the old one keeps serving "
+                          "(default: 30)")
+    run.add_argument("--drain-timeout", type=_seconds, default=60.0, metavar="S",
+                     help="longest an old generation may take to finish its in-flight "
+                          "connections before it is stopped anyway (default: 60)")
+    run.add_argument("--kill-timeout", type=_seconds, default=10.0, metavar="S",
+                     help="grace between the stop signal and SIGKILL (default: 10)")
+    run.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
+                     help="signal that asks a drained generation to exit (default: TERM)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                     help="the server command")
+
+    rl = sub.add_parser(
+        "reload", help="reload a server and wait for the outcome", description=(
+            "Reload the server PID belongs to (hupt's PID or any process of the server) and "
+            "wait: exit 0 once the new generation serves; 1 with the reason if it failed "
+            "(the old generation keeps serving)."))
+    rl.add_argument("pid", type=_pid, metavar="PID")
+    rl.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                    help="give up waiting after S seconds (the reload goes on)")
+
+    st = sub.add_parser(
+        "stop", help="stop a server gracefully and wait", description=(
+            "Stop the hupt instance PID belongs to: every generation stops accepting, "
+            "drains, and exits."))
+    st.add_argument("pid", type=_pid, metavar="PID")
+    st.add_argument("--now", action="store_true", help="do not drain: kill at once")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(args_list)
+        log.configure(verbose=args.verbose)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "reload":
+            return cmd_reload(args)
+        if args.command == "stop":
+            return cmd_stop(args)
+        build_parser().print_help(sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, NotUnderHupt) as e:
+        _fail(str(e))
+        return EXIT_USAGE
+    except HuptError as e:
+        _fail(str(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(msg: str) -> None:
+    sys.stderr.write(f"hupt: error: {msg}\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("hupt run: missing the server command (hupt run [OPTIONS] -- CMD ...)")
+    from hupt.supervisor import Options, Supervisor
+    from hupt.system import LinuxSystem
+    from hupt.tracer.subreaper import become_subreaper
+
+    become_subreaper()
+    opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
+                   drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
+                   stop_signal=args.stop_signal)
+    sup = Supervisor(LinuxSystem(), opts)
+    log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}")
+    return sup.run()
+
+
+def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str) -> int:
+    from hupt import control
+
+    hupt_pid = control.find_instance(pid)
+    start = time.monotonic()
+    status = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+        status = console.status(f"{verb} (hupt {hupt_pid})")
+        status.start()
+    try:
+        for msg in control.request(hupt_pid, cmd, timeout=timeout):
+            t = f"{(time.monotonic() - start) * 1000:7.0f} ms"
+            if msg.get("event") == "progress":
+                if status is not None:
+                    status.console.print(f"[dim]{t}[/] {msg['message']}")
+                else:
+                    print(f"{t} {msg['message']}", file=sys.stderr)
+            elif msg.get("event") == "result":
+                if status is not None:
+                    status.stop()
+                    status = None
+                if msg.get("ok"):
+                    print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
+                    return 0
+                _fail(f"{verb} failed: {msg.get('reason', 'unknown reason')}")
+                return EXIT_FAILED
+    finally:
+        if status is not None:
+            status.stop()
+    return EXIT_FAILED
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    return _talk(args.pid, {"cmd": "reload"}, args.timeout, "reload")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _talk(args.pid, {"cmd": "stop", "now": args.now}, None, "stop")

@@ -1,0 +1,201 @@
+"""The control socket: how ``hupt reload PID`` talks to a running ``hupt run``.
+
+One unix stream socket per hupt instance, named after hupt's PID, in a
+directory only its user can enter (root: /run/hupt; others:
+$XDG_RUNTIME_DIR/hupt, else /tmp/hupt-UID, mode 0700).  Every connection's
+peer credentials (SO_PEERCRED) are checked as well: only root or hupt's own
+user may send commands, whatever the directory's permissions became.
+
+Protocol: the client sends one JSON object on a line, {"cmd": "reload"}; the
+server answers with JSON lines, {"event": "progress", "message": ...} as the
+reload goes, and finally {"event": "result", "ok": bool, "reason": str}.
+
+PID lookup: hupt is a child subreaper, so every process of a server has the
+hupt that supervises it among its ancestors; ``find_instance`` walks up from
+the given PID to the first one with a control socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hupt.errors import ControlError, NotUnderHupt
+from hupt.tracer import procfs
+
+Message = dict[str, Any]
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+
+
+def runtime_dir(uid: int | None = None) -> str:
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
+        return "/run/hupt"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "hupt")
+    return f"/tmp/hupt-{uid}"
+
+
+def socket_path(pid: int, uid: int | None = None) -> str:
+    return os.path.join(runtime_dir(uid), f"{pid}.sock")
+
+
+def find_instance(pid: int) -> int:
+    """The PID of the hupt that supervises ``pid`` (which may be hupt itself)."""
+    p = pid
+    if not os.path.exists(f"/proc/{pid}"):
+        raise NotUnderHupt(f"no process with PID {pid}")
+    while p > 1:
+        if os.path.exists(socket_path(p)):
+            return p
+        try:
+            p = procfs.ppid_of(p)
+        except Exception:
+            break
+    raise NotUnderHupt(f"PID {pid} is not under hupt (no hupt instance of this user among its "
+                       f"ancestors; control sockets live in {runtime_dir()})")
+
+
+class Peer:
+    """One connected client, served without blocking from the supervisor's loop."""
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[Peer, Message], None]) -> None:
+        self.sock = sock
+        self._in = b""
+        self._out = b""
+        self._on_message = on_message
+        self.closed = False
+        self.close_when_flushed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self._in += data
+        while b"\n" in self._in:
+            line, self._in = self._in.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                self.send({"event": "result", "ok": False, "reason": "malformed request"})
+                self.finish()
+                return
+            if isinstance(msg, dict):
+                self._on_message(self, msg)
+
+    def send(self, msg: Message) -> None:
+        if self.closed:
+            return
+        self._out += json.dumps(msg).encode() + b"\n"
+        self.flush()
+
+    def finish(self) -> None:
+        self.close_when_flushed = True
+        self.flush()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> None:
+        while self._out and not self.closed:
+            try:
+                n = self.sock.send(self._out)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            self._out = self._out[n:]
+        if self.close_when_flushed:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+class ControlServer:
+    def __init__(self, pid: int | None = None) -> None:
+        self.path = socket_path(pid or os.getpid())
+        d = os.path.dirname(self.path)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        if os.getuid() != 0:
+            os.chmod(d, 0o700)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> socket.socket | None:
+        """The next client, if its credentials allow it to command this hupt."""
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        _, uid, _ = _UCRED.unpack(creds)
+        if uid not in (0, os.getuid()):
+            conn.close()
+            return None
+        conn.setblocking(False)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterator[Message]:
+    """Send ``msg`` to the hupt with PID ``hupt_pid`` and yield its answers until the result."""
+    path = socket_path(hupt_pid)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise ControlError(f"cannot reach hupt {hupt_pid} at {path}: {e.strerror}") from e
+    with s:
+        s.sendall(json.dumps(msg).encode() + b"\n")
+        buf = b""
+        while True:
+            try:
+                data = s.recv(65536)
+            except TimeoutError as e:
+                raise ControlError(f"hupt {hupt_pid} did not answer in time") from e
+            if not data:
+                raise ControlError(f"hupt {hupt_pid} closed the connection without a result")
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                ans = json.loads(line)
+                yield ans
+                if ans.get("event") == "result":
+                    return

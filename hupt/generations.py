@@ -1,0 +1,75 @@
+"""Generations: one run of the server command and every process it made.
+
+A generation is the spawned child plus all its descendants, including those
+that daemonize (hupt is a child subreaper, so orphans come back to it and are
+told apart by the HUPT_GEN marker in their environment).
+
+Lifecycle (the only transitions; anything else is a bug and raises)::
+
+    STARTING --listened on all held addresses--> SERVING
+    STARTING --exit / ready timeout------------> FAILED --> DRAINING (if alive)
+    SERVING  --a newer generation is ready----> DRAINING
+    SERVING  --hupt stops---------------------> DRAINING
+    DRAINING --0 in flight or drain timeout---> RETIRING (stop signal sent)
+    any      --last process gone--------------> EXITED
+
+Invariant (as in tableflip): at most one generation is STARTING.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hupt.address import Address
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    FAILED = "failed"
+    DRAINING = "draining"
+    RETIRING = "retiring"
+    EXITED = "exited"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.SERVING, State.FAILED, State.EXITED}),
+    State.SERVING: frozenset({State.DRAINING, State.RETIRING, State.EXITED}),
+    State.FAILED: frozenset({State.DRAINING, State.RETIRING, State.EXITED}),
+    State.DRAINING: frozenset({State.RETIRING, State.EXITED}),
+    State.RETIRING: frozenset({State.EXITED}),
+    State.EXITED: frozenset(),
+}
+
+
+@dataclass
+class Generation:
+    number: int
+    pid: int
+    started_at: float
+    state: State = State.STARTING
+    # Every live process of the generation (the root included while it lives).
+    pids: set[int] = field(default_factory=set)
+    # Addresses this generation listened on (handed over or new).
+    listened: set[Address] = field(default_factory=set)
+    ready_at: float | None = None
+    drain_deadline: float | None = None
+    kill_at: float | None = None
+    exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode
+    # Whether hupt asked it to go (drained/stopped) rather than it dying on its own.
+    retired_by_hupt: bool = False
+
+    def to(self, state: State) -> None:
+        if state is self.state:
+            return
+        if state not in _ALLOWED[self.state]:
+            raise RuntimeError(f"generation {self.number}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not State.EXITED
+
+    def __str__(self) -> str:
+        return f"generation {self.number} (pid {self.pid})"

@@ -1,0 +1,235 @@
+"""Answering a generation's bind(), listen() and unlink() calls.
+
+Each generation runs under a seccomp filter that turns these calls into
+notifications on the generation's notify fd; this module answers them:
+
+bind(fd, addr)
+    An address hupt holds: the held socket is installed at the app's fd
+    number (ADDFD with SETFD; the app's own socket is closed by the
+    replacement) with the app's O_NONBLOCK mirrored onto it, and bind
+    returns 0.  Any other address: the call goes through unchanged
+    (CONTINUE), and a chosen address (not port 0) is remembered by the
+    socket's inode so the listen() that follows can be recognised.
+
+listen(fd, backlog)
+    hupt takes its own reference (pidfd_getfd) and does the listen itself
+    on it, with a backlog of at least MIN_BACKLOG, then answers 0: seccomp
+    has no post-syscall hook, so doing the call ourselves is the only way
+    to both raise the backlog and know it succeeded.
+
+unlink(path) / unlinkat(dirfd, path, 0)
+    A held unix socket path is answered 0 and left in place: servers unlink
+    their socket path before bind and at exit, which would cut every new
+    client off the socket the next generation serves.
+
+Every answer is preceded by ID_VALID after reading the target's memory: a
+signal can withdraw a notification at any moment (the syscall then restarts
+with a new id or fails with EINTR), so every handler is idempotent.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from dataclasses import dataclass, field
+
+from hupt import log
+from hupt.address import Address, from_socket_name, parse_sockaddr
+from hupt.errors import KernelError, NoSuchProcess, NotificationGone
+from hupt.listeners import Listeners
+from hupt.tracer import pidfd, procfs
+from hupt.tracer.abi import O_CLOEXEC, O_NONBLOCK, SYS
+from hupt.tracer.notify import Notification, NotifyFd
+
+AT_FDCWD = -100
+AT_REMOVEDIR = 0x200
+PATH_MAX = 4096
+SOCKADDR_MAX = 128
+
+
+@dataclass
+class Handoff:
+    """The notification side of one generation."""
+
+    generation: int
+    notify: NotifyFd
+    listeners: Listeners
+    # Inodes of sockets bound (by CONTINUE) to an address the server chose.
+    pending: dict[int, Address] = field(default_factory=dict)
+    # Addresses this generation got by handoff (for status and tests).
+    handed: set[Address] = field(default_factory=set)
+
+    def service(self) -> list[Address]:
+        """Answer every pending notification; return the addresses newly listened on."""
+        listened: list[Address] = []
+        while True:
+            try:
+                n = self.notify.recv()
+            except NotificationGone:
+                continue
+            if n is None:
+                return listened
+            try:
+                addr = self._answer(n)
+            except (NotificationGone, NoSuchProcess):
+                continue  # withdrawn or gone: the kernel re-notifies if it matters
+            except KernelError as e:
+                log.warn(f"generation {self.generation}: answering {SYS(n.nr).name}: {e}")
+                self._try_continue(n)
+                continue
+            if addr is not None:
+                listened.append(addr)
+
+    def _answer(self, n: Notification) -> Address | None:
+        if n.nr == SYS.bind:
+            self._bind(n)
+        elif n.nr == SYS.listen:
+            return self._listen(n)
+        elif n.nr in (SYS.unlink, SYS.unlinkat):
+            self._unlink(n)
+        else:
+            self.notify.send_continue(n.id)
+        return None
+
+    # -- bind ------------------------------------------------------------
+    def _bind(self, n: Notification) -> None:
+        fd, uaddr, alen = int(n.args[0]), n.args[1], int(n.args[2])
+        with procfs.Memory(n.pid) as mem:
+            raw = mem.read(uaddr, min(max(alen, 0), SOCKADDR_MAX))
+        cwd = procfs.cwd(n.pid) if raw[:2] == socket.AF_UNIX.to_bytes(2, "little") else None
+        if not self.notify.id_valid(n.id):
+            return
+        addr = parse_sockaddr(raw, cwd)
+        if addr is None or not addr.chosen:
+            self.notify.send_continue(n.id)
+            return
+        held = self.listeners.get(addr)
+        with _their_socket(n.pid, fd) as theirs:
+            if theirs is None or theirs.type != socket.SOCK_STREAM:
+                self.notify.send_continue(n.id)
+                return
+            if held is None or held.sock.family != theirs.family:
+                self.pending[os.fstat(theirs.fileno()).st_ino] = addr
+                self.notify.send_continue(n.id)
+                return
+        flags = procfs.fd_flags(n.pid, fd)
+        # O_NONBLOCK lives on the open file description, shared with every
+        # holder: mirror what this generation expects (Go needs it set).
+        cur = fcntl.fcntl(held.fileno(), fcntl.F_GETFL)
+        want = (cur | O_NONBLOCK) if flags & O_NONBLOCK else (cur & ~O_NONBLOCK)
+        if want != cur:
+            fcntl.fcntl(held.fileno(), fcntl.F_SETFL, want)
+        if not self.notify.id_valid(n.id):
+            return
+        self.notify.addfd(n.id, held.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
+        self.notify.send_result(n.id, 0)
+        self.handed.add(addr)
+        log.debug(f"generation {self.generation}: bind {addr} -> held socket at fd {fd}")
+
+    # -- listen ----------------------------------------------------------
+    def _listen(self, n: Notification) -> Address | None:
+        fd, backlog = int(n.args[0]), _s32(n.args[1])
+        with _their_socket(n.pid, fd) as theirs:
+            if theirs is None:
+                self.notify.send_continue(n.id)
+                return None
+            ino = os.fstat(theirs.fileno()).st_ino
+            held = self.listeners.by_inode(ino)
+            if held is not None:
+                held.raise_backlog(backlog)
+                self.notify.send_result(n.id, 0)
+                return held.address
+            addr = self.pending.get(ino)
+            if addr is None or not _bound_to(theirs, addr):
+                self.notify.send_continue(n.id)
+                return None
+            if not self.notify.id_valid(n.id):
+                return None
+            try:
+                kept = socket.socket(fileno=os.dup(theirs.fileno()))
+                os.set_inheritable(kept.fileno(), False)
+                self.listeners.add(addr, kept, backlog)
+            except OSError as e:
+                self.notify.send_result(n.id, error=e.errno or errno.EINVAL)
+                return None
+        del self.pending[ino]
+        self.notify.send_result(n.id, 0)
+        log.debug(f"generation {self.generation}: holding new listener {addr}")
+        return addr
+
+    # -- unlink ----------------------------------------------------------
+    def _unlink(self, n: Notification) -> None:
+        if n.nr == SYS.unlink:
+            dirfd, upath, flags = AT_FDCWD, n.args[0], 0
+        else:
+            dirfd, upath, flags = _s32(n.args[0]), n.args[1], int(n.args[2])
+        paths = self.listeners.unix_paths()
+        if flags & AT_REMOVEDIR or not paths:
+            self.notify.send_continue(n.id)
+            return
+        with procfs.Memory(n.pid) as mem:
+            path = mem.read_cstring(upath, PATH_MAX)
+        if not path.startswith(b"/"):
+            base = procfs.cwd(n.pid) if dirfd == AT_FDCWD else os.readlink(
+                f"/proc/{n.pid}/fd/{dirfd}")
+            path = os.path.normpath(os.path.join(os.fsencode(base), path))
+        if not self.notify.id_valid(n.id):
+            return
+        if path in paths:
+            log.debug(f"generation {self.generation}: kept held socket path {path!r}")
+            self.notify.send_result(n.id, 0)
+        else:
+            self.notify.send_continue(n.id)
+
+    def _try_continue(self, n: Notification) -> None:
+        try:
+            self.notify.send_continue(n.id)
+        except KernelError:
+            pass
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+class _their_socket:
+    """Our own reference to the target's fd as a socket object, closed on exit (None if not a socket)."""
+
+    def __init__(self, tid: int, fd: int) -> None:
+        self.tid, self.fd = tid, fd
+        self.sock: socket.socket | None = None
+
+    def __enter__(self) -> socket.socket | None:
+        tgid = procfs.tgid_of(self.tid)
+        with pidfd.PidFd(tgid) as p:
+            try:
+                ours = p.getfd(self.fd)
+            except KernelError as e:
+                if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                    return None
+                raise
+        try:
+            self.sock = socket.socket(fileno=ours)
+        except OSError:
+            os.close(ours)
+            return None
+        return self.sock
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _bound_to(sock: socket.socket, addr: Address) -> bool:
+    """The bind went through: listen() on an unbound socket would autobind a random port."""
+    try:
+        name = from_socket_name(sock.family, sock.getsockname())
+    except OSError:
+        return False
+    if addr.is_unix:
+        # getsockname gives the path as passed (maybe relative); the inode matched already.
+        return bool(name.path)
+    return name.port == addr.port

@@ -1,0 +1,188 @@
+"""The seam between the supervisor's logic and the kernel.
+
+``System`` is everything the supervisor asks of the operating system, in the
+supervisor's own terms (generations, addresses, process sets).  ``LinuxSystem``
+implements it with the modules of ``hupt.tracer``; unit tests drive the
+supervisor with a fake that needs no root and no kernel (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from hupt import log
+from hupt.address import Address
+from hupt.errors import HuptError, KernelError, NoSuchProcess
+from hupt.handoff import Handoff
+from hupt.listeners import Listeners
+from hupt.tracer import accepting, procfs, sockdiag
+from hupt.tracer.abi import SYS
+from hupt.tracer.spawn import spawn
+
+GEN_ENV = "HUPT_GEN"
+
+
+@dataclass(frozen=True)
+class Serviced:
+    listened: list[Address]
+    hung_up: bool  # no process uses the filter any more
+
+
+class System(Protocol):
+    listeners: Listeners
+
+    def now(self) -> float: ...
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+        """Start a generation; return (pid, fd to watch for its notifications)."""
+
+    def service(self, number: int) -> Serviced: ...
+
+    def forget(self, number: int) -> None:
+        """The generation is gone: drop its notify fd."""
+
+    def reap(self) -> list[tuple[int, int]]:
+        """(pid, wait status) of every exited child."""
+
+    def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
+        """Live processes of each generation, given generation -> root pid."""
+
+    def pause(self, number: int, pids: set[int]) -> list[str]:
+        """Make these processes stop accepting on every held listener; return problems."""
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int: ...
+
+    def signal(self, pids: Iterable[int], sig: int) -> None: ...
+
+
+class LinuxSystem:
+    def __init__(self) -> None:
+        self.listeners = Listeners()
+        self._handoffs: dict[int, Handoff] = {}
+        self._paused: dict[int, list[accepting.PausedListeners]] = {}
+        self._diag: sockdiag.SockDiag | None = None
+        self._me = os.getpid()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+        syscalls = [SYS.bind, SYS.listen]
+        if self.listeners.has_unix:
+            syscalls += [SYS.unlink, SYS.unlinkat]
+        env = dict(env)
+        env[GEN_ENV] = f"{self._me}.{number}"
+        pid, notify = spawn(argv, env, syscalls)
+        notify.enable_sync_wakeup()
+        self._handoffs[number] = Handoff(number, notify, self.listeners)
+        return pid, notify.fileno()
+
+    def service(self, number: int) -> Serviced:
+        h = self._handoffs.get(number)
+        if h is None:
+            return Serviced([], True)
+        listened = h.service()
+        p = select.poll()
+        p.register(h.notify.fileno(), select.POLLIN)
+        hung = any(ev & select.POLLHUP and not ev & select.POLLIN for _, ev in p.poll(0))
+        return Serviced(listened, hung)
+
+    def forget(self, number: int) -> None:
+        h = self._handoffs.pop(number, None)
+        if h is not None:
+            h.notify.close()
+        self._paused.pop(number, None)
+
+    def reap(self) -> list[tuple[int, int]]:
+        out = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return out
+            if pid == 0:
+                return out
+            out.append((pid, status))
+
+    def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
+        parents = procfs.parent_map()
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        by_root = {pid: n for n, pid in roots.items()}
+        out: dict[int, set[int]] = {n: set() for n in roots}
+        prefix = f"{GEN_ENV}={self._me}.".encode()
+        for pid in children.get(self._me, []):
+            n = by_root.get(pid)
+            if n is None:
+                n = _marker(pid, prefix)  # an orphan that came back to us (subreaper)
+            if n is None or n not in out:
+                continue
+            stack = [pid]
+            while stack:
+                p = stack.pop()
+                if _is_zombie(p):
+                    continue
+                out[n].add(p)
+                stack.extend(children.get(p, []))
+        return out
+
+    def pause(self, number: int, pids: set[int]) -> list[str]:
+        problems: list[str] = []
+        inodes = self.listeners.inodes()
+        for pid in sorted(pids):
+            try:
+                fds = [fd for fd, ino in procfs.socket_inodes(pid).items() if ino in inodes]
+                if fds:
+                    rec = accepting.pause_listeners(pid, fds)
+                    self._paused.setdefault(number, []).append(rec)
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {pid}: {e}")
+        return problems
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+        if self._diag is None:
+            self._diag = sockdiag.SockDiag()
+        try:
+            return sockdiag.in_flight(self._diag, addresses, pids)
+        except KernelError as e:
+            log.warn(f"counting connections: {e}")
+            self._diag.close()
+            self._diag = None
+            return 0
+
+    def signal(self, pids: Iterable[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+            except PermissionError as e:
+                log.warn(f"cannot signal {pid}: {e}")
+
+
+def _marker(pid: int, prefix: bytes) -> int | None:
+    try:
+        for var in procfs.environ(pid):
+            if var.startswith(prefix):
+                return int(var[len(prefix):])
+    except (HuptError, ValueError):
+        return None
+    return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] == b"Z"
+    except (OSError, ValueError):
+        return True
+

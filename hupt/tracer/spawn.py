@@ -1,0 +1,121 @@
+"""Facts about starting a generation under a notify filter.
+
+The filter must be in place before the server's first instruction, so it is
+installed by the forked child itself, between fork() and execve():
+
+* seccomp(SET_MODE_FILTER, NEW_LISTENER) returns the notify fd in the child
+  only; the child passes it to hupt with SCM_RIGHTS over a socketpair (no
+  ptrace permission needed) and hupt receives it with MSG_CMSG_CLOEXEC:
+  CPython's recv_fds() drops that flag, and an inheritable notify fd would
+  leak into the next generation, which could then answer its own calls.
+* The notify fd is O_CLOEXEC in the child, so the server never sees it.
+* execve() is not filtered and the filter survives it, fork(), setsid() and
+  daemonizing; every descendant's bind() reaches hupt.
+* Python's fork keeps signal dispositions: SIGPIPE and SIGXFSZ are ignored
+  by CPython and ignored signals survive exec, so they are reset to default
+  here, as are the handlers hupt installed, the signal mask and the wakeup fd.
+* An exec failure (no such program) is reported through a close-on-exec
+  pipe: EOF means the exec happened.
+* Each generation gets its own process group so that a Ctrl-C at hupt's
+  terminal reaches hupt (which drains) and not the server directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+
+from hupt.errors import HuptError, KernelError
+from hupt.tracer import seccomp
+from hupt.tracer.abi import SYS
+from hupt.tracer.notify import NotifyFd
+
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                  signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+
+
+class SpawnError(HuptError):
+    pass
+
+
+def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
+          cwd: str | None = None) -> tuple[int, NotifyFd]:
+    """Fork, install the notify filter in the child, exec ``argv``; return (pid, notify fd)."""
+    prog = seccomp.build_filter(notify)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, proved by integration tests
+        try:
+            ours.close()
+            os.close(err_r)
+            _child(argv, env, prog, theirs, err_w, cwd)
+        finally:
+            os._exit(127)
+    theirs.close()
+    os.close(err_w)
+    try:
+        notify_fd = _receive_fd(ours)
+        failure = _read_all(err_r)
+    finally:
+        ours.close()
+        os.close(err_r)
+    if failure:
+        if notify_fd is not None:
+            os.close(notify_fd)
+        os.waitpid(pid, 0)
+        code, _, what = failure.partition(b":")
+        raise SpawnError(f"cannot start {argv[0]!r}: {what.decode()}: {os.strerror(int(code))}")
+    if notify_fd is None:
+        os.waitpid(pid, 0)
+        raise SpawnError(f"cannot start {argv[0]!r}: the child sent no notify fd")
+    return pid, NotifyFd(notify_fd)
+
+
+def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.socket,
+           err_w: int, cwd: str | None) -> None:  # pragma: no cover
+    step = "setup"
+    try:
+        signal.set_wakeup_fd(-1)
+        for s in _RESET_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setpgid(0, 0)
+        if cwd is not None:
+            step = "chdir"
+            os.chdir(cwd)
+        step = "seccomp"
+        fd = seccomp.install_listener(prog)  # type: ignore[arg-type]
+        chan.sendmsg([b"n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        chan.close()
+        step = "exec"
+        os.execvpe(argv[0], list(argv), env)
+    except KernelError as e:
+        os.write(err_w, f"{e.errno}:{step}".encode())
+    except OSError as e:
+        os.write(err_w, f"{e.errno or errno.EINVAL}:{step}".encode())
+    except BaseException:
+        os.write(err_w, f"{errno.EINVAL}:{step}".encode())
+
+
+def _receive_fd(chan: socket.socket) -> int | None:
+    try:
+        _, anc, _, _ = chan.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return None
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
+            return int(struct.unpack("i", data[:4])[0])
+    return None
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 256):
+        out += chunk
+    return out

@@ -1,0 +1,3 @@
+module hupt.test/goserver
+
+go 1.19

@@ -1,0 +1,87 @@
+"""http.server on a unix stream socket, unlinking its path like gunicorn does.
+
+socketserver.UnixStreamServer + a BaseHTTPRequestHandler speaking HTTP/1.1
+(keep-alive), one thread per connection. Like gunicorn it unlinks a stale
+socket file before bind() and its own file at exit: exactly the behaviour that
+makes the path vanish under a shared listener unless hupt answers those
+unlink()s itself.
+
+Usage: unix_server.py PATH [--idle-timeout S]   Routes: see routes.py.
+SIGTERM/SIGINT: stop serving, close (never shutdown()) the listener, unlink PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socketserver
+import stat
+import sys
+from http.server import BaseHTTPRequestHandler
+from types import FrameType
+
+from routes import respond
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        status, body = respond(self.path)
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Stop(Exception):
+    pass
+
+
+def on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    parser.add_argument("--idle-timeout", type=float, default=15.0)
+    args = parser.parse_args()
+    path = args.path.removeprefix("unix:")
+    Handler.timeout = args.idle_timeout
+    unlink_socket(path)
+    server = Server(path, Handler)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"unix_server pid={os.getpid()} listening on unix:{path}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except Stop:
+        pass
+    finally:
+        server.server_close()
+        unlink_socket(path)
+
+
+if __name__ == "__main__":
+    main()
