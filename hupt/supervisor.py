@@ -187,13 +187,13 @@ class Supervisor:
             if kind == "signal":
                 _drain_pipe(rfd)
             elif kind == "notify":
-                self._on_notify(arg)
+                self.on_notify(arg)
             elif kind == "control":
                 self._on_control()
             elif kind == "peer":
                 self._on_peer(arg, mask)
         self._handle_signals()
-        self._tick()
+        self.tick()
 
     def _timeout(self) -> float:
         now = self.sys.now()
@@ -236,7 +236,7 @@ class Supervisor:
         log.debug(f"spawned {gen}")
         return gen
 
-    def _on_notify(self, gen: Generation) -> None:
+    def on_notify(self, gen: Generation) -> None:
         got = self.sys.service(gen.number)
         for addr in got.listened:
             if addr not in gen.listened:
@@ -313,7 +313,7 @@ class Supervisor:
             if g.state is State.DRAINING:
                 self._retire(g, "draining ended on request")
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         now = self.sys.now()
         if now >= self._next_members:
             self._refresh_members()

@@ -13,16 +13,20 @@ import select
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hupt import log
 from hupt.address import Address
 from hupt.errors import HuptError, KernelError, NoSuchProcess
 from hupt.handoff import Handoff
 from hupt.listeners import Listeners
-from hupt.tracer import accepting, procfs, sockdiag
+from hupt.tracer import procfs
 from hupt.tracer.abi import SYS
 from hupt.tracer.spawn import spawn
+
+if TYPE_CHECKING:
+    from hupt.tracer.accepting import PausedListeners
+    from hupt.tracer.sockdiag import SockDiag
 
 GEN_ENV = "HUPT_GEN"
 
@@ -64,8 +68,8 @@ class LinuxSystem:
     def __init__(self) -> None:
         self.listeners = Listeners()
         self._handoffs: dict[int, Handoff] = {}
-        self._paused: dict[int, list[accepting.PausedListeners]] = {}
-        self._diag: sockdiag.SockDiag | None = None
+        self._paused: dict[int, list[PausedListeners]] = {}
+        self._diag: SockDiag | None = None
         self._me = os.getpid()
 
     def now(self) -> float:
@@ -133,6 +137,8 @@ class LinuxSystem:
         return out
 
     def pause(self, number: int, pids: set[int]) -> list[str]:
+        from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
+
         problems: list[str] = []
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
@@ -148,6 +154,8 @@ class LinuxSystem:
         return problems
 
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+        from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
+
         if self._diag is None:
             self._diag = sockdiag.SockDiag()
         try:

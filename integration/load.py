@@ -1,0 +1,563 @@
+"""A bounded HTTP load generator that tells a zero-downtime reload from a gap.
+
+Facts and choices this rests on:
+
+- Raw HTTP over sockets, no client library: the generator must see exactly
+  what went wrong (refused connect, reset, EOF before the status line, short
+  body, wrong status), which libraries blur by retrying or wrapping errors.
+- Two client kinds, because a reload breaks them differently. Fresh clients
+  open a connection per request ("Connection: close") and catch a listener
+  that is missing or not accepting (refused, reset in the accept queue).
+  Keep-alive clients reuse a connection for `conn_requests` requests and catch
+  a generation retired with connections still open.
+- A server may close an idle keep-alive connection at any time (RFC 9112
+  9.3.1); a request sent on it at that moment dies before any response byte.
+  Real clients retry that, once, on a new connection. So does this one, and
+  only in that exact case: EOF, ECONNRESET or EPIPE on a REUSED connection
+  before the first byte of the response (a connection already seen closed
+  before sending counts too). These are counted in `keepalive_retries`, not as
+  failures; a retry that fails again is a failure. Everything else is a failure.
+- HTTP/1.0 responses (python -m http.server) close the connection: the client
+  reads to EOF when there is no Content-Length and reconnects without counting
+  a retry.
+- Bounded in time and load: every request has a deadline of `timeout` s
+  (connect + send + full response), so stop() returns within timeout + 2 s;
+  a total rate limit (default 200 req/s) and a total request cap keep the
+  generator from starving the 2-core machine it shares with the servers.
+- `slow_request` holds one request in flight for a chosen time on ANY server
+  (stock http.server has no /slow route): the client trickles its request
+  headers, so the server is inside the request from the first byte until the
+  blank line, like a slow upload.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+T = TypeVar("T")
+Target = tuple[str, int] | str
+"""("127.0.0.1", port), ("::1", port) or a unix socket path."""
+
+MAX_HEAD = 65536
+MAX_RECORDED = 20
+# Errors that mean "the server closed this connection": retryable only on a reused connection
+# before any response byte arrived.
+CLOSED_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
+
+_TAG_BODY = re.compile(rb"^ok pid=(\d+) tag=(\S*)\n?$")
+_PID_BODY = re.compile(rb"^(\d+)\n?$")
+
+
+class RequestFailed(Exception):
+    """One request failed: `kind` classifies it; `before_response`: no response byte came."""
+
+    def __init__(self, kind: str, error: str, before_response: bool) -> None:
+        super().__init__(f"{kind}: {error}")
+        self.kind = kind
+        self.error = error
+        self.before_response = before_response
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    reusable: bool
+
+
+def connect(target: Target, timeout: float) -> socket.socket:
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: str | tuple[str, int] = target
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
+        address = target
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def host_header(target: Target) -> str:
+    if isinstance(target, str):
+        return "localhost"
+    host, port = target
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def request_bytes(target: Target, path: str, keep_alive: bool) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host_header(target)}\r\nUser-Agent: hupt-load\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode()
+
+
+class Connection:
+    """A client socket, its read buffer, and how many requests it has carried."""
+
+    def __init__(self, target: Target, deadline: float) -> None:
+        self.sock = _classified(lambda: connect(target, _remaining(deadline)), "connect", True)
+        self.buf = bytearray()
+        self.used = 0
+        self.received = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def closed_by_peer(self) -> bool:
+        """True if the server already closed (or reset) this idle connection."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def exchange(self, request: bytes, deadline: float) -> Response:
+        self.send(request, deadline)
+        return self.read_response(deadline)
+
+    def send(self, data: bytes, deadline: float) -> None:
+        self.received = 0
+        self.sock.settimeout(_remaining(deadline))
+        _classified(partial(self.sock.sendall, data), "send", True)
+
+    def read_response(self, deadline: float) -> Response:
+        head = self._read_head(deadline)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise RequestFailed("protocol", f"bad status line {lines[0]!r}", False)
+        version, status = parts[0], int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        connection = headers.get("connection", "").lower()
+        reusable = connection == "keep-alive" if version == "HTTP/1.0" else connection != "close"
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = self._read_chunked(deadline)
+        elif "content-length" in headers:
+            body = self._read_exactly(int(headers["content-length"]), deadline)
+        elif status in (204, 304) or 100 <= status < 200:
+            body = b""
+        else:
+            body = self._read_to_eof(deadline)
+            reusable = False
+        self.used += 1
+        return Response(status, headers, body, reusable)
+
+    def _recv(self, deadline: float) -> bytes:
+        self.sock.settimeout(_remaining(deadline))
+        chunk = _classified(lambda: self.sock.recv(65536), "recv", self.received == 0)
+        self.received += len(chunk)
+        return chunk
+
+    def _read_head(self, deadline: float) -> bytes:
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > MAX_HEAD:
+                raise RequestFailed("protocol", "response head too large", False)
+            chunk = self._recv(deadline)
+            if not chunk:
+                if self.received == 0:
+                    raise RequestFailed("eof", "connection closed before the status line", True)
+                partial_head = bytes(self.buf)
+                raise RequestFailed("eof", f"EOF inside the response head {partial_head!r}", False)
+            self.buf += chunk
+        head = bytes(self.buf[:end])
+        del self.buf[: end + 4]
+        return head
+
+    def _read_exactly(self, n: int, deadline: float) -> bytes:
+        while len(self.buf) < n:
+            chunk = self._recv(deadline)
+            if not chunk:
+                raise RequestFailed("short", f"EOF after {len(self.buf)} of {n} body bytes", False)
+            self.buf += chunk
+        body = bytes(self.buf[:n])
+        del self.buf[:n]
+        return body
+
+    def _read_line(self, deadline: float) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            chunk = self._recv(deadline)
+            if not chunk:
+                raise RequestFailed("short", "EOF inside a chunked body", False)
+            self.buf += chunk
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
+
+    def _read_chunked(self, deadline: float) -> bytes:
+        body = bytearray()
+        while True:
+            size = int(self._read_line(deadline).split(b";")[0], 16)
+            if size == 0:
+                while self._read_line(deadline):
+                    pass  # trailers
+                return bytes(body)
+            body += self._read_exactly(size, deadline)
+            self._read_exactly(2, deadline)
+
+    def _read_to_eof(self, deadline: float) -> bytes:
+        while chunk := self._recv(deadline):
+            self.buf += chunk
+        body = bytes(self.buf)
+        self.buf.clear()
+        return body
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RequestFailed("timeout", "request deadline passed", False)
+    return left
+
+
+def _classified(op: Callable[[], T], where: str, before_response: bool) -> T:
+    """Run a socket operation, turning its OSError into a classified RequestFailed."""
+    try:
+        return op()
+    except TimeoutError as e:
+        raise RequestFailed("timeout", f"{where}: {e!r}", False) from e
+    except ConnectionRefusedError as e:
+        raise RequestFailed("refused", f"{where}: {e!r}", True) from e
+    except OSError as e:
+        kind = "reset" if e.errno in CLOSED_ERRNOS else where
+        raise RequestFailed(kind, f"{where}: {e!r}", before_response) from e
+
+
+def request(target: Target, path: str = "/", timeout: float = 5.0) -> Response:
+    """One request on a fresh connection ("Connection: close"); raises RequestFailed."""
+    deadline = time.monotonic() + timeout
+    conn = Connection(target, deadline)
+    try:
+        return conn.exchange(request_bytes(target, path, keep_alive=False), deadline)
+    finally:
+        conn.close()
+
+
+def response_key(body: bytes) -> str:
+    """Which generation answered: "tag=T pid=N" for the test servers' bodies, else "other"."""
+    if m := _TAG_BODY.match(body):
+        return f"tag={m[2].decode()} pid={int(m[1])}"
+    if m := _PID_BODY.match(body):
+        return f"pid={int(m[1])}"
+    return "other"
+
+
+Event = tuple[float, str, str]
+"""(time.monotonic() when it happened, kind, error repr)."""
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failed: int = 0
+    failures: list[Event] = field(default_factory=list)
+    """The first MAX_RECORDED failures."""
+    keepalive_retries: int = 0
+    retry_events: list[Event] = field(default_factory=list)
+    """The first MAX_RECORDED retries: kind "closed-before-send", "eof" or "reset"."""
+    responses: Counter[str] = field(default_factory=Counter)
+    """Successful responses by response_key(body)."""
+    started: float = 0.0
+    stopped: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return self.stopped - self.started
+
+    @property
+    def pids(self) -> set[int]:
+        """Pids of the processes that answered (from /, /slow and /pid bodies)."""
+        return {int(p[4:]) for key in self.responses for p in key.split() if p.startswith("pid=")}
+
+    @property
+    def tags(self) -> Counter[str]:
+        tags: Counter[str] = Counter()
+        for key, n in self.responses.items():
+            for part in key.split():
+                if part.startswith("tag="):
+                    tags[part[4:]] += n
+        return tags
+
+    def summary(self) -> str:
+        def events(evs: list[Event]) -> str:
+            return "".join(f"\n    +{t - self.started:.3f}s {k}: {e}" for t, k, e in evs)
+
+        return (
+            f"load: {self.ok} ok, {self.failed} failed, {self.keepalive_retries} keep-alive retries"
+            f" in {self.duration:.2f}s; responses {dict(self.responses)}"
+            + (f"\n  failures:{events(self.failures)}" if self.failures else "")
+            + (f"\n  retries:{events(self.retry_events)}" if self.retry_events else "")
+        )
+
+    __str__ = summary
+
+
+class Load:
+    """Fresh and keep-alive client threads hitting `target` until stop().
+
+    with Load(("127.0.0.1", port)) as load: ...  ->  load.result
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        fresh: int = 2,
+        keepalive: int = 2,
+        conn_requests: int = 20,
+        timeout: float = 10.0,
+        path: str = "/",
+        max_rate: float = 200.0,
+        max_requests: int = 100_000,
+    ) -> None:
+        if fresh + keepalive < 1 or conn_requests < 1 or max_rate <= 0:
+            raise ValueError("need at least one client, conn_requests >= 1 and max_rate > 0")
+        self.target = target
+        self.fresh = fresh
+        self.keepalive = keepalive
+        self.conn_requests = conn_requests
+        self.timeout = timeout
+        self.path = path
+        self.max_requests = max_requests
+        # Each thread paces itself so that all together stay under max_rate.
+        self.interval = (fresh + keepalive) / max_rate
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._issued = 0
+        self._threads: list[threading.Thread] = []
+        self._result = LoadResult()
+        self._final: LoadResult | None = None
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def result(self) -> LoadResult:
+        if self._final is None:
+            raise RuntimeError("Load.result before stop()")
+        return self._final
+
+    def snapshot(self) -> tuple[int, int]:
+        """(ok, failed) so far, to wait for progress while running."""
+        with self._lock:
+            return self._result.ok, self._result.failed
+
+    def start(self) -> Load:
+        if self._threads:
+            raise RuntimeError("Load already started")
+        self._result.started = time.monotonic()
+        clients = [("fresh", self._fresh_client)] * self.fresh
+        clients += [("keepalive", self._keepalive_client)] * self.keepalive
+        for i, (kind, client) in enumerate(clients):
+            self._threads.append(threading.Thread(
+                target=self._guard, args=(client,), name=f"load-{kind}-{i}", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> LoadResult:
+        """Stop the clients and return the result; returns within timeout + 2 s."""
+        if self._final is not None:
+            return self._final
+        self._stop.set()
+        # In-flight requests finish (their deadline is at most `timeout` away) and count.
+        join_until = time.monotonic() + self.timeout + 1.5
+        for t in self._threads:
+            t.join(max(0.0, join_until - time.monotonic()))
+        with self._lock:
+            for t in self._threads:
+                if t.is_alive():
+                    self._fail("hung", f"{t.name} still running at stop()")
+            self._result.stopped = time.monotonic()
+            r = self._result
+            self._final = LoadResult(
+                r.ok, r.failed, list(r.failures), r.keepalive_retries, list(r.retry_events),
+                Counter(r.responses), r.started, r.stopped,
+            )
+        return self._final
+
+    # -- client threads ------------------------------------------------------------------
+
+    def _guard(self, client: Callable[[], None]) -> None:
+        try:
+            client()
+        except BaseException as e:  # a bug in the generator must show up as a failure
+            with self._lock:
+                self._fail("client-bug", repr(e))
+
+    def _slots(self) -> Iterator[None]:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                if self._issued >= self.max_requests:
+                    return
+                self._issued += 1
+            yield
+            next_at = max(next_at + self.interval, time.monotonic())
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+
+    def _fresh_client(self) -> None:
+        request = request_bytes(self.target, self.path, keep_alive=False)
+        for _ in self._slots():
+            deadline = time.monotonic() + self.timeout
+            try:
+                conn = Connection(self.target, deadline)
+                try:
+                    self._check(conn.exchange(request, deadline))
+                finally:
+                    conn.close()
+            except RequestFailed as f:
+                with self._lock:
+                    self._fail(f.kind, f.error)
+
+    def _keepalive_client(self) -> None:
+        request = request_bytes(self.target, self.path, keep_alive=True)
+        conn: Connection | None = None
+        try:
+            for _ in self._slots():
+                deadline = time.monotonic() + self.timeout
+                if conn is not None and conn.used >= self.conn_requests:
+                    conn.close()
+                    conn = None
+                try:
+                    conn = self._keepalive_request(conn, request, deadline)
+                except RequestFailed as f:
+                    conn = None
+                    with self._lock:
+                        self._fail(f.kind, f.error)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _keepalive_request(self, conn: Connection | None, request: bytes,
+                           deadline: float) -> Connection | None:
+        """One request, on `conn` if given; returns the connection to reuse next, if any."""
+        if conn is not None and conn.closed_by_peer():
+            self._retried("closed-before-send", "server closed the idle connection")
+            conn.close()
+            conn = None
+        if conn is not None:
+            try:
+                response = conn.exchange(request, deadline)
+            except RequestFailed as f:
+                conn.close()
+                if not (f.before_response and f.kind in ("eof", "reset")):
+                    raise
+                self._retried(f.kind, f.error)
+            else:
+                return self._finish(conn, response)
+        conn = Connection(self.target, deadline)
+        try:
+            response = conn.exchange(request, deadline)
+        except BaseException:
+            conn.close()
+            raise
+        return self._finish(conn, response)
+
+    def _finish(self, conn: Connection, response: Response) -> Connection | None:
+        self._check(response)
+        if response.reusable:
+            return conn
+        conn.close()
+        return None
+
+    def _check(self, response: Response) -> None:
+        if response.status != 200:
+            raise RequestFailed("status", f"HTTP {response.status} {response.body[:80]!r}", False)
+        with self._lock:
+            self._result.ok += 1
+            self._result.responses[response_key(response.body)] += 1
+
+    def _retried(self, kind: str, error: str) -> None:
+        with self._lock:
+            self._result.keepalive_retries += 1
+            if len(self._result.retry_events) < MAX_RECORDED:
+                self._result.retry_events.append((time.monotonic(), kind, error))
+
+    def _fail(self, kind: str, error: str) -> None:
+        """Record a failure; the caller holds self._lock."""
+        self._result.failed += 1
+        if len(self._result.failures) < MAX_RECORDED:
+            self._result.failures.append((time.monotonic(), kind, error))
+
+
+# -- a request held in flight by the client ------------------------------------------------
+
+
+def slow_request(target: Target, seconds: float = 3.0, path: str = "/",
+                 timeout: float | None = None) -> tuple[int, float]:
+    """GET `path`, trickling the request headers over `seconds`; returns (status, elapsed).
+
+    The request line goes out at once, one header line every ~0.25 s, the blank line
+    at `seconds`: the server holds a half-read request for that long. `timeout`
+    (default seconds + 15) bounds the whole exchange. Raises RequestFailed.
+    """
+    timeout = seconds + 15.0 if timeout is None else timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    conn = Connection(target, deadline)
+    try:
+        conn.send(f"GET {path} HTTP/1.1\r\nHost: {host_header(target)}\r\n".encode(), deadline)
+        steps = max(1, round(seconds / 0.25))
+        for i in range(steps):
+            time.sleep(max(0.0, started + seconds * (i + 1) / steps - time.monotonic()))
+            last = i == steps - 1
+            conn.send(b"Connection: close\r\n\r\n" if last else b"X-Trickle: .\r\n", deadline)
+        response = conn.read_response(deadline)
+        return response.status, time.monotonic() - started
+    finally:
+        conn.close()
+
+
+class SlowRequest:
+    """slow_request in a thread: start(), do something, then result()."""
+
+    def __init__(self, target: Target, seconds: float = 3.0, path: str = "/",
+                 timeout: float | None = None) -> None:
+        self.args = (target, seconds, path, seconds + 15.0 if timeout is None else timeout)
+        self._thread = threading.Thread(target=self._run, name="slow-request", daemon=True)
+        self._outcome: tuple[int, float] | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._outcome = slow_request(*self.args)
+        except BaseException as e:
+            self._error = e
+
+    def start(self) -> SlowRequest:
+        self._thread.start()
+        return self
+
+    def result(self) -> tuple[int, float]:
+        """(status, elapsed); re-raises the request's failure. Bounded by the request timeout."""
+        self._thread.join(self.args[3] + 2.0)
+        if self._thread.is_alive():
+            raise TimeoutError("slow request still running past its timeout")
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome

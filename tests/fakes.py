@@ -1,0 +1,108 @@
+"""A fake kernel seam for driving the supervisor's logic without root.
+
+It stands in for hupt.system.LinuxSystem only in unit tests; the real
+mechanism is proved against the kernel in integration/.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hupt.address import Address
+from hupt.listeners import Listeners
+from hupt.system import Serviced
+
+
+@dataclass
+class FakeGen:
+    number: int
+    pid: int
+    rfd: int
+    wfd: int
+    pids: set[int]
+    pending_listens: list[Address] = field(default_factory=list)
+    hung_up: bool = False
+    paused: bool = False
+
+
+class FakeSystem:
+    def __init__(self) -> None:
+        self.listeners = Listeners()
+        self.clock = 1000.0
+        self.gens: dict[int, FakeGen] = {}
+        self.next_pid = 100
+        self.signals: list[tuple[int, int]] = []
+        self.in_flight_by_pid: dict[int, int] = {}
+        self.reaped: list[tuple[int, int]] = []
+        self.spawn_error: Exception | None = None
+        self.events: list[str] = []
+
+    # -- test controls ---------------------------------------------------
+    def listen(self, number: int, addr: Address) -> None:
+        g = self.gens[number]
+        g.pending_listens.append(addr)
+        if self.listeners.get(addr) is None:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            self.listeners.add(addr, s, 5)
+
+    def exit(self, number: int, status: int = 0) -> None:
+        g = self.gens[number]
+        self.reaped.append((g.pid, status << 8))
+        g.pids = set()
+        g.hung_up = True
+
+    def advance(self, seconds: float) -> None:
+        self.clock += seconds
+
+    def close(self) -> None:
+        for g in self.gens.values():
+            for fd in (g.rfd, g.wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.listeners.close_all()
+
+    # -- the System protocol ---------------------------------------------
+    def now(self) -> float:
+        return self.clock
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        self.next_pid += 1
+        r, w = os.pipe()
+        self.gens[number] = FakeGen(number, self.next_pid, r, w, {self.next_pid})
+        self.events.append(f"spawn {number}")
+        return self.next_pid, r
+
+    def service(self, number: int) -> Serviced:
+        g = self.gens[number]
+        got, g.pending_listens = g.pending_listens, []
+        return Serviced(got, g.hung_up)
+
+    def forget(self, number: int) -> None:
+        self.events.append(f"forget {number}")
+
+    def reap(self) -> list[tuple[int, int]]:
+        out, self.reaped = self.reaped, []
+        return out
+
+    def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
+        return {n: set(self.gens[n].pids) for n in roots}
+
+    def pause(self, number: int, pids: set[int]) -> list[str]:
+        self.gens[number].paused = True
+        self.events.append(f"pause {number}")
+        return []
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+        return sum(self.in_flight_by_pid.get(p, 0) for p in pids)
+
+    def signal(self, pids: Iterable[int], sig: int) -> None:
+        for p in pids:
+            self.signals.append((p, sig))

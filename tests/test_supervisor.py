@@ -1,0 +1,202 @@
+"""The reload state machine against a fake kernel seam (no root, no kernel)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from hupt.address import AF_INET, Address
+from hupt.generations import State
+from hupt.supervisor import Options, Supervisor, Waiter
+from tests.fakes import FakeSystem
+
+A = Address(AF_INET, "127.0.0.1", 8000)
+B = Address(AF_INET, "127.0.0.1", 8001)
+
+
+class Recorder(Waiter):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.result: tuple[bool, str] | None = None
+
+    def progress(self, message: str) -> None:
+        self.messages.append(message)
+
+    def done(self, ok: bool, reason: str) -> None:
+        assert self.result is None, "a waiter is told the outcome once"
+        self.result = (ok, reason)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSystem]:
+    f = FakeSystem()
+    yield f
+    f.close()
+
+
+def make(fake: FakeSystem, **kw: float) -> Supervisor:
+    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw), control=False)  # type: ignore[arg-type]
+    sup.start()
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    return sup
+
+
+def test_first_generation_serves_and_records_its_listeners(fake: FakeSystem) -> None:
+    sup = make(fake)
+    assert sup.current is sup.gens[0]
+    assert sup.gens[0].state is State.SERVING
+    assert sup.gens[0].listened == {A}
+
+
+def test_reload_ready_when_all_held_addresses_taken(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.listen(1, B)
+    sup.on_notify(sup.gens[0])
+    w = Recorder()
+    sup.request_reload(w)
+    g2 = sup.gens[1]
+    assert g2.state is State.STARTING and w.result is None
+    fake.listen(2, A)
+    sup.on_notify(g2)
+    assert w.result is None, "not ready until every held address is taken"
+    assert not fake.gens[1].paused, "the old generation accepts until the new one is ready"
+    fake.listen(2, B)
+    sup.on_notify(g2)
+    assert w.result is not None and w.result[0]
+    assert sup.current is g2
+    assert sup.gens[0].state is State.DRAINING
+    assert fake.events.index("pause 1") > fake.events.index("spawn 2")
+
+
+def test_old_generation_retired_when_drained_then_killed_after_grace(fake: FakeSystem) -> None:
+    sup = make(fake, kill_timeout=5.0)
+    sup.request_reload(Recorder())
+    fake.listen(2, A)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 2
+    sup.on_notify(sup.gens[1])
+    sup.tick()
+    assert old.state is State.DRAINING and not fake.signals
+    fake.in_flight_by_pid[old.pid] = 0
+    sup.tick()
+    assert old.state is State.RETIRING
+    assert fake.signals == [(old.pid, signal.SIGTERM)]
+    fake.advance(5.1)
+    sup.tick()
+    assert (old.pid, signal.SIGKILL) in fake.signals
+    fake.exit(1, 0)
+    fake.advance(2)
+    sup.tick()
+    assert old.state is State.EXITED
+
+
+def test_drain_timeout_retires_with_connections_open(fake: FakeSystem) -> None:
+    sup = make(fake, drain_timeout=10.0)
+    sup.request_reload(Recorder())
+    fake.listen(2, A)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 1
+    sup.on_notify(sup.gens[1])
+    fake.advance(9)
+    sup.tick()
+    assert old.state is State.DRAINING
+    fake.advance(2)
+    sup.tick()
+    assert old.state is State.RETIRING
+
+
+def test_new_generation_exiting_fails_reload_and_old_keeps_serving(fake: FakeSystem) -> None:
+    sup = make(fake)
+    w = Recorder()
+    sup.request_reload(w)
+    fake.exit(2, 3)
+    fake.advance(1.5)
+    sup.tick()
+    assert w.result is not None and not w.result[0]
+    assert "exited (exit status 3) before it was ready" in w.result[1]
+    assert sup.current is sup.gens[0] and sup.gens[0].state is State.SERVING
+    assert not fake.gens[1].paused
+    assert not sup.stopping
+
+
+def test_ready_timeout_names_missing_addresses_and_drains_the_failed_one(fake: FakeSystem) -> None:
+    sup = make(fake, ready_timeout=30.0)
+    fake.listen(1, B)
+    sup.on_notify(sup.gens[0])
+    w = Recorder()
+    sup.request_reload(w)
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    fake.advance(31)
+    sup.tick()
+    assert w.result is not None and not w.result[0]
+    assert "127.0.0.1:8001" in w.result[1] and "127.0.0.1:8000" not in w.result[1]
+    assert sup.gens[1].state is State.DRAINING, "it may have accepted: drained, not killed"
+    assert fake.gens[2].paused and not fake.gens[1].paused
+    assert sup.current is sup.gens[0]
+
+
+def test_second_request_while_starting_waits_for_the_same_outcome(fake: FakeSystem) -> None:
+    sup = make(fake)
+    w1, w2 = Recorder(), Recorder()
+    sup.request_reload(w1)
+    sup.request_reload(w2)
+    assert len(sup.gens) == 2, "at most one generation is starting"
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w1.result == w2.result and w1.result is not None and w1.result[0]
+
+
+def test_reload_while_older_generation_drains(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 1
+    for n in (2, 3):
+        w = Recorder()
+        sup.request_reload(w)
+        fake.listen(n, A)
+        sup.on_notify(sup.gens[n - 1])
+        assert w.result is not None and w.result[0]
+    assert [g.state for g in sup.gens] == [State.DRAINING, State.DRAINING, State.SERVING]
+
+
+def test_spawn_failure_reports_and_keeps_old(fake: FakeSystem) -> None:
+    from hupt.tracer.spawn import SpawnError
+
+    sup = make(fake)
+    fake.spawn_error = SpawnError("cannot start 'server': exec: No such file or directory")
+    w = Recorder()
+    sup.request_reload(w)
+    assert w.result is not None and not w.result[0] and "No such file" in w.result[1]
+    assert sup.upgrade is None and sup.current is sup.gens[0]
+
+
+def test_stop_drains_everything_and_exit_status(fake: FakeSystem) -> None:
+    sup = make(fake)
+    sup.request_stop()
+    assert sup.gens[0].state is State.DRAINING and fake.gens[1].paused
+    sup.tick()
+    assert sup.gens[0].state is State.RETIRING
+    fake.reaped.append((sup.gens[0].pid, signal.SIGTERM))  # died of the stop signal
+    fake.gens[1].pids = set()
+    fake.advance(2)
+    sup.tick()
+    assert sup.exit_code == 0
+
+
+def test_server_exiting_on_its_own_stops_hupt_with_its_status(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.exit(1, 7)
+    fake.advance(2)
+    sup.tick()
+    assert sup.exit_code == 7 and sup.stopping
+
+
+def test_reload_refused_while_stopping(fake: FakeSystem) -> None:
+    sup = make(fake)
+    sup.request_stop()
+    w = Recorder()
+    sup.request_reload(w)
+    assert w.result == (False, "hupt is stopping")
