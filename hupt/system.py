@@ -103,7 +103,7 @@ class LinuxSystem:
         self._paused.pop(number, None)
 
     def reap(self) -> list[tuple[int, int]]:
-        out = []
+        out: list[tuple[int, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

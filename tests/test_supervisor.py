@@ -130,6 +130,7 @@ def test_ready_timeout_names_missing_addresses_and_drains_the_failed_one(fake: F
     sup.request_reload(w)
     fake.listen(2, A)
     sup.on_notify(sup.gens[1])
+    fake.in_flight_by_pid[sup.gens[1].pid] = 1
     fake.advance(31)
     sup.tick()
     assert w.result is not None and not w.result[0]

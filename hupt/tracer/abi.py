@@ -28,6 +28,7 @@ class SYS(IntEnum):
     rt_sigprocmask = 14
     ioctl = 16
     dup2 = 33
+    getpid = 39
     socket = 41
     connect = 42
     accept = 43
@@ -42,6 +43,7 @@ class SYS(IntEnum):
     exit = 60
     fcntl = 72
     unlink = 87
+    rt_sigsuspend = 130
     prctl = 157
     gettid = 186
     tkill = 200
@@ -49,14 +51,19 @@ class SYS(IntEnum):
     epoll_ctl = 233
     tgkill = 234
     unlinkat = 263
+    pselect6 = 270
+    ppoll = 271
+    epoll_pwait = 281
     accept4 = 288
     dup3 = 292
     process_vm_readv = 310
     seccomp = 317
+    io_pgetevents = 333
     pidfd_send_signal = 424
     pidfd_open = 434
     close_range = 436
     pidfd_getfd = 438
+    epoll_pwait2 = 441
 
 
 # x32 syscalls are x86_64 numbers with this bit set.
@@ -161,7 +168,8 @@ NOTIF_ID = struct.Struct("<Q")
 NOTIF_RESP = struct.Struct("<QqiI")
 USER_NOTIF_FLAG_CONTINUE = 1
 
-# struct seccomp_notif_addfd { __u64 id; __u32 flags; __u32 srcfd; __u32 newfd; __u32 newfd_flags; };
+# struct seccomp_notif_addfd { __u64 id; __u32 flags; __u32 srcfd; __u32 newfd;
+#                               __u32 newfd_flags; };
 NOTIF_ADDFD = struct.Struct("<QIIII")
 ADDFD_FLAG_SETFD = 1
 ADDFD_FLAG_SEND = 2
@@ -206,6 +214,7 @@ F_GETFD = 1
 F_SETFD = 2
 F_GETFL = 3
 F_SETFL = 4
+F_DUPFD_CLOEXEC = 1030
 FD_CLOEXEC = 1
 O_NONBLOCK = 0o4000
 O_CLOEXEC = 0o2000000
@@ -217,6 +226,9 @@ AF_INET6 = 10
 SOCK_STREAM = 1
 SOCK_NONBLOCK = O_NONBLOCK
 SOCK_CLOEXEC = O_CLOEXEC
+# struct sockaddr_un { sa_family_t sun_family; char sun_path[108]; }: bound with only
+# its 2-byte family, a unix socket autobinds to a fresh abstract name.
+SOCKADDR_FAMILY = struct.Struct("<H")
 
 # ptrace requests python-ptrace has no helper for
 PTRACE_SEIZE = 0x4206
@@ -228,6 +240,8 @@ PTRACE_O_TRACESYSGOOD = 1
 PTRACE_O_TRACEEXEC = 1 << 4
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_STOP = 128
+# waitpid/waitid option: also report threads other than the leader (linux/wait.h __WALL)
+WALL = 0x40000000
 
 # Kernel-internal restart codes seen in rax of a thread interrupted in a syscall.
 ERESTARTSYS = 512
@@ -241,3 +255,85 @@ SYSCALL_INSN = b"\x0f\x05"
 # pidfd_open flags
 PIDFD_NONBLOCK = O_NONBLOCK
 PIDFD_THREAD = O_EXCL = 0o200
+
+
+# --- sock_diag (netlink) ----------------------------------------------------------
+# Requests are built with pyroute2's message classes; replies are decoded with
+# the layouts below (pyroute2's decoder costs ~60 µs a message: see sockdiag.py).
+
+
+class TcpState(IntEnum):
+    """Socket states (include/net/tcp_states.h); unix sockets use ESTABLISHED and LISTEN."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+# struct nlmsghdr { __u32 nlmsg_len; __u16 nlmsg_type; __u16 nlmsg_flags;
+#                   __u32 nlmsg_seq; __u32 nlmsg_pid; };
+NLMSGHDR = struct.Struct("<IHHII")
+# struct nlmsgerr { int error; struct nlmsghdr msg; };  (also the payload of NLMSG_DONE)
+NLMSG_ERRNO = struct.Struct("<i")
+# struct nlattr { __u16 nla_len; __u16 nla_type; };
+NLATTR = struct.Struct("<HH")
+NLA_U32 = struct.Struct("<I")  # the payload of a __u32 attribute
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED (1 << 15) and NLA_F_NET_BYTEORDER (1 << 14)
+NL_ALIGNTO = 4
+
+# struct inet_diag_msg {
+#     __u8  idiag_family, idiag_state, idiag_timer, idiag_retrans;   /* @0  */
+#     struct inet_diag_sockid {
+#         __be16 idiag_sport;                                        /* @4  */
+#         __be16 idiag_dport;                                        /* @6  */
+#         __be32 idiag_src[4];                                       /* @8  */
+#         __be32 idiag_dst[4];                                       /* @24 */
+#         __u32  idiag_if;                                           /* @40 */
+#         __u32  idiag_cookie[2];                                    /* @44 */
+#     } id;
+#     __u32 idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode;  /* @52 */
+# };
+# Ports are big endian (ntohs them); the 4-byte IPv4 address is the first of src/dst.
+INET_DIAG_MSG = struct.Struct("<BBBBHH16s16sI8sIIIII")
+# enum inet_diag_attrs; a request asks for attribute A with idiag_ext bit 1 << (A - 1).
+INET_DIAG_INFO = 2
+
+# struct tcp_info {
+#     __u8  tcpi_state, tcpi_ca_state, tcpi_retransmits, tcpi_probes, tcpi_backoff,
+#           tcpi_options, tcpi_snd_wscale:4 + tcpi_rcv_wscale:4,
+#           tcpi_delivery_rate_app_limited:1 + tcpi_fastopen_client_fail:2;  /* @0  */
+#     __u32 tcpi_rto, tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss;                  /* @8  */
+#     __u32 tcpi_unacked, tcpi_sacked, tcpi_lost, tcpi_retrans, tcpi_fackets;/* @24 */
+#     /* Times. */
+#     __u32 tcpi_last_data_sent;                                             /* @44 */
+#     __u32 tcpi_last_ack_sent;                                              /* @48 */
+#     __u32 tcpi_last_data_recv;                                             /* @52 */
+#     __u32 tcpi_last_ack_recv;                                              /* @56 */
+#     ...  (grows with kernel versions; only this prefix is decoded)
+# };
+# last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (milliseconds ago)
+TCP_INFO_TIMES = struct.Struct("<IIII")
+TCP_INFO_TIMES_OFFSET = 44
+
+# struct unix_diag_msg { __u8 udiag_family, udiag_type, udiag_state, pad;
+#                        __u32 udiag_ino; __u32 udiag_cookie[2]; };
+UNIX_DIAG_MSG = struct.Struct("<BBBBI8s")
+# enum unix_diag attributes (include/uapi/linux/unix_diag.h)
+UNIX_DIAG_NAME = 0  # sun_path as bound: abstract names start with NUL, paths end with one
+UNIX_DIAG_VFS = 1
+UNIX_DIAG_PEER = 2  # __u32 inode of the peer socket
+UNIX_DIAG_RQLEN = 4
+# struct unix_diag_vfs { __u32 udiag_vfs_ino; __u32 udiag_vfs_dev; };
+# (udiag_vfs_dev is the kernel's dev_t, major << 20 | minor, not st_dev's encoding)
+UNIX_DIAG_VFS_S = struct.Struct("<II")
+# struct unix_diag_rqlen { __u32 udiag_rqueue; __u32 udiag_wqueue; };
+UNIX_DIAG_RQLEN_S = struct.Struct("<II")

@@ -33,14 +33,14 @@ def syscall(nr: SYS, *args: Any, op: str = "", notify: bool = False) -> int:
 def ioctl_buf(fd: int, request: int, buf: bytearray, *, op: str, notify: bool = False) -> int:
     """ioctl with an in/out buffer (mutated in place)."""
     try:
-        return fcntl.ioctl(fd, request, buf, True)
+        return int(fcntl.ioctl(fd, request, buf, True))
     except OSError as e:
         assert e.errno is not None
         raise from_errno(e.errno, op, notify=notify) from e
 
 
 def ioctl_int(fd: int, request: int, value: int, *, op: str, notify: bool = False) -> int:
-    """ioctl whose argument is passed by value (SET_FLAGS) or as a u64 pointer (ID_VALID)."""
+    """ioctl whose argument is passed by value (SET_FLAGS); pointers go through ioctl_buf."""
     try:
         return fcntl.ioctl(fd, request, value)
     except OSError as e:

@@ -4,7 +4,8 @@ Each notified syscall blocks its thread until the supervisor answers on
 this fd.  What one has to know to answer correctly:
 
 * The fd is pollable: POLLIN means a notification is waiting, POLLHUP that
-  no task uses the filter any more (the last one exited and was reaped).
+  no task uses the filter any more (the last one is exiting: POLLHUP shows
+  before the process is reaped, even before it is a zombie).
   NOTIF_RECV blocks while nothing is pending, so ``recv`` polls first and
   returns None instead of stalling the supervisor's single-threaded loop.
 * RECV needs a zeroed buffer of the kernel's ``sizeof(struct seccomp_notif)``
@@ -123,7 +124,7 @@ class NotifyFd:
         self._send(nid, 0, 0, USER_NOTIF_FLAG_CONTINUE)
 
     def send_result(self, nid: int, val: int = 0, error: int = 0) -> None:
-        """Complete the syscall without running it: it returns ``val``, or fails with errno ``error``."""
+        """Complete the syscall unrun: it returns ``val``, or fails with errno ``error``."""
         if error < 0:
             raise ValueError(f"error is a positive errno, got {error}")
         self._send(nid, val, -error, 0)

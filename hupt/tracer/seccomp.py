@@ -82,11 +82,11 @@ RET_ENOSYS = ret_errno(errno.ENOSYS)
 
 
 def build_filter(notify: Iterable[SYS]) -> list[Insn]:
-    """The x86_64 filter: notify these syscalls, refuse their i386 and all x32 forms, allow the rest."""
+    """Notify these x86_64 syscalls, refuse their i386 forms and all x32 calls, allow the rest."""
     calls = sorted(set(notify))
     unguardable = [s.name for s in calls if s not in _I386_TWINS]
     if unguardable:
-        raise ValueError(f"no i386 counterpart known for {unguardable}: the filter cannot guard them")
+        raise ValueError(f"no i386 twin known for {unguardable}: the filter cannot guard them")
     twins = [_I386_TWINS[s][0] for s in calls]
     socketcalls = [c for s in calls if (c := _I386_TWINS[s][1]) is not None]
     items: list[Insn | bpf.Jump | Label] = [
@@ -115,7 +115,7 @@ def build_filter(notify: Iterable[SYS]) -> list[Insn]:
 
 
 def sock_fprog(prog_addr: int, n: int) -> bytes:
-    """A struct sock_fprog for ``n`` instructions at ``prog_addr`` (in whichever process reads it)."""
+    """struct sock_fprog for ``n`` instructions at ``prog_addr`` (in the process reading it)."""
     if not 0 < n <= BPF_MAXINSNS:
         raise ValueError(f"{n} instructions (1..{BPF_MAXINSNS} allowed)")
     return SOCK_FPROG.pack(n, prog_addr)
@@ -145,7 +145,7 @@ def install_listener(prog: Sequence[Insn], *, tsync: bool = False,
 
 
 def _set_mode_filter(flags: FilterFlag, fprog: ctypes.Array[ctypes.c_char]) -> int:
-    op = f"seccomp(SET_MODE_FILTER, {flags!r})"
+    op = f"seccomp(SET_MODE_FILTER, {flags.name})"
     try:
         return syscall(SYS.seccomp, SeccompOp.SET_MODE_FILTER, int(flags), fprog, op=op)
     except AccessDenied as e:

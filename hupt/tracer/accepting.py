@@ -1,0 +1,277 @@
+"""Facts about making an unmodified server stop accepting (and start again).
+
+hupt retires a generation that shares its listening sockets with the next
+one.  The old generation must stop taking connections from the shared accept
+queue while it finishes the ones it has, without being told: it is an
+unmodified program.  ``pause_listeners`` does it from the outside, in one
+``inject.Tracee`` session per process, and ``resume_listeners`` undoes it
+(a reload that failed, a rollback).
+
+For each listener fd, in this order (the order is the kernel's, not ours):
+
+1. Keep the listener alive inside the process: ``fcntl(F_DUPFD_CLOEXEC)`` to
+   a high fd number, the "saved" copy.  High, because programs hand out the
+   lowest free number and a bug such as a double close() then hits one of
+   their own fds, not ours.  Close-on-exec, so nothing the server spawns
+   inherits it.
+2. ``EPOLL_CTL_DEL`` the listener from every epoll instance that watches it,
+   as listed (events with their EPOLLET/ONESHOT/EXCLUSIVE bits, and data) by
+   the epoll fds' /proc fdinfo, recorded before the change.  An epoll
+   registration is keyed by (file, fd number) and DEL needs the fd to still
+   name the file: done after the swap of step 3, DEL fails with ENOENT and
+   the stale entry reports the listener forever, a busy loop.
+3. ``dup3`` a dummy over the listener fd: an AF_UNIX stream socket, bound
+   with a bare 2-byte sockaddr (autobind to a fresh abstract name, so no
+   file and no name collision), listening, with the listener's O_NONBLOCK
+   and the fd's close-on-exec flag.  It never becomes readable and never
+   reports an error or hang-up: accept() on it blocks or says EAGAIN, select
+   and poll never wake for it.  (An unconnected TCP socket reports POLLHUP
+   and makes selector loops spin.)  The dummy's own fd is closed again.
+4. Threads blocked in accept() were interrupted by the session and restart
+   their accept on the dummy.
+
+The connections that keep arriving wait in the listener's accept queue, which
+the next generation (holding the same socket) drains.
+
+Resuming reverses it: ``dup3`` the saved copy back, ``EPOLL_CTL_ADD`` with the
+recorded events and data, close the saved copy.  The kernel adds
+EPOLLERR|EPOLLHUP (0x18) to every registration and fdinfo shows them; adding
+them back explicitly is accepted (also with EPOLLEXCLUSIVE) and gives the
+same registration.  A connection queued meanwhile makes the re-added entry
+ready at once, so an edge-triggered loop (Go, libuv) sees it.  Threads
+blocked in accept() on the dummy are interrupted by the resume session, too.
+
+Limits:
+
+- Per process: processes sharing a listener (workers forked after listen())
+  each hold their own fds; call once per process.  An epoll instance created
+  before a fork is shared by parent and child: a DEL in one process removes
+  the registration for both, and each process's resume adds it back once
+  (the second ADD of the same fd number into a shared instance fails with
+  EEXIST, which is ignored as "already there").
+- A registration made under another fd number (a dup of the listener) must
+  be paused too: pass every fd of the listener.  A stale registration (its fd
+  number closed or reused while the file lives on) cannot be removed from
+  outside and makes ``pause_listeners`` refuse before changing anything.
+- A disarmed EPOLLONESHOT entry comes back armed for EPOLLERR|EPOLLHUP only,
+  which a listener never reports.
+- ``getsockname`` on a paused fd sees the dummy's abstract unix address.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from hupt.errors import HuptError, InjectionError, KernelError
+from hupt.tracer import procfs
+from hupt.tracer.abi import (
+    AF_UNIX,
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    EPOLL_EVENT,
+    F_DUPFD_CLOEXEC,
+    O_CLOEXEC,
+    O_NONBLOCK,
+    SOCK_CLOEXEC,
+    SOCK_NONBLOCK,
+    SOCK_STREAM,
+    SOCKADDR_FAMILY,
+    SYS,
+)
+from hupt.tracer.inject import Tracee
+
+# The saved copy goes at or above this fd number (or half the fd limit, if lower).
+SAVED_FD_FLOOR = 1000
+
+
+class UnpausableListener(HuptError):
+    """A listener cannot be paused or resumed safely; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One epoll instance's watch on a listener fd, exactly as it was."""
+
+    epfd: int
+    events: int  # as fdinfo shows them: flag bits kept, EPOLLERR|EPOLLHUP included
+    data: int
+
+
+@dataclass(frozen=True)
+class PausedListener:
+    fd: int  # the program's fd number, now holding the dummy
+    saved: int  # the tracee's close-on-exec copy of the listener
+    ino: int  # the listener's socket inode
+    dummy_ino: int  # the dummy's socket inode, to recognise it at resume
+    cloexec: bool  # FD_CLOEXEC of ``fd`` (per fd, restored by dup3)
+    nonblock: bool  # O_NONBLOCK of the listener (per open file, mirrored by the dummy)
+    registrations: tuple[Registration, ...]
+
+
+@dataclass(frozen=True)
+class PausedListeners:
+    pid: int
+    listeners: tuple[PausedListener, ...]
+
+
+def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> PausedListeners:
+    """Make process ``pid`` stop accepting on listener ``fds``; return what resuming needs.
+
+    All or nothing: on any error every change is undone and the error raised.
+    """
+    fds = list(dict.fromkeys(fds))
+    with Tracee.seize(pid, timeout=timeout) as t:
+        socks = procfs.socket_inodes(t.pid)
+        for fd in fds:
+            if fd not in socks:
+                raise UnpausableListener(f"pid {pid}: fd {fd} is not a socket")
+        registrations = _registrations_of(t.pid, {fd: socks[fd] for fd in fds}, socks)
+        base = _saved_fd_base(t.pid)
+        paused = []
+        with t.scratch(SOCKADDR_FAMILY.size) as sockaddr:
+            t.write(sockaddr, SOCKADDR_FAMILY.pack(AF_UNIX))
+            for fd in fds:
+                flags = procfs.fd_flags(t.pid, fd)
+                paused.append(_pause_one(
+                    t, fd, socks[fd], base, sockaddr,
+                    cloexec=bool(flags & O_CLOEXEC), nonblock=bool(flags & O_NONBLOCK),
+                    registrations=registrations[fd],
+                ))
+        return PausedListeners(pid, tuple(paused))
+
+
+def resume_listeners(pid: int, paused: PausedListeners, *, timeout: float = 5.0) -> list[int]:
+    """Undo ``pause_listeners``: process ``pid`` accepts on its listeners again.
+
+    Returns the fds that were left alone because the program closed or
+    replaced them while paused (their saved copies are closed).  All or
+    nothing for the others.
+    """
+    if pid != paused.pid:
+        raise ValueError(f"listeners paused in {paused.pid}, not {pid}")
+    with Tracee.seize(pid, timeout=timeout) as t:
+        socks = procfs.socket_inodes(t.pid)
+        lost = [p for p in paused.listeners if socks.get(p.saved) != p.ino]
+        if lost:
+            raise UnpausableListener(
+                f"pid {t.pid}: the saved copies of fds {[p.fd for p in lost]} are gone")
+        epolls = set(procfs.epoll_fds(t.pid))
+        replaced = [p.fd for p in paused.listeners if socks.get(p.fd) != p.dummy_ino]
+        for p in paused.listeners:
+            if p.fd not in replaced:
+                _resume_one(t, p, epolls)
+        t.commit()
+        # Past the commit: the listeners serve again, so a failure to close a
+        # copy must not undo that.
+        for p in paused.listeners:
+            t.syscall(SYS.close, p.saved, op=f"close saved copy {p.saved}")
+        return replaced
+
+
+# --- steps -----------------------------------------------------------------------------
+
+
+def _registrations_of(pid: int, listeners: dict[int, int],
+                      socks: dict[int, int]) -> dict[int, list[Registration]]:
+    """fd -> the epoll registrations of that listener fd; refuses stale or foreign ones."""
+    out: dict[int, list[Registration]] = {fd: [] for fd in listeners}
+    inodes = set(listeners.values())
+    for epfd in procfs.epoll_fds(pid):
+        for e in procfs.epoll_registrations(pid, epfd):
+            if e.ino not in inodes:
+                continue
+            if listeners.get(e.tfd) != e.ino:
+                what = ("a stale registration" if socks.get(e.tfd) != e.ino
+                        else "a registration under another fd of it")
+                raise UnpausableListener(
+                    f"pid {pid}: epoll fd {epfd} holds {what} (fd {e.tfd}) of listener "
+                    f"inode {e.ino}; pass every fd of the listener")
+            out[e.tfd].append(Registration(epfd, e.events, e.data))
+    return out
+
+
+def _saved_fd_base(pid: int) -> int:
+    soft = _nofile_soft_limit(pid)
+    return max(3, min(SAVED_FD_FLOOR, soft // 2))
+
+
+def _nofile_soft_limit(pid: int) -> int:
+    with procfs.proc_errors("read limits", pid), open(f"/proc/{pid}/limits", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            soft = line[len("Max open files"):].split()[0]
+            return 1 << 20 if soft == "unlimited" else int(soft)
+    raise KernelError(errno.EINVAL, "read limits", f"/proc/{pid}/limits has no open-files line")
+
+
+def _pause_one(t: Tracee, fd: int, ino: int, base: int, sockaddr: int, *, cloexec: bool,
+               nonblock: bool, registrations: list[Registration]) -> PausedListener:
+    saved = t.syscall(SYS.fcntl, fd, F_DUPFD_CLOEXEC, base, op=f"fcntl({fd}, F_DUPFD_CLOEXEC)")
+    t.on_rollback(f"saved copy {saved} of fd {fd}",
+                  lambda: t.syscall(SYS.close, saved, op=f"close {saved}"))
+    for r in registrations:
+        t.syscall(SYS.epoll_ctl, r.epfd, EPOLL_CTL_DEL, fd, 0,
+                  op=f"epoll_ctl({r.epfd}, DEL, {fd})")
+        t.on_rollback(f"epoll {r.epfd} registration of fd {fd}",
+                      partial(_epoll_add, t, r, fd))
+    dummy_ino = _swap_in_dummy(t, fd, sockaddr, cloexec=cloexec, nonblock=nonblock, saved=saved)
+    return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations))
+
+
+def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
+    _dup3(t, p.saved, p.fd, p.cloexec)
+
+    def undo_swap() -> None:
+        with t.scratch(SOCKADDR_FAMILY.size) as sockaddr:
+            t.write(sockaddr, SOCKADDR_FAMILY.pack(AF_UNIX))
+            _swap_in_dummy(t, p.fd, sockaddr, cloexec=p.cloexec, nonblock=p.nonblock, saved=None)
+
+    t.on_rollback(f"listener back on fd {p.fd}", undo_swap)
+    for r in p.registrations:
+        if r.epfd not in epolls:
+            continue  # the program closed that epoll instance meanwhile
+        if _epoll_add(t, r, p.fd):
+            t.on_rollback(f"epoll {r.epfd} registration of fd {p.fd}",
+                          partial(t.syscall, SYS.epoll_ctl, r.epfd, EPOLL_CTL_DEL, p.fd, 0,
+                                  op=f"epoll_ctl({r.epfd}, DEL, {p.fd})"))
+
+
+def _swap_in_dummy(t: Tracee, fd: int, sockaddr: int, *, cloexec: bool, nonblock: bool,
+                   saved: int | None) -> int:
+    """Put a never-ready listening unix socket on ``fd``; return the dummy's inode.
+
+    With ``saved``, the swap is registered to be undone by putting ``saved`` back.
+    """
+    kind = SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0)
+    with t.temporary_fd(SYS.socket, AF_UNIX, kind, 0, op="socket(AF_UNIX) for the dummy") as dummy:
+        t.syscall(SYS.bind, dummy, sockaddr, SOCKADDR_FAMILY.size, op="bind dummy (autobind)")
+        t.syscall(SYS.listen, dummy, 1, op="listen on dummy")
+        ino = procfs.socket_inodes(t.pid).get(dummy)
+        if ino is None:
+            raise KernelError(errno.ENOTSOCK, "dummy", f"fd {dummy} of {t.pid} is no socket")
+        _dup3(t, dummy, fd, cloexec)
+        if saved is not None:
+            t.on_rollback(f"dummy over fd {fd}", lambda: _dup3(t, saved, fd, cloexec))
+    return ino
+
+
+def _dup3(t: Tracee, src: int, dst: int, cloexec: bool) -> None:
+    t.syscall(SYS.dup3, src, dst, O_CLOEXEC if cloexec else 0, op=f"dup3({src}, {dst})")
+
+
+def _epoll_add(t: Tracee, r: Registration, fd: int) -> bool:
+    """Register ``fd`` with ``r``'s events and data; False if it was already there."""
+    with t.scratch(EPOLL_EVENT.size) as ev:
+        t.write(ev, EPOLL_EVENT.pack(r.events, r.data))
+        try:
+            t.syscall(SYS.epoll_ctl, r.epfd, EPOLL_CTL_ADD, fd, ev,
+                      op=f"epoll_ctl({r.epfd}, ADD, {fd})")
+        except InjectionError as e:
+            if e.errno == errno.EEXIST:
+                return False  # an instance shared with another process already has it back
+            raise
+    return True

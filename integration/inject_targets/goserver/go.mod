@@ -1,0 +1,3 @@
+module injecttarget
+
+go 1.19
