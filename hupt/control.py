@@ -17,6 +17,7 @@ the given PID to the first one with a control socket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,16 +65,21 @@ def find_instance(pid: int) -> int:
 class Peer:
     """One connected client, served without blocking from the supervisor's loop."""
 
-    def __init__(self, sock: socket.socket, on_message: Callable[[Peer, Message], None]) -> None:
+    def __init__(self, sock: socket.socket, on_message: Callable[[Peer, Message], None],
+                 on_change: Callable[[Peer], None]) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self._in = b""
         self._out = b""
         self._on_message = on_message
+        # Told when the peer wants write readiness or is about to close, so the
+        # owner's selector registration follows (before the fd number can be reused).
+        self._on_change = on_change
         self.closed = False
         self.close_when_flushed = False
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.fd
 
     def readable(self) -> None:
         try:
@@ -121,12 +127,15 @@ class Peer:
                 self.close()
                 return
             self._out = self._out[n:]
-        if self.close_when_flushed:
+        if self.close_when_flushed and not self._out:
             self.close()
+        elif not self.closed:
+            self._on_change(self)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._on_change(self)
             self.sock.close()
 
 
@@ -137,10 +146,8 @@ class ControlServer:
         os.makedirs(d, mode=0o700, exist_ok=True)
         if os.getuid() != 0:
             os.chmod(d, 0o700)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.bind(self.path)
         os.chmod(self.path, 0o600)
@@ -166,10 +173,8 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterator[Message]:

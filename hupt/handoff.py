@@ -29,6 +29,7 @@ with a new id or fails with EINTR), so every handler is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -106,7 +107,7 @@ class Handoff:
             self.notify.send_continue(n.id)
             return
         held = self.listeners.get(addr)
-        with _their_socket(n.pid, fd) as theirs:
+        with _TheirSocket(n.pid, fd) as theirs:
             if theirs is None or theirs.type != socket.SOCK_STREAM:
                 self.notify.send_continue(n.id)
                 return
@@ -131,7 +132,7 @@ class Handoff:
     # -- listen ----------------------------------------------------------
     def _listen(self, n: Notification) -> Address | None:
         fd, backlog = int(n.args[0]), _s32(n.args[1])
-        with _their_socket(n.pid, fd) as theirs:
+        with _TheirSocket(n.pid, fd) as theirs:
             if theirs is None:
                 self.notify.send_continue(n.id)
                 return None
@@ -184,10 +185,8 @@ class Handoff:
             self.notify.send_continue(n.id)
 
     def _try_continue(self, n: Notification) -> None:
-        try:
+        with contextlib.suppress(KernelError):
             self.notify.send_continue(n.id)
-        except KernelError:
-            pass
 
 
 def _s32(v: int) -> int:
@@ -195,7 +194,7 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-class _their_socket:
+class _TheirSocket:
     """Our own reference to the target's fd as a socket object, closed on exit (None if not a socket)."""
 
     def __init__(self, tid: int, fd: int) -> None:

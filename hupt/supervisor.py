@@ -341,7 +341,7 @@ class Supervisor:
         for pid, status in self.sys.reap():
             for g in self.gens:
                 if g.pid == pid:
-                    g.exit_status = os.waitstatus_to_exitcode(status)
+                    g.exit_status = status
         live = [g for g in self.gens if g.alive]
         members = self.sys.members({g.number: g.pid for g in live})
         for g in live:
@@ -382,23 +382,23 @@ class Supervisor:
     def _on_control(self) -> None:
         assert self._control is not None
         while (conn := self._control.accept()) is not None:
-            peer = Peer(conn, self._on_message)
+            peer = Peer(conn, self._on_message, self._sync_peer)
             self._peers[peer.fileno()] = peer
-            self._sel.register(conn, selectors.EVENT_READ, ("peer", peer))
+            self._sel.register(peer.fileno(), selectors.EVENT_READ, ("peer", peer))
 
     def _on_peer(self, peer: Peer, mask: int) -> None:
-        fd = peer.fileno()
         if mask & selectors.EVENT_READ:
             peer.readable()
-        if mask & selectors.EVENT_WRITE:
+        if mask & selectors.EVENT_WRITE and not peer.closed:
             peer.flush()
-        self._sync_peer(peer, fd)
 
-    def _sync_peer(self, peer: Peer, fd: int) -> None:
+    def _sync_peer(self, peer: Peer) -> None:
+        fd = peer.fileno()
+        if self._peers.get(fd) is not peer:
+            return
         if peer.closed:
-            if fd in self._peers:
-                del self._peers[fd]
-                self._sel.unregister(fd)
+            del self._peers[fd]
+            self._sel.unregister(fd)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.wants_write else 0)
         self._sel.modify(fd, events, ("peer", peer))

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from hupt.tracer.accepting import PausedListeners
     from hupt.tracer.sockdiag import SockDiag
 
+if TYPE_CHECKING:
+    from hupt.tracer.accepting import PausedListeners
+    from hupt.tracer.sockdiag import SockDiag
+
 GEN_ENV = "HUPT_GEN"
 
 
@@ -51,7 +55,7 @@ class System(Protocol):
         """The generation is gone: drop its notify fd."""
 
     def reap(self) -> list[tuple[int, int]]:
-        """(pid, wait status) of every exited child."""
+        """(pid, exit code) of every exited child; a code -N means killed by signal N."""
 
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         """Live processes of each generation, given generation -> root pid."""
@@ -103,15 +107,21 @@ class LinuxSystem:
         self._paused.pop(number, None)
 
     def reap(self) -> list[tuple[int, int]]:
+        # waitid(WEXITED) and not waitpid(-1): hupt is also the ptrace tracer of
+        # its children during an injection, and waitpid(-1) would steal (and
+        # misreport) their trap stops.  CLD_TRAPPED/STOPPED entries are skipped.
         out: list[tuple[int, int]] = []
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                r = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
             except ChildProcessError:
                 return out
-            if pid == 0:
+            if r is None or r.si_pid == 0:
                 return out
-            out.append((pid, status))
+            if r.si_code == os.CLD_EXITED:
+                out.append((r.si_pid, r.si_status))
+            elif r.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                out.append((r.si_pid, -r.si_status))
 
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         parents = procfs.parent_map()
@@ -139,6 +149,8 @@ class LinuxSystem:
     def pause(self, number: int, pids: set[int]) -> list[str]:
         from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
 
+        from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
+
         problems: list[str] = []
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
@@ -154,6 +166,8 @@ class LinuxSystem:
         return problems
 
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+        from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
+
         from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
 
         if self._diag is None:

@@ -19,7 +19,7 @@ from harness import Procs, Started
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import pidfd, procfs
-from hupt.tracer.abi import FD_CLOEXEC, F_GETFD
+from hupt.tracer.abi import F_GETFD, FD_CLOEXEC
 
 WAIT = 10.0
 
@@ -90,6 +90,7 @@ def test_thread_id_is_refused_and_tgid_works(procs: Procs) -> None:
         pidfd.pidfd_open(tid)
     assert e.value.errno == errno.ENOENT
     assert "tgid_of" in str(e.value)
+    assert procfs.tgid_of(tid) == c.pid
     fd = pidfd.pidfd_open(procfs.tgid_of(tid))
     try:
         got = pidfd.pidfd_getfd(fd, info["fd"])

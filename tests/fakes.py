@@ -6,6 +6,7 @@ mechanism is proved against the kernel in integration/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ class FakeSystem:
 
     def exit(self, number: int, status: int = 0) -> None:
         g = self.gens[number]
-        self.reaped.append((g.pid, status << 8))
+        self.reaped.append((g.pid, status))
         g.pids = set()
         g.hung_up = True
 
@@ -61,10 +62,8 @@ class FakeSystem:
     def close(self) -> None:
         for g in self.gens.values():
             for fd in (g.rfd, g.wfd):
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self.listeners.close_all()
 
     # -- the System protocol ---------------------------------------------

@@ -180,7 +180,7 @@ def test_stop_drains_everything_and_exit_status(fake: FakeSystem) -> None:
     assert sup.gens[0].state is State.DRAINING and fake.gens[1].paused
     sup.tick()
     assert sup.gens[0].state is State.RETIRING
-    fake.reaped.append((sup.gens[0].pid, signal.SIGTERM))  # died of the stop signal
+    fake.reaped.append((sup.gens[0].pid, -signal.SIGTERM))  # died of the stop signal
     fake.gens[1].pids = set()
     fake.advance(2)
     sup.tick()

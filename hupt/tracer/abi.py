@@ -43,7 +43,6 @@ class SYS(IntEnum):
     exit = 60
     fcntl = 72
     unlink = 87
-    rt_sigsuspend = 130
     prctl = 157
     gettid = 186
     tkill = 200
@@ -51,19 +50,14 @@ class SYS(IntEnum):
     epoll_ctl = 233
     tgkill = 234
     unlinkat = 263
-    pselect6 = 270
-    ppoll = 271
-    epoll_pwait = 281
     accept4 = 288
     dup3 = 292
     process_vm_readv = 310
     seccomp = 317
-    io_pgetevents = 333
     pidfd_send_signal = 424
     pidfd_open = 434
     close_range = 436
     pidfd_getfd = 438
-    epoll_pwait2 = 441
 
 
 # x32 syscalls are x86_64 numbers with this bit set.

@@ -45,12 +45,13 @@ What the kernel makes us do, and why:
   some arrive before the mask is set) is suppressed and sent again with
   tgkill after detaching: the thread still gets it, but its siginfo names
   hupt as the sender.
-- PTRACE_SETSIGMASK clears TIF_RESTORE_SIGMASK.  A thread inside ppoll,
-  pselect6, epoll_pwait(2) with a mask, rt_sigsuspend or io_pgetevents runs
-  with a temporary mask that the kernel would swap back on return; after
-  SETSIGMASK the temporary mask would stay for good.  Such a thread is never
-  chosen to inject when another is available, and if it must be, its mask is
-  left alone and signal-delivery-stops are suppressed one by one instead.
+- A thread inside ppoll, pselect6, epoll_pwait with a mask or rt_sigsuspend
+  runs with a temporary mask (SigBlk in /proc shows it) that the kernel swaps
+  back on return.  PTRACE_GETSIGMASK returns the real mask in that case and
+  PTRACE_SETSIGMASK installs its argument as the real mask and drops the
+  pending swap, so the save/restore round trip keeps the program's mask;
+  the restarted syscall installs its temporary mask again (measured with
+  inject_targets/ppoll_waiter.py).
 - Only the injecting thread's mask matters: the others stay stopped, and a
   process-directed signal is never routed to a stopped thread.
 - Nothing may be left stopped or traced.  SIGINT, SIGTERM, SIGHUP and SIGQUIT
@@ -118,31 +119,6 @@ def restart_regs(saved: Regs) -> Regs:
     if code == -ERESTART_RESTARTBLOCK:
         return saved.replace(rax=SYS.restart_syscall, rip=saved.rip - len(SYSCALL_INSN))
     return saved
-
-
-# syscall -> the argument register holding its temporary-sigmask pointer (None: always one)
-_MASK_SWAPPERS: dict[int, str | None] = {
-    SYS.rt_sigsuspend: None,
-    SYS.ppoll: "r10",
-    SYS.pselect6: "r9",
-    SYS.epoll_pwait: "r8",
-    SYS.epoll_pwait2: "r8",
-    SYS.io_pgetevents: "r9",
-}
-
-
-def swaps_sigmask(saved: Regs) -> bool:
-    """Whether the thread was interrupted inside a syscall running with a temporary mask.
-
-    For such a thread PTRACE_SETSIGMASK would make the temporary mask permanent.
-    """
-    arg = _MASK_SWAPPERS.get(signed(saved.orig_rax), "")
-    if arg == "":
-        return False
-    code = signed(saved.rax)
-    if code not in _RESTART_IN_PLACE and code not in (-ERESTART_RESTARTBLOCK, -errno.EINTR):
-        return False
-    return arg is None or getattr(saved, arg) != 0
 
 
 def syscall_regs(saved: Regs, insn: int, nr: int, args: tuple[int, ...]) -> Regs:
@@ -381,16 +357,13 @@ class Tracee:
         live = [th for th in self._threads.values() if th.stopped and not th.gone]
         if not live:
             raise NoSuchProcess(errno.ESRCH, "inject", f"process {self.pid} has no stopped thread")
-        live.sort(key=lambda th: th.tid != self.pid)  # the leader first
-        clean = [th for th in live if th.saved is not None and not swaps_sigmask(th.saved)]
-        chosen = (clean or live)[0]
+        chosen = min(live, key=lambda th: th.tid != self.pid)  # the leader if it lives
         self._injector = chosen.tid
         return chosen
 
     def _prepare(self, th: _Thread) -> None:
-        """Block signals in the injecting thread, unless that would lose a temporary mask."""
-        assert th.saved is not None
-        if th.saved_mask is None and not swaps_sigmask(th.saved):
+        """Block every signal but SIGTRAP in the injecting thread (once per session)."""
+        if th.saved_mask is None:
             mask = pt.getsigmask(th.tid)
             pt.setsigmask(th.tid, _INJECTION_MASK)
             th.saved_mask = mask

@@ -29,9 +29,10 @@ Why it is built this way:
   ``waitid(WNOWAIT)`` first and leaves an exited leader unreaped when asked;
   an exited non-leader thread is reaped, since only its tracer can release it.
 - PTRACE_GETSIGMASK/SETSIGMASK take the mask size (8 on x86_64) as ``addr``.
-  SETSIGMASK also clears TIF_RESTORE_SIGMASK (kernel/ptrace.c): a thread
-  inside ppoll/pselect/epoll_pwait/sigsuspend with a temporary mask would keep
-  that temporary mask for good.  The caller decides whether to use it.
+  For a thread inside ppoll/pselect6/epoll_pwait/sigsuspend, GETSIGMASK
+  returns the mask the kernel will restore (not the temporary one /proc
+  shows) and SETSIGMASK replaces that one and cancels the pending restore:
+  a get/set round trip is exact.
 - Registers are x86_64 ``user_regs_struct`` values as the kernel stores them:
   unsigned 64-bit.  ``signed`` gives the view syscall results need.
 """
@@ -235,7 +236,7 @@ def getsigmask(tid: int) -> int:
 
 
 def setsigmask(tid: int, mask: int) -> None:
-    """Replace the blocked mask; the kernel drops SIGKILL/SIGSTOP and clears TIF_RESTORE_SIGMASK."""
+    """Replace the blocked mask (the kernel keeps SIGKILL and SIGSTOP deliverable)."""
     buf = ctypes.c_uint64(mask & U64)
     _request("PTRACE_SETSIGMASK", PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(buf))
 

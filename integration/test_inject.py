@@ -1,0 +1,388 @@
+"""ptrace injection against real servers: pausing and resuming listeners, error paths.
+
+Targets (integration/inject_targets/) listen on two ports: MAIN is paused,
+AUX never is and shows that the process keeps working.  Each prints
+"MAIN AUX" when ready.
+
+What "paused" means here, measured from outside:
+- a connection to MAIN completes (the kernel queues it) but gets no answer,
+  and the listener's accept queue (rx_queue of a LISTEN entry in
+  /proc/net/tcp) holds it;
+- the target does not spin: utime+stime grows by at most a few ticks in 1 s;
+- AUX still answers; no thread is traced (TracerPid 0) and every thread's
+  SigBlk is what it was.
+After resume_listeners every queued connection is answered and the listener's
+epoll registrations, fd flags and fd table are what they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from harness import Procs, Started, listener_inode
+
+from hupt.errors import InjectionError, NoSuchProcess
+from hupt.tracer import procfs
+from hupt.tracer.abi import F_DUPFD_CLOEXEC, SYS
+from hupt.tracer.accepting import (
+    PausedListeners,
+    UnpausableListener,
+    pause_listeners,
+    resume_listeners,
+)
+from hupt.tracer.inject import State, Tracee
+
+pytestmark = pytest.mark.root
+
+TARGETS = Path(__file__).resolve().parent / "inject_targets"
+BUILD = Path(__file__).resolve().parent / ".build"
+ANSWER = re.compile(rb"^HTTP/1\.[01] 200 .*\r\n\r\nok\n$", re.S)
+T = TypeVar("T")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def eventually(probe: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0) -> T:
+    """Poll ``probe`` until ``ok`` holds; return the last value either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
+def start(procs: Procs, cmd: list[str]) -> tuple[Started, int, int]:
+    s = procs.spawn(cmd)
+    line = eventually(lambda: s.out.read_text(), lambda out: "\n" in out or s.poll() is not None,
+                      timeout=20)
+    ports = line.split()
+    assert len(ports) == 2, f"target did not start:\n{s.log()}"
+    return s, int(ports[0]), int(ports[1])
+
+
+def send_request(port: int) -> socket.socket:
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    return c
+
+
+def read_response(c: socket.socket, timeout: float = 5.0) -> bytes:
+    c.settimeout(timeout)
+    data = b""
+    with c:
+        while chunk := c.recv(4096):
+            data += chunk
+    return data
+
+
+def ask(port: int) -> bytes:
+    return read_response(send_request(port))
+
+
+def answered(c: socket.socket) -> bool:
+    readable, _, _ = select.select([c], [], [], 0)
+    return bool(readable)
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the listener on 127.0.0.1:port."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                return int(queues.split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+def cpu_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (all threads)
+
+
+def thread_states(pid: int) -> dict[int, tuple[str, str]]:
+    """tid -> (TracerPid, SigBlk) for every live thread."""
+    out = {}
+    for tid in procfs.threads(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            status = procfs.status_fields(tid)
+            out[tid] = (status["TracerPid"], status["SigBlk"])
+    return out
+
+
+def masks_unchanged(pid: int, before: dict[int, tuple[str, str]]) -> bool:
+    now = thread_states(pid)
+    return all(now[t] == before[t] for t in before.keys() & now.keys())
+
+
+def listener_fds(pid: int, port: int) -> list[int]:
+    ino = listener_inode(port)
+    return sorted(fd for fd, i in procfs.socket_inodes(pid).items() if i == ino)
+
+
+def listener_view(pid: int, port: int) -> tuple[object, ...]:
+    """Everything pausing touches for one listener: its fds, their flags, its epoll entries."""
+    ino = listener_inode(port)
+    fds = listener_fds(pid, port)
+    flags = [procfs.fd_flags(pid, fd) for fd in fds]
+    entries = sorted((epfd, e) for epfd in procfs.epoll_fds(pid)
+                     for e in procfs.epoll_registrations(pid, epfd) if e.ino == ino)
+    return fds, flags, entries
+
+
+def whole_view(pid: int) -> tuple[object, ...]:
+    """Every fd with its target and flags, every epoll registration, every thread's state."""
+    fds = {fd: (os.readlink(f"/proc/{pid}/fd/{fd}"), procfs.fd_flags(pid, fd))
+           for fd in map(int, os.listdir(f"/proc/{pid}/fd"))}
+    epolls = {epfd: procfs.epoll_registrations(pid, epfd) for epfd in procfs.epoll_fds(pid)}
+    return fds, epolls, thread_states(pid)
+
+
+def maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.fixture(scope="session")
+def go_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("`go` not found: the static Go target needs golang-go", pytrace=False)
+    cache = BUILD if os.access(BUILD.parent, os.W_OK) else tmp_path_factory.mktemp("go-cache")
+    binary = tmp_path_factory.mktemp("inject-go") / "goserver"
+    env = {**os.environ, "CGO_ENABLED": "0", "GOCACHE": str(cache / "gocache"),
+           "GOPATH": str(cache / "gopath"), "GOENV": "off", "GOFLAGS": "",
+           "GOTOOLCHAIN": "local", "GOPROXY": "off", "GO111MODULE": "on"}
+    built = subprocess.run([go, "build", "-trimpath", "-o", str(binary), "."],
+                           cwd=TARGETS / "goserver", env=env, capture_output=True, text=True,
+                           timeout=600)
+    if built.returncode != 0:
+        pytest.fail(f"go build failed:\n{built.stderr}", pytrace=False)
+    return binary
+
+
+def python_target(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(TARGETS / name), *args]
+
+
+TARGET_CMDS: dict[str, Callable[[Path], list[str]]] = {
+    "threads-in-accept": lambda go: python_target("threaded_accept.py"),
+    "epoll-level": lambda go: python_target("epoll_server.py", "plain"),
+    "epoll-edge": lambda go: python_target("epoll_server.py", "et"),
+    "epoll-exclusive": lambda go: python_target("epoll_server.py", "exclusive"),
+    "node": lambda go: ["node", str(TARGETS / "node_server.js")],
+    "go-static": lambda go: [str(go)],
+}
+
+
+@pytest.fixture(params=sorted(TARGET_CMDS))
+def target_cmd(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    name: str = request.param
+    go = request.getfixturevalue("go_target") if name == "go-static" else Path()
+    yield TARGET_CMDS[name](go)
+
+
+# --- pause and resume ------------------------------------------------------------------
+
+
+def test_pause_then_resume(procs: Procs, target_cmd: list[str]) -> None:
+    s, main, aux = start(procs, target_cmd)
+    assert ANSWER.match(ask(main))
+    before_threads = thread_states(s.pid)
+    before_listener = listener_view(s.pid, main)
+
+    paused = pause_listeners(s.pid, listener_fds(s.pid, main))
+
+    states = thread_states(s.pid)
+    assert {tracer for tracer, _ in states.values()} == {"0"}
+    assert eventually(lambda: masks_unchanged(s.pid, before_threads), bool, 2.0)
+    waiting = [send_request(main) for _ in range(3)]
+    assert eventually(lambda: accept_queue(main), lambda n: n == 3) == 3
+    ticks = cpu_ticks(s.pid)
+    time.sleep(1.0)
+    assert cpu_ticks(s.pid) - ticks <= 5, "the paused target is spinning"
+    assert not any(answered(c) for c in waiting), "a paused listener accepted"
+    assert accept_queue(main) == 3
+    assert ANSWER.match(ask(aux)), "the paused process stopped working"
+    assert s.poll() is None
+
+    assert resume_listeners(s.pid, paused) == []
+
+    for c in waiting:
+        assert ANSWER.match(read_response(c))
+    assert ANSWER.match(ask(main))
+    assert accept_queue(main) == 0
+    assert listener_view(s.pid, main) == before_listener
+    assert {tracer for tracer, _ in thread_states(s.pid).values()} == {"0"}
+
+
+def test_pause_two_listeners_at_once(procs: Procs) -> None:
+    s, main, aux = start(procs, python_target("epoll_server.py", "et"))
+    before = whole_view(s.pid)
+    paused = pause_listeners(s.pid, listener_fds(s.pid, main) + listener_fds(s.pid, aux))
+    assert len(paused.listeners) == 2
+    waiting = [send_request(main), send_request(aux)]
+    time.sleep(0.5)
+    assert not any(answered(c) for c in waiting)
+    resume_listeners(s.pid, paused)
+    for c in waiting:
+        assert ANSWER.match(read_response(c))
+    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+
+
+def test_a_stopped_process_stays_stopped(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    os.kill(s.pid, signal.SIGSTOP)
+    assert eventually(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
+                      lambda st: st == "T") == "T"
+    paused = pause_listeners(s.pid, listener_fds(s.pid, main))
+    time.sleep(0.2)
+    assert procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state == "T"
+    os.kill(s.pid, signal.SIGCONT)
+    c = send_request(main)
+    time.sleep(0.5)
+    assert not answered(c)
+    resume_listeners(s.pid, paused)
+    assert ANSWER.match(read_response(c))
+
+
+def test_a_temporary_signal_mask_survives(procs: Procs) -> None:
+    # ppoll(..., {SIGUSR2}) while SIGUSR1 is blocked: /proc shows the temporary
+    # mask, and after the session the program must still see SIGUSR1 blocked.
+    s = procs.spawn(python_target("ppoll_waiter.py"))
+    out = eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
+    port = int(out.split()[0])
+    time.sleep(0.2)
+    with Tracee.seize(s.pid) as t:
+        assert t.syscall(SYS.getpid) == s.pid
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    out = eventually(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2)
+    assert out.splitlines()[1].split() == [str(int(signal.SIGUSR1))]
+
+
+# --- error paths -----------------------------------------------------------------------
+
+
+def test_failure_midway_leaves_the_target_as_it_was(procs: Procs) -> None:
+    # With a single free fd slot the saved copy and the epoll DELs succeed and
+    # the dummy socket() fails with EMFILE: everything before must be undone.
+    s, main, _ = start(procs, python_target("epoll_server.py", "et"))
+    fds = sorted(map(int, os.listdir(f"/proc/{s.pid}/fd")))
+    assert fds == list(range(len(fds))), f"fd table has holes: {fds}"
+    limits = resource.prlimit(s.pid, resource.RLIMIT_NOFILE)
+    before = whole_view(s.pid)
+    before_maps = maps(s.pid)
+    resource.prlimit(s.pid, resource.RLIMIT_NOFILE, (len(fds) + 1, limits[1]))
+    try:
+        with pytest.raises(InjectionError) as failed:
+            pause_listeners(s.pid, listener_fds(s.pid, main))
+    finally:
+        resource.prlimit(s.pid, resource.RLIMIT_NOFILE, limits)
+    assert failed.value.errno == errno.EMFILE and "socket" in failed.value.op
+    assert whole_view(s.pid) == before
+    assert maps(s.pid) == before_maps  # scratch pages unmapped
+    assert ANSWER.match(ask(main))
+
+
+def test_rollback_of_registered_changes(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    before = whole_view(s.pid)
+    fd = listener_fds(s.pid, main)[0]
+    with pytest.raises(InjectionError) as failed, Tracee.seize(s.pid) as t:
+        copy = t.syscall(SYS.fcntl, fd, F_DUPFD_CLOEXEC, 100)
+        t.on_rollback("copy", lambda: t.syscall(SYS.close, copy))
+        assert listener_fds(s.pid, main) == [fd, copy]
+        t.syscall(SYS.close, 4000)  # not open: EBADF
+    assert failed.value.errno == errno.EBADF
+    assert t.state is State.RELEASED
+    assert whole_view(s.pid) == before
+    assert ANSWER.match(ask(main))
+
+
+def test_keyboard_interrupt_inside_a_session(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("epoll_server.py", "plain"))
+    before = whole_view(s.pid)
+    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t:
+        with t.scratch(100) as addr:
+            t.write(addr, b"x" * 100)
+            copy = t.syscall(SYS.fcntl, listener_fds(s.pid, main)[0], F_DUPFD_CLOEXEC, 100)
+            t.on_rollback("copy", lambda: t.syscall(SYS.close, copy))
+            raise KeyboardInterrupt
+    assert whole_view(s.pid) == before
+    assert ANSWER.match(ask(main))
+
+
+def test_sigint_waits_for_the_end_of_the_session(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    reached = 0
+    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t:  # noqa: PT012
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a KeyboardInterrupt here would leave no time to release
+        reached = t.syscall(SYS.getpid)
+    assert reached == s.pid
+    assert {tracer for tracer, _ in thread_states(s.pid).values()} == {"0"}
+    assert ANSWER.match(ask(main))
+
+
+def test_target_killed_mid_session(procs: Procs) -> None:
+    s, _, _ = start(procs, python_target("threaded_accept.py"))
+    t = Tracee.seize(s.pid)
+    with pytest.raises(NoSuchProcess), t:
+        t.syscall(SYS.getpid)
+        os.kill(s.pid, signal.SIGKILL)
+        t.syscall(SYS.getpid)
+    assert t.state is State.RELEASED
+    # Our own child's exit status was left for us to reap, not consumed by the tracer.
+    assert s.popen.wait(5) == -signal.SIGKILL
+
+
+def test_pause_of_a_dying_target_raises_cleanly(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    fds = listener_fds(s.pid, main)
+    s.popen.kill()
+    s.popen.wait(5)
+    with pytest.raises(NoSuchProcess):
+        pause_listeners(s.pid, fds)
+
+
+def test_pause_refuses_what_is_not_a_socket(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("epoll_server.py", "plain"))
+    before = whole_view(s.pid)
+    with pytest.raises(UnpausableListener):
+        pause_listeners(s.pid, [*listener_fds(s.pid, main), 0])
+    assert whole_view(s.pid) == before
+
+
+def test_resume_skips_a_listener_fd_the_program_replaced(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    fd = listener_fds(s.pid, main)[0]
+    paused = pause_listeners(s.pid, [fd])
+    saved = paused.listeners[0].saved
+    with Tracee.seize(s.pid) as t:  # the program "reuses" the fd number for something else
+        t.syscall(SYS.dup3, 2, fd, 0)
+    assert resume_listeners(s.pid, paused) == [fd]
+    assert saved not in procfs.socket_inodes(s.pid)  # the copy was closed anyway
+    assert listener_inode(main) is None  # nobody held the listener any more
+
+
+def test_resume_needs_the_pid_it_was_paused_in() -> None:
+    with pytest.raises(ValueError):
+        resume_listeners(1, PausedListeners(2, ()))

@@ -1,0 +1,211 @@
+"""Pure parts of the ptrace injection: register arithmetic, wait statuses, session states.
+
+No root and no tracee: everything here is computed from values whose meaning
+ptrace(2) and arch/x86 define (the real-kernel side is integration/test_inject.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from hupt.tracer import inject
+from hupt.tracer.abi import PTRACE_EVENT_EXEC, PTRACE_EVENT_STOP, SYS
+from hupt.tracer.inject import (
+    IllegalTransition,
+    Lifecycle,
+    State,
+    Tracee,
+    restart_regs,
+    syscall_regs,
+    syscall_result,
+)
+from hupt.tracer.ptrace import Regs, StopKind, classify, signed, unsigned
+
+U64 = (1 << 64) - 1
+RIP = 0x7F00_0000_1234  # just past a `syscall` instruction
+
+
+def stopped_in(nr: int, rax: int) -> Regs:
+    return Regs().replace(orig_rax=nr, rax=rax, rip=RIP, rdi=7)
+
+
+# --- restart rules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [-512, -513, -514])
+def test_restartable_codes_rerun_the_same_syscall(code: int) -> None:
+    out = restart_regs(stopped_in(SYS.accept4, code))
+    assert out.rax == SYS.accept4
+    assert out.rip == RIP - 2
+    assert out.rdi == 7  # arguments are what the restarted call uses
+
+
+def test_restart_block_code_goes_through_restart_syscall() -> None:
+    out = restart_regs(stopped_in(230, -516))  # clock_nanosleep
+    assert out.rax == SYS.restart_syscall
+    assert out.rip == RIP - 2
+
+
+@pytest.mark.parametrize("rax", [-4, -11, 0, 5])  # EINTR, EAGAIN, results: the program sees them
+def test_finished_syscalls_are_left_alone(rax: int) -> None:
+    regs = stopped_in(SYS.accept4, rax)
+    assert restart_regs(regs) == regs
+
+
+def test_no_restart_outside_a_syscall() -> None:
+    # Interrupted in user code: orig_rax is -1 and rax is whatever the program had there.
+    regs = Regs().replace(orig_rax=-1, rax=-512, rip=RIP)
+    assert restart_regs(regs) == regs
+
+
+def test_restart_does_not_apply_twice() -> None:
+    once = restart_regs(stopped_in(SYS.accept4, -512))
+    assert restart_regs(once) == once
+
+
+# --- injected registers and results ------------------------------------------------------
+
+
+def test_syscall_regs_follow_the_x86_64_convention() -> None:
+    saved = Regs().replace(rax=1, rbx=42, rsp=0x7FFC_0000, orig_rax=SYS.accept4)
+    regs = syscall_regs(saved, 0x1000, SYS.dup3, (1, 2, 3, 4, 5, 6))
+    assert (regs.rax, regs.rip) == (SYS.dup3, 0x1000)
+    assert (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) == (1, 2, 3, 4, 5, 6)
+    assert regs.orig_rax == U64  # -1: no restart logic for injected registers
+    assert (regs.rbx, regs.rsp) == (42, 0x7FFC_0000)  # the rest is the thread's own
+
+
+def test_syscall_regs_negative_arguments_and_padding() -> None:
+    regs = syscall_regs(Regs().replace(r9=99), 0x1000, SYS.mmap, (0, 4096, 3, 0x22, -1))
+    assert regs.r8 == U64  # fd -1
+    assert regs.r9 == 0  # missing arguments are zero, not left over
+    with pytest.raises(ValueError):
+        syscall_regs(Regs(), 0x1000, SYS.mmap, (0,) * 7)
+
+
+@pytest.mark.parametrize(("rax", "result"), [
+    (unsigned(-9), -9),  # EBADF
+    (unsigned(-4095), -4095),
+    (0, 0),
+    (0x7F12_3456_7000, 0x7F12_3456_7000),  # an mmap address
+    (unsigned(-4096), U64 - 4095),  # not an errno: a (huge) value
+])
+def test_syscall_result(rax: int, result: int) -> None:
+    assert syscall_result(rax) == result
+
+
+def test_signed_and_unsigned() -> None:
+    assert signed(U64) == -1
+    assert signed(unsigned(-512)) == -512
+    assert signed(1 << 62) == 1 << 62
+    assert Regs().replace(rax=-1).rax == U64
+
+
+# --- wait statuses ----------------------------------------------------------------------
+
+
+def stop_status(sig: int, event: int = 0) -> int:
+    return (event << 16) | (sig << 8) | 0x7F
+
+
+def test_classify_interrupt_and_group_stops() -> None:
+    assert classify(5, stop_status(signal.SIGTRAP, PTRACE_EVENT_STOP)).kind is StopKind.INTERRUPT
+    for sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        stop = classify(5, stop_status(sig, PTRACE_EVENT_STOP))
+        assert (stop.kind, stop.sig) == (StopKind.GROUP, sig)
+
+
+def test_classify_signal_syscall_and_event_stops() -> None:
+    stop = classify(5, stop_status(signal.SIGURG))
+    assert (stop.kind, stop.sig) == (StopKind.SIGNAL, signal.SIGURG)
+    assert classify(5, stop_status(signal.SIGTRAP)).kind is StopKind.SIGNAL  # a single step
+    assert classify(5, stop_status(signal.SIGTRAP | 0x80)).kind is StopKind.SYSCALL
+    stop = classify(5, stop_status(signal.SIGTRAP, PTRACE_EVENT_EXEC))
+    assert (stop.kind, stop.event) == (StopKind.EVENT, PTRACE_EVENT_EXEC)
+
+
+def test_classify_exits() -> None:
+    stop = classify(5, 3 << 8)
+    assert stop.kind is StopKind.EXITED and os.WEXITSTATUS(stop.exit_status or 0) == 3
+    stop = classify(5, signal.SIGKILL)
+    assert (stop.kind, stop.sig) == (StopKind.EXITED, signal.SIGKILL)
+
+
+# --- session states ----------------------------------------------------------------------
+
+
+def test_a_whole_session_and_nothing_after_it() -> None:
+    life = Lifecycle()
+    for state in (State.SEIZING, State.STOPPED):
+        life.advance(state)
+    life.begin_injection()
+    assert life.state is State.INJECTING
+    life.end_injection()
+    assert life.state is State.STOPPED
+    life.advance(State.RELEASING)
+    life.advance(State.RELEASED)
+    for state in State:
+        with pytest.raises(IllegalTransition):
+            life.advance(state)
+    with pytest.raises(IllegalTransition):
+        life.begin_injection()
+
+
+def test_injection_needs_stopped_threads_and_does_not_nest() -> None:
+    life = Lifecycle()
+    with pytest.raises(IllegalTransition):
+        life.begin_injection()  # nothing seized yet
+    life.advance(State.SEIZING)
+    with pytest.raises(IllegalTransition):
+        life.begin_injection()  # threads not all stopped yet
+    life.advance(State.STOPPED)
+    life.begin_injection()
+    with pytest.raises(IllegalTransition):
+        life.begin_injection()
+    with pytest.raises(IllegalTransition):
+        life.advance(State.SEIZING)
+
+
+def test_injection_during_rollback_returns_to_rollback() -> None:
+    life = Lifecycle()
+    for state in (State.SEIZING, State.STOPPED, State.ROLLING_BACK):
+        life.advance(state)
+    life.begin_injection()
+    life.end_injection()
+    assert life.state is State.ROLLING_BACK
+    with pytest.raises(IllegalTransition):
+        life.advance(State.STOPPED)  # a rollback is not abandoned halfway
+    with pytest.raises(IllegalTransition):
+        life.end_injection()
+
+
+def test_every_live_state_can_be_released() -> None:
+    # Whatever happens, a session must be able to give the process back.
+    for start in State:
+        if start in (State.NEW, State.RELEASED):
+            continue
+        reachable, todo = {start}, [start]
+        while todo:
+            for nxt in inject._ALLOWED[todo.pop()]:
+                if nxt not in reachable:
+                    reachable.add(nxt)
+                    todo.append(nxt)
+        assert State.RELEASED in reachable, start
+        if start is not State.RELEASING:
+            assert State.RELEASING in inject._ALLOWED[start], start
+
+
+def test_an_unentered_tracee_refuses_everything() -> None:
+    t = Tracee.seize(os.getpid())  # not entered: nothing is seized, no root needed
+    assert t.state is State.NEW
+    with pytest.raises(IllegalTransition):
+        t.syscall(SYS.getpid)
+    with pytest.raises(IllegalTransition):
+        t.on_rollback("nothing", lambda: None)
+    with pytest.raises(IllegalTransition):
+        t.commit()
+    with pytest.raises(IllegalTransition):
+        t.write(0x1000, b"x")
