@@ -149,7 +149,6 @@ class LinuxSystem:
     def pause(self, number: int, pids: set[int]) -> list[str]:
         from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
 
-        from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
 
         problems: list[str] = []
         inodes = self.listeners.inodes()
@@ -168,7 +167,6 @@ class LinuxSystem:
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
         from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
 
-        from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
 
         if self._diag is None:
             self._diag = sockdiag.SockDiag()

@@ -36,16 +36,20 @@ from typing import TypeVar
 import pytest
 from harness import Procs, Started, listener_inode
 
-from hupt.errors import InjectionError, NoSuchProcess
-from hupt.tracer import procfs
-from hupt.tracer.abi import F_DUPFD_CLOEXEC, SYS
+from hupt.errors import AccessDenied, InjectionError, NoSuchProcess
+from hupt.tracer import bpf, procfs, seccomp
+from hupt.tracer import ptrace as pt
+from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, SYS
 from hupt.tracer.accepting import (
     PausedListeners,
     UnpausableListener,
+    exec_in_place,
+    inject_filter,
     pause_listeners,
     resume_listeners,
 )
 from hupt.tracer.inject import State, Tracee
+from hupt.tracer.notify import NotifyFd
 
 pytestmark = pytest.mark.root
 
@@ -278,6 +282,48 @@ def test_a_temporary_signal_mask_survives(procs: Procs) -> None:
     assert out.splitlines()[1].split() == [str(int(signal.SIGUSR1))]
 
 
+def test_a_signal_sent_during_a_session_runs_its_handler_at_once(procs: Procs) -> None:
+    # The blocked accept() must come back with EINTR when the signal is
+    # delivered after the session, as it would have without us.
+    s = procs.spawn(python_target("signal_waiter.py"))
+    eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
+    time.sleep(0.2)
+    with Tracee.seize(s.pid) as t:
+        t.syscall(SYS.getpid)
+        os.kill(s.pid, signal.SIGUSR1)
+    out = eventually(lambda: s.out.read_text(), lambda o: "signal" in o, 2.0)
+    assert f"signal {int(signal.SIGUSR1)}" in out
+    assert "accepted" not in out
+
+
+def test_a_stop_signal_during_a_session_is_not_lost(procs: Procs) -> None:
+    s = procs.spawn(python_target("signal_waiter.py"))
+    port = int(eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20).split()[0])
+    with Tracee.seize(s.pid) as t:
+        os.kill(s.pid, signal.SIGSTOP)  # SIGSTOP cannot be blocked: it stops the injection
+        assert t.syscall(SYS.getpid) == s.pid
+    state = eventually(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
+                       lambda st: st == "T")
+    assert state == "T"
+    assert procfs.tracer_pid(s.pid) == 0
+    os.kill(s.pid, signal.SIGCONT)
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert "accepted" in eventually(lambda: s.out.read_text(), lambda o: "accepted" in o)
+
+
+def test_injection_into_each_thread_and_a_second_tracer_refused(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    with Tracee.seize(s.pid) as t:
+        assert len(t.threads) == 5 and t.threads == procfs.threads(s.pid)
+        for tid in t.threads:
+            assert t.syscall(SYS.gettid, tid=tid) == tid
+        with pytest.raises(AccessDenied), Tracee.seize(s.pid):
+            pass
+        assert t.syscall(SYS.getpid) == s.pid
+    assert {tracer for tracer, _ in thread_states(s.pid).values()} == {"0"}
+    assert ANSWER.match(ask(main))
+
+
 # --- error paths -----------------------------------------------------------------------
 
 
@@ -319,26 +365,43 @@ def test_rollback_of_registered_changes(procs: Procs) -> None:
 
 def test_keyboard_interrupt_inside_a_session(procs: Procs) -> None:
     s, main, _ = start(procs, python_target("epoll_server.py", "plain"))
-    before = whole_view(s.pid)
-    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t:
-        with t.scratch(100) as addr:
-            t.write(addr, b"x" * 100)
-            copy = t.syscall(SYS.fcntl, listener_fds(s.pid, main)[0], F_DUPFD_CLOEXEC, 100)
-            t.on_rollback("copy", lambda: t.syscall(SYS.close, copy))
-            raise KeyboardInterrupt
+    before, before_maps = whole_view(s.pid), maps(s.pid)
+    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t, t.scratch(100) as addr:
+        t.write(addr, b"x" * 100)
+        copy = t.syscall(SYS.fcntl, listener_fds(s.pid, main)[0], F_DUPFD_CLOEXEC, 100)
+        t.on_rollback("copy", lambda: t.syscall(SYS.close, copy))
+        raise KeyboardInterrupt
     assert whole_view(s.pid) == before
+    assert maps(s.pid) == before_maps
     assert ANSWER.match(ask(main))
 
 
 def test_sigint_waits_for_the_end_of_the_session(procs: Procs) -> None:
     s, main, _ = start(procs, python_target("threaded_accept.py"))
     reached = 0
-    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t:  # noqa: PT012
+    with pytest.raises(KeyboardInterrupt), Tracee.seize(s.pid) as t:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # a KeyboardInterrupt here would leave no time to release
         reached = t.syscall(SYS.getpid)
     assert reached == s.pid
     assert {tracer for tracer, _ in thread_states(s.pid).values()} == {"0"}
+    assert ANSWER.match(ask(main))
+
+
+def test_a_seize_failing_halfway_lets_go_of_the_threads_it_had(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    last = procfs.threads(s.pid)[-1]
+    pt.seize(last)  # another tracer (us, outside any session) holds one thread
+    try:
+        with pytest.raises(AccessDenied), Tracee.seize(s.pid):
+            pass
+        states = thread_states(s.pid)
+        assert {tracer for tid, (tracer, _) in states.items() if tid != last} == {"0"}
+    finally:
+        pt.interrupt(last)
+        pt.waitstop(last, 5)
+        pt.detach(last)
+    assert procfs.tracer_pid(last) == 0
     assert ANSWER.match(ask(main))
 
 
@@ -386,3 +449,56 @@ def test_resume_skips_a_listener_fd_the_program_replaced(procs: Procs) -> None:
 def test_resume_needs_the_pid_it_was_paused_in() -> None:
     with pytest.raises(ValueError):
         resume_listeners(1, PausedListeners(2, ()))
+
+
+# --- exec in place and attach (stage 2) ------------------------------------------------
+
+
+def test_exec_in_place_from_node_keeps_pid_and_stdio(procs: Procs) -> None:
+    s, main, _ = start(procs, ["node", str(TARGETS / "node_server.js")])
+    assert procfs.fd_flags(s.pid, 1) & O_CLOEXEC  # node's stdio is close-on-exec
+    exec_in_place(s.pid, [sys.executable.encode(), str(TARGETS / "signal_waiter.py").encode()],
+                  [b"PATH=/usr/bin:/bin"])
+    out = eventually(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2, 20)
+    port = int(out.splitlines()[1])  # printed by the new program, on the inherited stdout
+    assert procfs.cmdline(s.pid)[1].endswith(b"signal_waiter.py")
+    assert set(thread_states(s.pid).values()) == {("0", "0000000000000000")}
+    assert listener_inode(main) is None  # node's fds did not survive the exec
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert "accepted" in eventually(lambda: s.out.read_text(), lambda o: "accepted" in o)
+    assert s.poll() is None
+
+
+def test_a_failed_exec_leaves_the_process_as_it_was(procs: Procs) -> None:
+    s, main, _ = start(procs, python_target("threaded_accept.py"))
+    before, before_maps = whole_view(s.pid), maps(s.pid)
+    with pytest.raises(InjectionError) as failed:
+        exec_in_place(s.pid, [b"/nonexistent/program"], [])
+    assert failed.value.errno == errno.ENOENT
+    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+    assert maps(s.pid) == before_maps
+    assert all(ANSWER.match(ask(main)) for _ in range(4))
+
+
+def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
+    s = procs.spawn(python_target("bind_on_signal.py"))
+    eventually(lambda: s.out.read_text(), lambda o: "ready" in o, 20)
+    fd = inject_filter(s.pid, bpf.pack(seccomp.build_filter([SYS.bind])))
+    with NotifyFd(fd) as notify:
+        tids = procfs.threads(s.pid)
+        assert len(tids) == 5
+        assert all(procfs.seccomp_filters(tid) == 1 for tid in tids)
+        assert all(procfs.tracer_pid(tid) == 0 for tid in tids)
+        assert not [fd for fd in os.listdir(f"/proc/{s.pid}/fd")
+                    if "seccomp" in os.readlink(f"/proc/{s.pid}/fd/{fd}")]
+        os.kill(s.pid, signal.SIGUSR1)
+        readable, _, _ = select.select([notify], [], [], 5)
+        assert readable
+        n = notify.recv()
+        assert n is not None and n.nr == SYS.bind and procfs.tgid_of(n.pid) == s.pid
+        notify.send_continue(n.id)
+        assert "bound" in eventually(lambda: s.out.read_text(), lambda o: "bound" in o)
+    # The listener is gone with hupt's copy: the filtered syscall fails for good.
+    os.kill(s.pid, signal.SIGUSR1)
+    out = eventually(lambda: s.out.read_text(), lambda o: "bind failed" in o)
+    assert f"bind failed {errno.ENOSYS}" in out

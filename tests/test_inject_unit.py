@@ -8,62 +8,25 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 
 import pytest
 
 from hupt.tracer import inject
 from hupt.tracer.abi import PTRACE_EVENT_EXEC, PTRACE_EVENT_STOP, SYS
+from hupt.tracer.accepting import exec_image
 from hupt.tracer.inject import (
     IllegalTransition,
     Lifecycle,
     State,
     Tracee,
-    restart_regs,
     syscall_regs,
     syscall_result,
 )
 from hupt.tracer.ptrace import Regs, StopKind, classify, signed, unsigned
+from hupt.tracer.seccomp import INJECTION_COOKIE
 
 U64 = (1 << 64) - 1
-RIP = 0x7F00_0000_1234  # just past a `syscall` instruction
-
-
-def stopped_in(nr: int, rax: int) -> Regs:
-    return Regs().replace(orig_rax=nr, rax=rax, rip=RIP, rdi=7)
-
-
-# --- restart rules --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("code", [-512, -513, -514])
-def test_restartable_codes_rerun_the_same_syscall(code: int) -> None:
-    out = restart_regs(stopped_in(SYS.accept4, code))
-    assert out.rax == SYS.accept4
-    assert out.rip == RIP - 2
-    assert out.rdi == 7  # arguments are what the restarted call uses
-
-
-def test_restart_block_code_goes_through_restart_syscall() -> None:
-    out = restart_regs(stopped_in(230, -516))  # clock_nanosleep
-    assert out.rax == SYS.restart_syscall
-    assert out.rip == RIP - 2
-
-
-@pytest.mark.parametrize("rax", [-4, -11, 0, 5])  # EINTR, EAGAIN, results: the program sees them
-def test_finished_syscalls_are_left_alone(rax: int) -> None:
-    regs = stopped_in(SYS.accept4, rax)
-    assert restart_regs(regs) == regs
-
-
-def test_no_restart_outside_a_syscall() -> None:
-    # Interrupted in user code: orig_rax is -1 and rax is whatever the program had there.
-    regs = Regs().replace(orig_rax=-1, rax=-512, rip=RIP)
-    assert restart_regs(regs) == regs
-
-
-def test_restart_does_not_apply_twice() -> None:
-    once = restart_regs(stopped_in(SYS.accept4, -512))
-    assert restart_regs(once) == once
 
 
 # --- injected registers and results ------------------------------------------------------
@@ -81,7 +44,9 @@ def test_syscall_regs_follow_the_x86_64_convention() -> None:
 def test_syscall_regs_negative_arguments_and_padding() -> None:
     regs = syscall_regs(Regs().replace(r9=99), 0x1000, SYS.mmap, (0, 4096, 3, 0x22, -1))
     assert regs.r8 == U64  # fd -1
-    assert regs.r9 == 0  # missing arguments are zero, not left over
+    # the missing sixth argument carries the cookie that passes the notify filter
+    assert regs.r9 == INJECTION_COOKIE
+    assert syscall_regs(Regs().replace(r10=7), 0x1000, SYS.listen, (3, 5)).r10 == 0
     with pytest.raises(ValueError):
         syscall_regs(Regs(), 0x1000, SYS.mmap, (0,) * 7)
 
@@ -209,3 +174,46 @@ def test_an_unentered_tracee_refuses_everything() -> None:
         t.commit()
     with pytest.raises(IllegalTransition):
         t.write(0x1000, b"x")
+
+
+def test_execve_has_its_own_entry_point() -> None:
+    t = Tracee.seize(os.getpid())
+    with pytest.raises(ValueError):
+        t.syscall(SYS.execve, 0, 0, 0)  # would leave the session on a vanished image
+    with pytest.raises(ValueError):
+        t.execve(0, 0, 0)  # without PTRACE_O_TRACEEXEC the exec would go unnoticed
+
+
+# --- the execve argument block ----------------------------------------------------------
+
+BASE = 0x7F00_0000_0000
+
+
+def _word(blob: bytes, addr: int) -> int:
+    value: int = struct.unpack_from("<Q", blob, addr - BASE)[0]
+    return value
+
+
+def _cstring(blob: bytes, addr: int) -> bytes:
+    start = addr - BASE
+    return blob[start:blob.index(b"\0", start)]
+
+
+def test_exec_image_layout() -> None:
+    blob, path, argv, envp = exec_image(BASE, b"/usr/bin/x", [b"x", b"-v"], [b"A=1", b"B="])
+    assert _cstring(blob, path) == b"/usr/bin/x"
+    assert argv % 8 == 0 and envp % 8 == 0
+    assert [_cstring(blob, _word(blob, argv + 8 * i)) for i in range(2)] == [b"x", b"-v"]
+    assert _word(blob, argv + 16) == 0
+    assert [_cstring(blob, _word(blob, envp + 8 * i)) for i in range(2)] == [b"A=1", b"B="]
+    assert _word(blob, envp + 16) == 0
+    assert BASE + len(blob) == path + sum(len(s) + 1 for s in (b"/usr/bin/x", b"x", b"-v",
+                                                              b"A=1", b"B="))
+
+
+def test_exec_image_edge_cases() -> None:
+    blob, _, _, envp = exec_image(BASE, b"/x", [b"/x"], [])
+    assert _word(blob, envp) == 0  # an empty environment is just the NULL
+    assert len(exec_image(0, b"/x", [b"/x"], [])[0]) == len(blob)  # size does not depend on base
+    with pytest.raises(ValueError):
+        exec_image(BASE, b"/x", [b"a\0b"], [])

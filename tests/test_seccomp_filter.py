@@ -201,7 +201,7 @@ def test_a_syscall_without_a_known_i386_twin_is_refused() -> None:
 
 def test_filter_stays_short() -> None:
     # it runs on every syscall of every server: a handful of instructions
-    assert len(build_filter(ALL_GUARDED)) <= 24
+    assert len(build_filter(ALL_GUARDED)) <= 32
 
 
 def test_sock_fprog_layout() -> None:
@@ -214,3 +214,22 @@ def test_sock_fprog_layout() -> None:
         sock_fprog(0x1000, 0)
     with pytest.raises(ValueError):
         sock_fprog(0x1000, 4097)
+
+
+def test_injected_calls_carrying_the_cookie_pass_through() -> None:
+    """hupt's own injected bind/listen (dummy listener) must not wait for an answer."""
+    from hupt.tracer.abi import SECCOMP_DATA
+    from hupt.tracer.bpf import run
+    from hupt.tracer.seccomp import INJECTION_COOKIE
+
+    prog = build_filter([SYS.bind, SYS.listen])
+
+    def verdict(nr: int, arg5: int) -> int:
+        data = SECCOMP_DATA.pack(nr, AUDIT_ARCH_X86_64, 0, 3, 0, 0, 0, 0, arg5)
+        return run(prog, data)
+
+    for nr in (SYS.bind, SYS.listen):
+        assert verdict(nr, INJECTION_COOKIE) == int(Ret.ALLOW)
+        assert verdict(nr, 0) == NOTIFY
+        assert verdict(nr, INJECTION_COOKIE & 0xFFFFFFFF) == NOTIFY  # both halves must match
+        assert verdict(nr, INJECTION_COOKIE ^ (1 << 40)) == NOTIFY

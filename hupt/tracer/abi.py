@@ -184,6 +184,11 @@ PR_SET_CHILD_SUBREAPER = 36
 
 # close_range flags
 CLOSE_RANGE_CLOEXEC = 1 << 2
+# close_range's "to the end" upper bound (~0U)
+CLOSE_RANGE_MAX_FD = 0xFFFFFFFF
+
+# capability numbers (linux/capability.h): bit N of CapEff in /proc/PID/status
+CAP_SYS_ADMIN = 21
 
 # epoll_ctl ops and the event bits that /proc fdinfo shows
 EPOLL_CTL_ADD = 1

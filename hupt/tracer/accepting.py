@@ -56,30 +56,67 @@ Limits:
 - A disarmed EPOLLONESHOT entry comes back armed for EPOLLERR|EPOLLHUP only,
   which a listener never reports.
 - ``getsockname`` on a paused fd sees the dummy's abstract unix address.
+
+Two more operations on a running, unmodified server use the same sessions:
+
+``exec_in_place`` replaces the program of a process, keeping its pid, its
+parent and the fds it chooses to pass on.  Every fd from 3 up is marked
+close-on-exec first (``close_range(3, ~0U, CLOSE_RANGE_CLOEXEC)``: one
+syscall, and if execve fails the marks are put back from the flags recorded
+before, so the fds are intact).  FD_CLOEXEC is cleared on 0-2: node marks
+its stdio close-on-exec and the new program would start without stdout and
+stderr.  argv and envp go into a scratch mapping; execve does not search
+PATH, so the path must be absolute or relative to the process's cwd.  Only
+the leader execs, after every other thread was let go (see
+``Tracee.execve``).  The saved listener copies of ``pause_listeners`` are
+close-on-exec: a paused process that execs drops them.
+
+``inject_filter`` puts a seccomp filter on every thread of a running process
+(attach) and gives hupt its notify fd: seccomp() with NEW_LISTENER|TSYNC|
+TSYNC_ESRCH (TSYNC with NEW_LISTENER needs TSYNC_ESRCH, and WAIT_KILLABLE_RECV
+is asked for where the kernel knows it) returns the notify fd number in the
+target, ``pidfd_getfd`` copies it to hupt, an injected close() drops the
+target's copy.  Without CAP_SYS_ADMIN in the target, the kernel requires
+no_new_privs, set first with prctl.  Neither can be undone: a filter stays for
+the life of the process, and if hupt's copy of the notify fd is closed the
+filtered syscalls fail with ENOSYS from then on.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 from hupt.errors import HuptError, InjectionError, KernelError
-from hupt.tracer import procfs
+from hupt.tracer import pidfd, procfs, seccomp
 from hupt.tracer.abi import (
     AF_UNIX,
+    CAP_SYS_ADMIN,
+    CLOSE_RANGE_CLOEXEC,
+    CLOSE_RANGE_MAX_FD,
     EPOLL_CTL_ADD,
     EPOLL_CTL_DEL,
     EPOLL_EVENT,
     F_DUPFD_CLOEXEC,
+    F_SETFD,
+    FD_CLOEXEC,
     O_CLOEXEC,
     O_NONBLOCK,
+    PR_SET_NO_NEW_PRIVS,
+    PTRACE_O_TRACEEXEC,
     SOCK_CLOEXEC,
+    SOCK_FILTER,
+    SOCK_FPROG,
     SOCK_NONBLOCK,
     SOCK_STREAM,
     SOCKADDR_FAMILY,
     SYS,
+    FilterFlag,
+    SeccompOp,
 )
 from hupt.tracer.inject import Tracee
 
@@ -123,6 +160,8 @@ def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> Pa
     All or nothing: on any error every change is undone and the error raised.
     """
     fds = list(dict.fromkeys(fds))
+    if not fds:
+        return PausedListeners(pid, ())
     with Tracee.seize(pid, timeout=timeout) as t:
         socks = procfs.socket_inodes(t.pid)
         for fd in fds:
@@ -152,6 +191,8 @@ def resume_listeners(pid: int, paused: PausedListeners, *, timeout: float = 5.0)
     """
     if pid != paused.pid:
         raise ValueError(f"listeners paused in {paused.pid}, not {pid}")
+    if not paused.listeners:
+        return []
     with Tracee.seize(pid, timeout=timeout) as t:
         socks = procfs.socket_inodes(t.pid)
         lost = [p for p in paused.listeners if socks.get(p.saved) != p.ino]
@@ -275,3 +316,106 @@ def _epoll_add(t: Tracee, r: Registration, fd: int) -> bool:
                 return False  # an instance shared with another process already has it back
             raise
     return True
+
+
+# --- exec in place ------------------------------------------------------------------------
+
+
+def exec_image(base: int, path: bytes, argv: Sequence[bytes],
+               envp: Sequence[bytes]) -> tuple[bytes, int, int, int]:
+    """What to write at ``base`` for execve: (bytes, path address, argv address, envp address).
+
+    Layout: the argv pointer array and its NULL, the envp array and its NULL,
+    then every string NUL-terminated.
+    """
+    strings = [path, *argv, *envp]
+    if any(b"\0" in s for s in strings):
+        raise ValueError("execve strings cannot contain NUL bytes")
+    pointers = 8 * (len(argv) + 1 + len(envp) + 1)
+    addrs, pos = [], base + pointers
+    for s in strings:
+        addrs.append(pos)
+        pos += len(s) + 1
+    arrays = struct.pack(f"<{len(argv) + len(envp) + 2}Q",
+                         *addrs[1:1 + len(argv)], 0, *addrs[1 + len(argv):], 0)
+    blob = arrays + b"".join(s + b"\0" for s in strings)
+    return blob, addrs[0], base, base + 8 * (len(argv) + 1)
+
+
+def exec_in_place(pid: int, argv: Sequence[bytes], envp: Sequence[bytes], *,
+                  path: bytes | None = None, timeout: float = 5.0) -> None:
+    """Make process ``pid`` execve ``path`` (default ``argv[0]``) with ``argv`` and ``envp``.
+
+    Its fds 0-2 are passed on, every other fd is closed by the exec.  On
+    failure (InjectionError with execve's errno) the process runs on as before.
+    """
+    exe = path if path is not None else argv[0]
+    with Tracee.seize(pid, timeout=timeout, options=PTRACE_O_TRACEEXEC) as t:
+        flags = {fd: procfs.fd_flags(pid, fd) for fd in _open_fds(pid)}
+        t.syscall(SYS.close_range, 3, CLOSE_RANGE_MAX_FD, CLOSE_RANGE_CLOEXEC,
+                  op="close_range(3, ~0U, CLOSE_RANGE_CLOEXEC)")
+        inheritable = [fd for fd, f in flags.items() if fd >= 3 and not f & O_CLOEXEC]
+        t.on_rollback("close-on-exec marks", partial(_set_cloexec, t, inheritable, False))
+        stdio = [fd for fd in (0, 1, 2) if fd in flags and flags[fd] & O_CLOEXEC]
+        _set_cloexec(t, stdio, False)
+        t.on_rollback("close-on-exec of stdio", partial(_set_cloexec, t, stdio, True))
+        size = len(exec_image(0, exe, argv, envp)[0])
+        with t.scratch(size) as base:
+            blob, path_addr, argv_addr, envp_addr = exec_image(base, exe, argv, envp)
+            t.write(base, blob)
+            t.execve(path_addr, argv_addr, envp_addr)
+
+
+def _open_fds(pid: int) -> list[int]:
+    with procfs.proc_errors("list fds", pid):
+        return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _set_cloexec(t: Tracee, fds: Sequence[int], on: bool) -> None:
+    for fd in fds:
+        t.syscall(SYS.fcntl, fd, F_SETFD, FD_CLOEXEC if on else 0, op=f"fcntl({fd}, F_SETFD)")
+
+
+# --- attach: a seccomp filter for a running process -------------------------------------
+
+
+def inject_filter(pid: int, prog: bytes, *, timeout: float = 5.0) -> int:
+    """Install the packed seccomp filter ``prog`` on every thread of ``pid``.
+
+    Returns hupt's own copy (close-on-exec) of the filter's notify fd.  The
+    target's copy is closed again.  Irreversible (see the module docstring).
+    """
+    if not prog or len(prog) % SOCK_FILTER.size:
+        raise ValueError(f"a filter is a non-empty array of {SOCK_FILTER.size}-byte instructions")
+    needs_nnp = not _has_capability(pid, CAP_SYS_ADMIN)
+    handle = pidfd.pidfd_open(pid)
+    try:
+        with Tracee.seize(pid, timeout=timeout) as t, \
+                t.scratch(SOCK_FPROG.size + len(prog)) as fprog:
+            code = fprog + SOCK_FPROG.size
+            t.write(code, prog)
+            t.write(fprog, seccomp.sock_fprog(code, len(prog) // SOCK_FILTER.size))
+            if needs_nnp:
+                t.syscall(SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, op="prctl(NO_NEW_PRIVS)")
+            flags = FilterFlag.NEW_LISTENER | FilterFlag.TSYNC | FilterFlag.TSYNC_ESRCH
+            try:
+                remote = t.syscall(SYS.seccomp, SeccompOp.SET_MODE_FILTER,
+                                   flags | FilterFlag.WAIT_KILLABLE_RECV, fprog,
+                                   op="seccomp(SET_MODE_FILTER)")
+            except InjectionError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                remote = t.syscall(SYS.seccomp, SeccompOp.SET_MODE_FILTER, flags, fprog,
+                                   op="seccomp(SET_MODE_FILTER)")
+            t.commit()  # past the point of no return: the filter is in place
+            try:
+                return pidfd.pidfd_getfd(handle, remote)
+            finally:
+                t.syscall(SYS.close, remote, op=f"close notify fd {remote}")
+    finally:
+        os.close(handle)
+
+
+def _has_capability(pid: int, cap: int) -> bool:
+    eff = procfs.status_fields(pid).get("CapEff", "0")
+    return bool(int(eff, 16) >> cap & 1)

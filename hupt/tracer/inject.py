@@ -20,16 +20,19 @@ What the kernel makes us do, and why:
   stopped no new one can appear.
 - The registers seen at the interrupt stop of a thread that was inside a
   syscall hold the kernel's restart code in rax (-512 ERESTARTSYS, -513,
-  -514 ERESTARTNOHAND, -516 ERESTART_RESTARTBLOCK) and rip just past the
-  ``syscall``.  The kernel only applies its restart rule on the way out of a
-  signal check; a thread whose registers we rewrote may not pass through it
-  again, and a plain write-back then leaked "OSError: [Errno 512]" into a
-  Python target.  So the injecting thread's registers are restored the way
-  CRIU does it (``restart_regs``): for -512/-513/-514 rax = orig_rax and
-  rip -= 2, for -516 rax = restart_syscall and rip -= 2.  -4 (EINTR, what
-  epoll_wait returns when interrupted) is left alone: programs retry it.
-  Threads we did not inject into keep their registers untouched and get the
-  kernel's own restart.
+  -514 ERESTARTNOHAND, -516 ERESTART_RESTARTBLOCK; epoll_wait shows -4 EINTR)
+  and rip just past the ``syscall``.  The kernel turns the code into a restart
+  (or into EINTR for a signal handler without SA_RESTART) in
+  arch_do_signal_or_restart(), on the thread's way out of a signal check.
+  Every thread here leaves its last stop through one: a single step ends in
+  a SIGTRAP signal-delivery-stop, and PTRACE_DETACH marks the thread
+  signal-pending.  So the saved registers are written back exactly and the
+  kernel decides.  Measured on 6.18: the same write-back followed by
+  PTRACE_CONT from a syscall-exit-stop skips that check and leaks
+  "OSError: [Errno 512]" into Python; detaching does not.  Restarting by
+  hand the CRIU way (rax = orig_rax, rip -= 2) hides the restart code from a
+  signal delivered at that moment: a Python handler (no SA_RESTART) then only
+  ran once the restarted accept() returned, i.e. at the next connection.
 - Injected: rax = number, arguments in rdi rsi rdx r10 r8 r9, orig_rax = -1
   (so that the kernel applies no restart logic to our registers), rip = a
   ``0f 05`` already in the address space: the vDSO has several (static Go
@@ -38,7 +41,8 @@ What the kernel makes us do, and why:
   the result is in rax, -4095..-1 being -errno.  rcx and r11 are clobbered,
   hence the full register restore.
 - Signals: while the injecting thread runs, any pending signal would stop it
-  in a signal-delivery-stop (Go's SIGURG preemption: dozens per run).  Its
+  in a signal-delivery-stop (kernel-facts counted 91 SIGURG stops in one run
+  on a Go server; an idle or lightly loaded one here sent none).  Its
   mask is set to block everything but SIGTRAP (the single-step trap) with
   PTRACE_SETSIGMASK, and put back before detaching; blocked signals simply
   stay pending.  A signal dequeued anyway (SIGSTOP cannot be blocked, and
@@ -63,6 +67,12 @@ What the kernel makes us do, and why:
   the supervisor's own reaping.
 - ``/proc/PID/mem`` (``procfs.Memory``) is the way to read and write the
   target's memory: python-ptrace's word-by-word writes are quadratic.
+- An injected execve (``Tracee.execve``) is singled out: the other threads
+  are detached first, because execve kills them and waits for their death,
+  which for a traced thread waits for its tracer; success is reported as a
+  PTRACE_EVENT_EXEC stop (PTRACE_O_TRACEEXEC), not as the single-step trap,
+  after which the old registers, scratch mappings and undo entries mean
+  nothing.  execve keeps the blocked mask, so the leader's is still restored.
 """
 
 from __future__ import annotations
@@ -80,22 +90,20 @@ from hupt.errors import AccessDenied, HuptError, InjectionError, KernelError, No
 from hupt.tracer import libc, procfs
 from hupt.tracer import ptrace as pt
 from hupt.tracer.abi import (
-    ERESTART_RESTARTBLOCK,
-    ERESTARTNOHAND,
-    ERESTARTNOINTR,
-    ERESTARTSYS,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     PROT_READ,
     PROT_WRITE,
+    PTRACE_EVENT_EXEC,
+    PTRACE_O_TRACEEXEC,
     SYS,
     SYSCALL_INSN,
 )
 from hupt.tracer.ptrace import Regs, StopKind, signed
+from hupt.tracer.seccomp import INJECTION_COOKIE
 
 PAGE = 4096
 MAX_ERRNO = 4095
-_RESTART_IN_PLACE = frozenset({-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND})
 _DEFERRED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 # Everything but SIGTRAP; the kernel silently keeps SIGKILL and SIGSTOP deliverable.
 _INJECTION_MASK = pt.U64 & ~pt.sigbit(signal.SIGTRAP)
@@ -106,26 +114,13 @@ _MAX_STEPS = 64
 # --- pure register logic (unit-tested) ----------------------------------------------
 
 
-def restart_regs(saved: Regs) -> Regs:
-    """The registers to resume a thread with, given those saved at its interrupt stop.
-
-    Applies the kernel's syscall-restart rule by hand (see the module docstring).
-    """
-    if signed(saved.orig_rax) < 0:
-        return saved  # not stopped inside a syscall
-    code = signed(saved.rax)
-    if code in _RESTART_IN_PLACE:
-        return saved.replace(rax=saved.orig_rax, rip=saved.rip - len(SYSCALL_INSN))
-    if code == -ERESTART_RESTARTBLOCK:
-        return saved.replace(rax=SYS.restart_syscall, rip=saved.rip - len(SYSCALL_INSN))
-    return saved
-
-
 def syscall_regs(saved: Regs, insn: int, nr: int, args: tuple[int, ...]) -> Regs:
     """Registers that make the thread execute syscall ``nr(*args)`` at ``insn``."""
     if len(args) > 6:
         raise ValueError(f"a syscall takes at most 6 arguments, not {len(args)}")
-    padded = (*args, 0, 0, 0, 0, 0, 0)[:6]
+    # An unused sixth argument carries the cookie that lets hupt's own bind/listen
+    # through the generation's notify filter (see seccomp.INJECTION_COOKIE).
+    padded = (*args, 0, 0, 0, 0, 0, 0)[:5] + ((args[5],) if len(args) == 6 else (INJECTION_COOKIE,))
     return saved.replace(
         rax=nr, orig_rax=-1, rip=insn,
         rdi=padded[0], rsi=padded[1], rdx=padded[2], r10=padded[3], r8=padded[4], r9=padded[5],
@@ -147,6 +142,7 @@ class State(Enum):
     STOPPED = "stopped"  # every thread stopped and saved: injection allowed
     INJECTING = "injecting"  # one thread runs an injected syscall
     ROLLING_BACK = "rolling back"  # undoing registered changes (injection allowed)
+    REPLACED = "replaced"  # an injected execve succeeded: the old image is gone, only release
     RELEASING = "releasing"  # registers and masks restored, threads detached
     RELEASED = "released"  # nothing of ours left in the process
 
@@ -156,7 +152,9 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.SEIZING: frozenset({State.STOPPED, State.RELEASING}),
     State.STOPPED: frozenset({State.INJECTING, State.ROLLING_BACK, State.RELEASING}),
     # back to where the injection started, or straight to release if the thread was lost
-    State.INJECTING: frozenset({State.STOPPED, State.ROLLING_BACK, State.RELEASING}),
+    State.INJECTING: frozenset({State.STOPPED, State.ROLLING_BACK, State.REPLACED,
+                                State.RELEASING}),
+    State.REPLACED: frozenset({State.RELEASING}),
     State.ROLLING_BACK: frozenset({State.INJECTING, State.RELEASING}),
     State.RELEASING: frozenset({State.RELEASED}),
     State.RELEASED: frozenset(),
@@ -192,6 +190,13 @@ class Lifecycle:
         origin, self._origin = self._origin, None
         self.advance(origin)
 
+    def image_replaced(self) -> None:
+        """The injected syscall was a successful execve (begun from STOPPED, not a rollback)."""
+        if self.state is not State.INJECTING or self._origin is not State.STOPPED:
+            raise IllegalTransition(f"no execve can succeed while {self.state.value}")
+        self._origin = None
+        self.advance(State.REPLACED)
+
 
 # --- threads -------------------------------------------------------------------------
 
@@ -202,6 +207,7 @@ class _Thread:
     stopped: bool = False  # in a ptrace stop we observed
     running: bool = False  # resumed by us, stop not yet observed
     gone: bool = False  # exited (and reaped, unless it is a leader we must not reap)
+    detached: bool = False  # released by us (before the end of the session for an execve)
     saved: Regs | None = None
     regs_dirty: bool = False
     saved_mask: int | None = None  # set iff we changed its mask
@@ -235,8 +241,8 @@ class Tracee:
 
     @property
     def threads(self) -> list[int]:
-        """The TIDs stopped in this session (threads that exited meanwhile excluded)."""
-        return [t.tid for t in self._threads.values() if not t.gone]
+        """The TIDs stopped in this session (not those that exited or were let go early)."""
+        return [t.tid for t in self._threads.values() if not t.gone and not t.detached]
 
     # --- session ---------------------------------------------------------------------
 
@@ -335,21 +341,66 @@ class Tracee:
         plain ints; negative ones (-1 for "no fd") are passed as the kernel
         expects them.
         """
-        what = op or nr.name
+        if nr is SYS.execve:
+            raise ValueError("inject execve with Tracee.execve")
+        if self.state not in (State.STOPPED, State.ROLLING_BACK):
+            raise IllegalTransition(f"cannot inject a syscall while {self.state.value}")
+        th = self._pick_injector() if tid is None else self._threads.get(tid)
+        if th is None or th.detached:
+            raise ValueError(f"thread {tid} is not stopped in this session")
+        result = self._inject(th, int(nr), args, exec_ok=False)
+        assert result is not None
+        if -MAX_ERRNO <= result < 0:
+            raise InjectionError(op or nr.name, -result)
+        return result
+
+    def execve(self, path: int, argv: int, envp: int) -> None:
+        """Make the leader execve(path, argv, envp) (addresses in the tracee).
+
+        Needs PTRACE_O_TRACEEXEC in ``options``.  Every other thread is let go
+        first: execve waits for them to die, and a traced thread's death waits
+        for its tracer.  On success the session is REPLACED: registered
+        changes are not undone (they belonged to the old image), and leaving
+        the block restores the leader's signal mask (execve keeps it) and lets
+        the new program run.  On failure InjectionError; the session goes on
+        with the leader only.
+        """
+        if not self._options & PTRACE_O_TRACEEXEC:
+            raise ValueError("execve needs a session seized with PTRACE_O_TRACEEXEC")
+        if self.state is not State.STOPPED:
+            raise IllegalTransition(f"cannot execve while {self.state.value}")
+        leader = self._threads.get(self.pid)
+        if leader is None or leader.gone or not leader.stopped:
+            raise NoSuchProcess(errno.ESRCH, "execve", f"the leader of {self.pid} is gone")
+        self._injector = leader.tid
+        for th in self._threads.values():
+            if th is not leader:
+                self._release_thread(th)
+        result = self._inject(leader, SYS.execve, (path, argv, envp), exec_ok=True)
+        if result is not None and -MAX_ERRNO <= result < 0:
+            raise InjectionError("execve", -result)
+
+    def _inject(self, th: _Thread, nr: int, args: tuple[int, ...], *, exec_ok: bool) -> int | None:
+        """Run one syscall in ``th``; None if it was an execve that replaced the image."""
         self._life.begin_injection()
-        th = self._threads[tid] if tid is not None else self._pick_injector()
         try:
-            result = self._run(th, int(nr), args)
+            result = self._run(th, nr, args, exec_ok=exec_ok)
         except BaseException:
             if th.running and not th.gone:
                 self._resync(th)
             if not th.running and not th.gone:
                 self._life.end_injection()  # the thread is in a known state again
             raise
-        self._life.end_injection()
-        if -MAX_ERRNO <= result < 0:
-            raise InjectionError(what, -result)
-        return result
+        if result is not None:
+            self._life.end_injection()
+            return result
+        th.regs_dirty = False  # they are the new program's now
+        self._undo.clear()
+        if self._mem is not None:
+            self._mem.close()  # the old address space is gone
+            self._mem = None
+        self._life.image_replaced()
+        return None
 
     def _pick_injector(self) -> _Thread:
         if self._injector is not None:
@@ -368,7 +419,7 @@ class Tracee:
             pt.setsigmask(th.tid, _INJECTION_MASK)
             th.saved_mask = mask
 
-    def _run(self, th: _Thread, nr: int, args: tuple[int, ...]) -> int:
+    def _run(self, th: _Thread, nr: int, args: tuple[int, ...], *, exec_ok: bool) -> int | None:
         if th.gone or not th.stopped or th.saved is None:
             raise NoSuchProcess(errno.ESRCH, "inject", f"thread {th.tid} is not stopped")
         self._prepare(th)
@@ -383,6 +434,8 @@ class Tracee:
             if stop.kind is StopKind.EXITED:
                 th.gone = True
                 raise NoSuchProcess(errno.ESRCH, "inject", f"thread {th.tid} exited")
+            if exec_ok and stop.kind is StopKind.EVENT and stop.event == PTRACE_EVENT_EXEC:
+                return None
             now = pt.getregs(th.tid)
             done = now.rip == insn + len(SYSCALL_INSN)
             if stop.kind is StopKind.SIGNAL and not (done and stop.sig == signal.SIGTRAP):
@@ -459,7 +512,11 @@ class Tracee:
 
     @contextmanager
     def _undone_after(self, undo: Callable[[], object]) -> Iterator[None]:
-        """Run ``undo`` when the block ends (after a failure: only if the tracee is usable)."""
+        """Run ``undo`` when the block ends, if the tracee is still usable.
+
+        After a failure a failing ``undo`` is noted on the original error.
+        After a successful execve there is nothing left to undo.
+        """
         try:
             yield
         except BaseException as e:
@@ -469,7 +526,8 @@ class Tracee:
                 except HuptError as failed:
                     e.add_note(f"cleanup: {failed}")
             raise
-        undo()
+        if self.state is not State.REPLACED:
+            undo()
 
     def commit(self) -> None:
         """Make every change so far final: a later failure in the block no longer undoes them."""
@@ -523,6 +581,8 @@ class Tracee:
             raise failures[0]
 
     def _release_thread(self, th: _Thread) -> None:
+        if th.detached:
+            return
         if not th.gone and th.running and th.stopped:
             self._resync(th)  # interrupted mid-step: its registers are still ours to restore
         elif not th.gone and not th.stopped:
@@ -534,13 +594,13 @@ class Tracee:
                               f"thread {th.tid} did not stop; it stays traced until hupt exits")
         try:
             if th.regs_dirty and th.saved is not None:
-                pt.setregs(th.tid, restart_regs(th.saved))
+                pt.setregs(th.tid, th.saved)
                 th.regs_dirty = False
             if th.saved_mask is not None:
                 pt.setsigmask(th.tid, th.saved_mask)
                 th.saved_mask = None
             pt.detach(th.tid)
-            th.stopped = False
+            th.stopped, th.detached = False, True
         except NoSuchProcess:
             self._collect_exit(th)
 

@@ -166,7 +166,7 @@ def _request(op: str, req: int, tid: int, addr: int = 0, data: int = 0) -> int:
     try:
         return int(_pt.ptrace(req, tid, addr, data))
     except PtraceError as e:
-        raise from_errno(e.errno or errno.EIO, op, f"thread {tid}") from None
+        raise from_errno(e.errno or errno.EIO, op, f"thread {tid}") from e
 
 
 def seize(tid: int, options: int = 0) -> None:
@@ -199,10 +199,6 @@ def detach(tid: int, sig: int = 0) -> None:
     _request("PTRACE_DETACH", _pt.PTRACE_DETACH, tid, 0, sig)
 
 
-def setoptions(tid: int, options: int) -> None:
-    _request("PTRACE_SETOPTIONS", _pt.PTRACE_SETOPTIONS, tid, 0, options)
-
-
 def geteventmsg(tid: int) -> int:
     """The message of the last PTRACE_EVENT stop (an exec's former TID, a clone's new TID)."""
     msg = ctypes.c_ulong()
@@ -214,7 +210,7 @@ def getregs(tid: int) -> Regs:
     try:
         raw_regs = _pt.ptrace_getregs(tid)
     except PtraceError as e:
-        raise from_errno(e.errno or errno.EIO, "PTRACE_GETREGS", f"thread {tid}") from None
+        raise from_errno(e.errno or errno.EIO, "PTRACE_GETREGS", f"thread {tid}") from e
     return Regs(**{name: int(getattr(raw_regs, name)) for name in _REG_NAMES})
 
 
@@ -225,7 +221,7 @@ def setregs(tid: int, regs: Regs) -> None:
     try:
         _pt.ptrace_setregs(tid, raw_regs)
     except PtraceError as e:
-        raise from_errno(e.errno or errno.EIO, "PTRACE_SETREGS", f"thread {tid}") from None
+        raise from_errno(e.errno or errno.EIO, "PTRACE_SETREGS", f"thread {tid}") from e
 
 
 def getsigmask(tid: int) -> int:

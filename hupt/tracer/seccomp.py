@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import secrets
 from collections.abc import Iterable, Sequence
 
 from hupt.errors import AccessDenied, KernelError
@@ -80,9 +81,22 @@ _I386_TWINS: dict[SYS, tuple[SYS_I386, SocketCall | None]] = {
 
 RET_ENOSYS = ret_errno(errno.ENOSYS)
 
+# hupt's own syscalls injected into a filtered process (the dummy listener's
+# bind and listen when it stops accepting) must not be notified: the
+# supervisor is single-threaded and busy injecting, so nobody would answer and
+# the tracee would never stop.  Injected calls carry this per-instance value
+# in the sixth argument register (r9), which bind/listen/unlink(at) ignore;
+# the filter lets such calls through.  A program cannot learn it (reading a
+# filter back needs CAP_SYS_ADMIN), and guessing it would only let the program
+# bypass its own handoff.
+INJECTION_COOKIE = secrets.randbits(64) | 1
 
-def build_filter(notify: Iterable[SYS]) -> list[Insn]:
-    """Notify these x86_64 syscalls, refuse their i386 forms and all x32 calls, allow the rest."""
+
+def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> list[Insn]:
+    """Notify these x86_64 syscalls, refuse their i386 forms and all x32 calls, allow the rest.
+
+    A notified call whose sixth argument is ``cookie`` is allowed (hupt's own injections).
+    """
     calls = sorted(set(notify))
     unguardable = [s.name for s in calls if s not in _I386_TWINS]
     if unguardable:
@@ -106,9 +120,15 @@ def build_filter(notify: Iterable[SYS]) -> list[Insn]:
         items += [jeq(SYS_I386.socketcall, jf="allow"), ld_abs(seccomp_data_arg(0)),
                   *(jeq(c, jt="enosys") for c in socketcalls)]
     items += [
+        ret(Ret.ALLOW),  # end of the i386 checks
+        Label("notify"),
+        ld_abs(seccomp_data_arg(5)),
+        jeq(cookie & 0xFFFFFFFF, jf="user_notif"),
+        ld_abs(seccomp_data_arg(5, high=True)),
+        jeq(cookie >> 32, jf="user_notif"),
         Label("allow"), ret(Ret.ALLOW),
+        Label("user_notif"), ret(Ret.USER_NOTIF),
         Label("enosys"), ret(RET_ENOSYS),
-        Label("notify"), ret(Ret.USER_NOTIF),
         Label("kill"), ret(Ret.KILL_PROCESS),
     ]
     return bpf.assemble(items)
