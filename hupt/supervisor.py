@@ -338,12 +338,13 @@ class Supervisor:
                 g.kill_at = None
 
     def _refresh_members(self) -> None:
+        live = [g for g in self.gens if g.alive]
+        members = self.sys.members({g.number: g.pid for g in live})
+        # Reap after the scan: a root seen dead by the scan has its status by now.
         for pid, status in self.sys.reap():
             for g in self.gens:
                 if g.pid == pid:
                     g.exit_status = status
-        live = [g for g in self.gens if g.alive]
-        members = self.sys.members({g.number: g.pid for g in live})
         for g in live:
             g.pids = members.get(g.number, set())
             if not g.pids:
