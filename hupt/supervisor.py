@@ -316,8 +316,8 @@ class Supervisor:
     def tick(self) -> None:
         now = self.sys.now()
         if now >= self._next_members:
-            self._refresh_members()
             self._next_members = now + MEMBERS_POLL
+            self._refresh_members()
         up = self.upgrade
         if up is not None and now >= up.deadline:
             missing = up.target - up.gen.listened
@@ -340,8 +340,11 @@ class Supervisor:
     def _refresh_members(self) -> None:
         live = [g for g in self.gens if g.alive]
         members = self.sys.members({g.number: g.pid for g in live})
-        # Reap after the scan: a root seen dead by the scan has its status by now.
+        # Zombies count as members until reaped (a multi-threaded process shows a
+        # zombie leader while its other threads still run), so reap after the scan
+        # and look again at once when something was reaped.
         for pid, status in self.sys.reap():
+            self._next_members = 0.0
             for g in self.gens:
                 if g.pid == pid:
                     g.exit_status = status

@@ -73,6 +73,9 @@ class LinuxSystem:
         self.listeners = Listeners()
         self._handoffs: dict[int, Handoff] = {}
         self._paused: dict[int, list[PausedListeners]] = {}
+        # Generations whose filter notifies unlink/unlinkat (those spawned while
+        # hupt held a unix socket path).
+        self._unlink_covered: set[int] = set()
         self._diag: SockDiag | None = None
         self._me = os.getpid()
 
@@ -83,6 +86,7 @@ class LinuxSystem:
         syscalls = [SYS.bind, SYS.listen]
         if self.listeners.has_unix:
             syscalls += [SYS.unlink, SYS.unlinkat]
+            self._unlink_covered.add(number)
         env = dict(env)
         env[GEN_ENV] = f"{self._me}.{number}"
         pid, notify = spawn(argv, env, syscalls)
@@ -101,6 +105,7 @@ class LinuxSystem:
         return Serviced(listened, hung)
 
     def forget(self, number: int) -> None:
+        self._unlink_covered.discard(number)
         h = self._handoffs.pop(number, None)
         if h is not None:
             h.notify.close()
@@ -140,8 +145,6 @@ class LinuxSystem:
             stack = [pid]
             while stack:
                 p = stack.pop()
-                if _is_zombie(p):
-                    continue
                 out[n].add(p)
                 stack.extend(children.get(p, []))
         return out
@@ -158,6 +161,8 @@ class LinuxSystem:
                 if fds:
                     rec = accepting.pause_listeners(pid, fds)
                     self._paused.setdefault(number, []).append(rec)
+                if self.listeners.unix_paths() and number not in self._unlink_covered:
+                    accepting.inject_filter(pid, _noop_unlink_filter(), listener=False)
             except NoSuchProcess:
                 continue
             except HuptError as e:
@@ -188,6 +193,12 @@ class LinuxSystem:
                 log.warn(f"cannot signal {pid}: {e}")
 
 
+def _noop_unlink_filter() -> bytes:
+    from hupt.tracer import bpf, seccomp
+
+    return bpf.pack(seccomp.build_noop_filter([SYS.unlink, SYS.unlinkat]))
+
+
 def _marker(pid: int, prefix: bytes) -> int | None:
     try:
         for var in procfs.environ(pid):
@@ -196,13 +207,3 @@ def _marker(pid: int, prefix: bytes) -> int | None:
     except (HuptError, ValueError):
         return None
     return None
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:][:1] == b"Z"
-    except (OSError, ValueError):
-        return True
-

@@ -233,3 +233,14 @@ def test_injected_calls_carrying_the_cookie_pass_through() -> None:
         assert verdict(nr, 0) == NOTIFY
         assert verdict(nr, INJECTION_COOKIE & 0xFFFFFFFF) == NOTIFY  # both halves must match
         assert verdict(nr, INJECTION_COOKIE ^ (1 << 40)) == NOTIFY
+
+
+def test_noop_filter_turns_only_unlink_into_success() -> None:
+    from hupt.tracer.abi import SECCOMP_DATA
+    from hupt.tracer.bpf import run
+    from hupt.tracer.seccomp import build_noop_filter
+
+    prog = build_noop_filter([SYS.unlink, SYS.unlinkat])
+    for nr, want in [(SYS.unlink, int(Ret.ERRNO)), (SYS.unlinkat, int(Ret.ERRNO)),
+                     (SYS.bind, int(Ret.ALLOW)), (SYS.read, int(Ret.ALLOW))]:
+        assert run(prog, SECCOMP_DATA.pack(nr, AUDIT_ARCH_X86_64, 0, 0, 0, 0, 0, 0, 0)) == want

@@ -379,11 +379,14 @@ def _set_cloexec(t: Tracee, fds: Sequence[int], on: bool) -> None:
 # --- attach: a seccomp filter for a running process -------------------------------------
 
 
-def inject_filter(pid: int, prog: bytes, *, timeout: float = 5.0) -> int:
+def inject_filter(pid: int, prog: bytes, *, timeout: float = 5.0,
+                  listener: bool = True) -> int | None:
     """Install the packed seccomp filter ``prog`` on every thread of ``pid``.
 
     Returns hupt's own copy (close-on-exec) of the filter's notify fd.  The
     target's copy is closed again.  Irreversible (see the module docstring).
+    With ``listener=False`` the filter gets no notify fd (it may then be
+    stacked on a process that already has one) and None is returned.
     """
     if not prog or len(prog) % SOCK_FILTER.size:
         raise ValueError(f"a filter is a non-empty array of {SOCK_FILTER.size}-byte instructions")
@@ -397,6 +400,13 @@ def inject_filter(pid: int, prog: bytes, *, timeout: float = 5.0) -> int:
             t.write(fprog, seccomp.sock_fprog(code, len(prog) // SOCK_FILTER.size))
             if needs_nnp:
                 t.syscall(SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, op="prctl(NO_NEW_PRIVS)")
+            if not listener:
+                res = t.syscall(SYS.seccomp, SeccompOp.SET_MODE_FILTER, FilterFlag.TSYNC, fprog,
+                                op="seccomp(SET_MODE_FILTER)")
+                if res != 0:  # TSYNC without ESRCH: the TID of a thread that could not sync
+                    raise InjectionError(f"seccomp TSYNC (thread {res})", errno.ESRCH)
+                t.commit()
+                return None
             flags = FilterFlag.NEW_LISTENER | FilterFlag.TSYNC | FilterFlag.TSYNC_ESRCH
             try:
                 remote = t.syscall(SYS.seccomp, SeccompOp.SET_MODE_FILTER,

@@ -134,6 +134,27 @@ def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> li
     return bpf.assemble(items)
 
 
+def build_noop_filter(calls: Iterable[SYS]) -> list[Insn]:
+    """Make these x86_64 syscalls return 0 without running (RET_ERRNO with errno 0).
+
+    Used on a retiring generation that was started before hupt held a unix
+    socket, so its filter does not notify unlink: a second notify filter is
+    refused with EBUSY (one listener per filter tree), and a plain filter
+    cannot read the path, so every unlink/unlinkat of that generation becomes
+    a no-op.  Otherwise its exit-time unlink of the socket path would cut new
+    clients off the socket the next generation serves.  Other arches and x32
+    calls pass: the notify filter already refuses them.
+    """
+    return bpf.assemble([
+        ld_abs(SECCOMP_DATA_ARCH),
+        jeq(AUDIT_ARCH_X86_64, jf="allow"),
+        ld_abs(SECCOMP_DATA_NR),
+        *(jeq(nr, jt="noop") for nr in sorted(set(calls))),
+        Label("allow"), ret(Ret.ALLOW),
+        Label("noop"), ret(ret_errno(0)),
+    ])
+
+
 def sock_fprog(prog_addr: int, n: int) -> bytes:
     """struct sock_fprog for ``n`` instructions at ``prog_addr`` (in the process reading it)."""
     if not 0 < n <= BPF_MAXINSNS:
