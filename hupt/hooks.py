@@ -1,0 +1,86 @@
+"""``--before-reload`` and ``--after-reload`` commands.
+
+A hook runs as ``sh -c CMD`` with hupt's environment plus HUPT_PID and
+HUPT_GENERATION, its stdout and stderr captured together (the output of a
+failed --before-reload is the reason ``hupt reload`` reports).
+
+hupt reaps every child with waitid(P_ALL) because it is a child subreaper
+(orphaned server processes come back to it), so a hook's exit status comes
+from the supervisor's reaper, never from Popen.wait(); the supervisor's
+event loop reads the output pipe without blocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+
+MAX_OUTPUT = 64 * 1024
+
+
+@dataclass
+class Hook:
+    name: str  # "before-reload" / "after-reload"
+    command: str
+    pid: int = 0
+    fd: int = -1
+    output: bytearray = field(default_factory=bytearray)
+    status: int | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.dup2(w, 1)
+                os.dup2(w, 2)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                signal.set_wakeup_fd(-1)
+                for s in (signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                          signal.SIGCHLD, signal.SIGUSR2):
+                    signal.signal(s, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.execve("/bin/sh", ["sh", "-c", self.command], env)
+            finally:
+                os._exit(127)
+        os.close(w)
+        os.set_blocking(r, False)
+        self.pid, self.fd = pid, r
+
+    def read(self) -> bool:
+        """Read what is there; False at end of output."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            if len(self.output) < MAX_OUTPUT:
+                self.output += chunk[: MAX_OUTPUT - len(self.output)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace").strip()
+
+    def reason(self) -> str:
+        """One line for ``hupt reload``: what failed and the hook's last words."""
+        code = self.status
+        how = (f"exit status {code}" if code is not None and code >= 0
+               else f"killed by signal {-(code or 0)}")
+        last = self.text.splitlines()[-3:] if self.text else []
+        tail = (": " + " / ".join(last)) if last else ""
+        return f"--{self.name} command failed ({how}){tail}"
+
+    def kill(self) -> None:
+        if self.pid and self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)

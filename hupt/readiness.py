@@ -1,0 +1,151 @@
+"""When is a new generation ready to take over?  The ``--ready`` policies.
+
+listen (default)
+    It listened on every address the serving generation holds.
+delay:SECONDS
+    listen, then SECONDS more (for servers that warm up after listen()).
+notify
+    listen, and it sent READY=1 over the sd_notify socket hupt gave it in
+    NOTIFY_SOCKET (a server written for systemd's Type=notify).
+http:PATH or http://HOST:PORT/PATH
+    listen, then an HTTP GET answered with a 2xx/3xx.  A relative PATH is
+    asked of the first held TCP address.  The probe reaches the shared
+    socket, so either generation may answer it; hupt therefore probes only
+    while the old generation is paused, and rolls back (the old one accepts
+    again) if no probe succeeds before the ready timeout.
+
+Probes are non-blocking and driven by the supervisor's loop: ``HttpProbe``
+is a small state machine stepped whenever its socket is ready.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from hupt.address import Address
+from hupt.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # "listen" | "delay" | "notify" | "http"
+    delay: float = 0.0
+    path: str = "/"
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "delay":
+            return f"delay:{self.delay:g}"
+        if self.kind == "http":
+            where = f"http://{self.host}:{self.port}" if self.host else "http:"
+            return where + self.path
+        return self.kind
+
+
+def parse_policy(text: str) -> Policy:
+    if text == "listen":
+        return Policy("listen")
+    if text == "notify":
+        return Policy("notify")
+    if text.startswith("delay:"):
+        try:
+            d = float(text[6:])
+        except ValueError:
+            d = -1.0
+        if not d >= 0 or d == float("inf"):
+            raise UsageError(f"--ready delay:SECONDS needs a non-negative number, not {text!r}")
+        return Policy("delay", delay=d)
+    if text.startswith(("http://", "https://")):
+        u = urlsplit(text)
+        if u.scheme != "http" or not u.hostname or not u.port:
+            raise UsageError(f"--ready {text!r}: only http://HOST:PORT/PATH on a held address")
+        return Policy("http", path=(u.path or "/") + (f"?{u.query}" if u.query else ""),
+                      host=u.hostname, port=u.port)
+    if text.startswith("http:"):
+        path = text[5:] or "/"
+        if not path.startswith("/"):
+            raise UsageError(f"--ready http:PATH needs an absolute path, not {path!r}")
+        return Policy("http", path=path)
+    raise UsageError(f"unknown --ready policy {text!r} (listen, delay:S, notify, http:PATH)")
+
+
+def probe_target(policy: Policy, held: set[Address]) -> Address | None:
+    """The address an http probe connects to."""
+    tcp = sorted((a for a in held if not a.is_unix), key=lambda a: (a.port, a.family, a.host))
+    if policy.host is not None and policy.port is not None:
+        for a in tcp:
+            if a.port == policy.port:
+                return a
+        return None
+    unix = sorted(a for a in held if a.is_unix)
+    return tcp[0] if tcp else (unix[0] if unix else None)
+
+
+def _connect_host(a: Address) -> str:
+    """Where to connect to reach a listener (a wildcard means "this host")."""
+    if a.host == "0.0.0.0":
+        return "127.0.0.1"
+    if a.host == "::":
+        return "::1"
+    return a.host
+
+
+class HttpProbe:
+    """One non-blocking GET; ``step()`` when the socket is ready; ``outcome`` when done."""
+
+    def __init__(self, target: Address, path: str) -> None:
+        self.target = target
+        self.outcome: bool | None = None
+        self.detail = ""
+        self._buf = b""
+        self._req = (f"GET {path} HTTP/1.1\r\nHost: hupt-ready-probe\r\n"
+                     "User-Agent: hupt\r\nConnection: close\r\n\r\n").encode()
+        self.sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        self.writing = True
+        addr = target.path if target.is_unix else (_connect_host(target), target.port)
+        err = self.sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._finish(False, f"connect: {errno.errorcode.get(err, err)}")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def step(self) -> None:
+        if self.outcome is not None:
+            return
+        try:
+            if self.writing:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._finish(False, f"connect: {errno.errorcode.get(err, err)}")
+                    return
+                n = self.sock.send(self._req)
+                self._req = self._req[n:]
+                self.writing = bool(self._req)
+                return
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._finish(False, f"{e.strerror}")
+            return
+        self._buf += data
+        if b"\r\n" in self._buf or not data:
+            line = self._buf.split(b"\r\n", 1)[0].decode(errors="replace")
+            parts = line.split()
+            ok = len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1][:1] in ("2", "3")
+            self._finish(ok, line or "connection closed without a response")
+
+    def _finish(self, ok: bool, detail: str) -> None:
+        self.outcome = ok
+        self.detail = detail
+        self.sock.close()
+
+    def close(self) -> None:
+        if self.outcome is None:
+            self._finish(False, "abandoned")

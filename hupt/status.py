@@ -1,0 +1,135 @@
+"""``hupt status``: what every hupt instance of this user is doing.
+
+The JSON document (``hupt status --json``) is a stable interface, schema 1.
+Fields are only ever added within a schema version::
+
+    {"schema": 1,
+     "instances": [
+       {"hupt_pid": 1234, "command": ["python3", "-m", "http.server"],
+        "mode": "fork", "state": "running" | "reloading" | "stopping",
+        "uptime_s": 12.5,
+        "generations": [
+          {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",
+           "age_s": 2.0, "ready_ms": 57.0, "in_flight": 0,
+           "listening": ["127.0.0.1:8000"]}],
+        "listeners": [
+          {"address": "127.0.0.1:8000", "inode": 99, "queued": 0, "backlog": 1024}],
+        "reloads": [
+          {"at": 1700000000.0, "duration_ms": 61.0, "ok": true,
+           "reason": "generation 3 (pid 4321) is ready in 57 ms", "generation": 3}]}]}
+
+``state`` of a generation is one of starting, serving, failed, draining,
+retiring, exited.  ``queued`` is the listener's accept-queue length now,
+``in_flight`` the generation's accepted connections still open (null when
+not counted), ``reloads`` the last 20, oldest first.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from hupt import control
+from hupt.errors import ControlError
+
+SCHEMA = 1
+
+
+def collect(pid: int | None) -> dict[str, Any]:
+    """Ask one instance (the hupt of ``pid``) or every instance of this user."""
+    if pid is not None:
+        pids = [control.find_instance(pid)]
+    else:
+        pids = sorted(int(os.path.basename(p)[:-5])
+                      for p in glob.glob(os.path.join(control.runtime_dir(), "*.sock"))
+                      if os.path.basename(p)[:-5].isdigit())
+    instances = []
+    for p in pids:
+        try:
+            for msg in control.request(p, {"cmd": "status"}, timeout=5.0):
+                if msg.get("event") == "result" and isinstance(msg.get("status"), dict):
+                    instances.append(msg["status"])
+        except ControlError:
+            if pid is not None:
+                raise
+            continue  # a stale socket of an instance that died
+    return {"schema": SCHEMA, "instances": instances}
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+
+
+def render(doc: dict[str, Any]) -> None:
+    """Tables on a terminal (rich), plain text otherwise."""
+    if not doc["instances"]:
+        print("no hupt instance of this user is running", file=sys.stderr)
+        return
+    if sys.stdout.isatty():
+        _render_rich(doc)
+    else:
+        _render_plain(doc)
+
+
+def _render_plain(doc: dict[str, Any]) -> None:
+    for inst in doc["instances"]:
+        print(f"hupt {inst['hupt_pid']} ({inst['mode']}, {inst['state']}, up "
+              f"{_age(inst['uptime_s'])}): {' '.join(inst['command'])}")
+        for g in inst["generations"]:
+            fl = "-" if g["in_flight"] is None else g["in_flight"]
+            print(f"  generation {g['number']:<3} {g['state']:<9} pid {g['pid']:<7} "
+                  f"age {_age(g['age_s']):<8} in flight {fl:<4} "
+                  f"{', '.join(g['listening'])}")
+        for listener in inst["listeners"]:
+            print(f"  listener {listener['address']:<24} queued {listener['queued']:<5} "
+                  f"backlog {listener['backlog']}")
+        for r in inst["reloads"][-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
+            print(f"  reload {when} {'ok' if r['ok'] else 'FAILED':<6} "
+                  f"{r['duration_ms']:.0f} ms  {r['reason']}")
+
+
+def _render_rich(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    style = {"serving": "green", "starting": "cyan", "draining": "yellow",
+             "retiring": "yellow", "failed": "red", "exited": "dim"}
+    for inst in doc["instances"]:
+        console.print(f"[bold]hupt {inst['hupt_pid']}[/] {inst['mode']} mode, {inst['state']}, "
+                      f"up {_age(inst['uptime_s'])}: [cyan]{' '.join(inst['command'])}[/]")
+        t = Table("gen", "state", "pid", "processes", "age", "in flight", "listening",
+                  box=None, pad_edge=False)
+        for g in inst["generations"]:
+            st = g["state"]
+            t.add_row(str(g["number"]), f"[{style.get(st, '')}]{st}[/]", str(g["pid"]),
+                      str(len(g["pids"])), _age(g["age_s"]),
+                      "-" if g["in_flight"] is None else str(g["in_flight"]),
+                      ", ".join(g["listening"]))
+        console.print(t)
+        lt = Table("listener", "queued", "backlog", box=None, pad_edge=False)
+        for listener in inst["listeners"]:
+            lt.add_row(listener["address"], str(listener["queued"]), str(listener["backlog"]))
+        console.print(lt)
+        if inst["reloads"]:
+            rt = Table("reload at", "took", "outcome", box=None, pad_edge=False)
+            for r in inst["reloads"][-5:]:
+                when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
+                outcome = "[green]ok[/]" if r["ok"] else f"[red]failed[/]: {r['reason']}"
+                rt.add_row(when, f"{r['duration_ms']:.0f} ms", outcome)
+            console.print(rt)
+        console.print()
+
+
+def dump(doc: dict[str, Any]) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
