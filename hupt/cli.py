@@ -1,4 +1,4 @@
-"""hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``.
+"""hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -15,9 +15,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.errors import HuptError, NotUnderHupt, UsageError
+
+if TYPE_CHECKING:
+    from hupt.tracer.attach import Server
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -96,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="grace between the stop signal and SIGKILL (default: 10)")
     run.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
                      help="signal that asks a drained generation to exit (default: TERM)")
+    run.add_argument("--exec", dest="exec_mode", action="store_true",
+                     help="exec mode: a reload keeps the server's PID (it stops accepting, "
+                          "drains, and execs its program again in place)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             "drains, and exits."))
     st.add_argument("pid", type=_pid, metavar="PID")
     st.add_argument("--now", action="store_true", help="do not drain: kill at once")
+    _add_attach_parser(sub)
     return p
 
 
@@ -128,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_reload(args)
         if args.command == "stop":
             return cmd_stop(args)
+        if args.command == "attach":
+            return cmd_attach(args)
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
     except (UsageError, NotUnderHupt) as e:
@@ -157,8 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
-                   stop_signal=args.stop_signal)
-    sup = Supervisor(LinuxSystem(), opts)
+                   stop_signal=args.stop_signal, exec_mode=args.exec_mode)
+    sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts)
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}")
     return sup.run()
 
@@ -204,3 +214,111 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     return _talk(args.pid, {"cmd": "stop", "now": args.now}, None, "stop")
+
+
+# -- hupt attach ------------------------------------------------------------------
+
+ATTACH_EPILOG = """\
+The server keeps its PID and its parent; a reload makes it stop accepting,
+finish its connections and exec its program again in place (exec mode).
+hupt attach exits when the server exits; TERM/INT stop the server gracefully,
+as with hupt run.
+"""
+
+
+def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    at = sub.add_parser(
+        "attach", help="take over a running server, without restarting it", description=(
+            "Take over the server PID (started by a shell, systemd...) and supervise it in "
+            "the foreground; from then on `hupt reload PID` reloads it in exec mode."),
+        epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("pid", type=_pid, metavar="PID")
+    at.add_argument("--yes", action="store_true",
+                    help="do not ask for confirmation (for scripts)")
+    at.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="S",
+                    help="the re-exec'd server must listen on every address within S seconds "
+                         "(default: 30)")
+    at.add_argument("--drain-timeout", type=_seconds, default=60.0, metavar="S",
+                    help="longest the server may take to finish its connections before it "
+                         "execs anyway (default: 60)")
+    at.add_argument("--kill-timeout", type=_seconds, default=10.0, metavar="S",
+                    help="grace between the stop signal and SIGKILL (default: 10)")
+    at.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
+                    help="signal that asks the server to exit (default: TERM)")
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from hupt import control
+    from hupt.supervisor import Options, Supervisor
+    from hupt.system import LinuxSystem
+    from hupt.tracer import attach
+    from hupt.tracer.subreaper import become_subreaper
+
+    pid = args.pid
+    try:
+        owner = control.find_instance(pid)
+    except NotUnderHupt:
+        pass
+    else:
+        raise attach.AttachRefused(f"PID {pid} is already under hupt (pid {owner})")
+    server = attach.inspect(pid)
+    argv = [os.fsdecode(a) for a in server.argv]
+    if not argv:
+        raise attach.AttachRefused(f"PID {pid} has an empty command line")
+    _confirm_attach(server, args.yes)
+    env = dict(_env_pair(e) for e in server.env if b"=" in e)
+    become_subreaper()  # for the command started afresh if an exec'd image fails
+    opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
+                   drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
+                   stop_signal=args.stop_signal, exec_mode=True, cwd=server.cwd,
+                   program=_attach_program(server, argv, env))
+    sup = Supervisor(LinuxSystem(exec_mode=True), opts)
+    sup.adopt(pid)
+    log.info(f"pid {os.getpid()}: supervising pid {pid}; reload with `hupt reload {pid}`")
+    return sup.run()
+
+
+def _env_pair(entry: bytes) -> tuple[str, str]:
+    k, _, v = entry.partition(b"=")
+    return os.fsdecode(k), os.fsdecode(v)
+
+
+def _attach_program(server: Server, argv: list[str], env: dict[str, str]) -> str | None:
+    """The file to exec: argv[0] as the server's PATH finds it if that is what runs now.
+
+    Otherwise (argv rewritten by the server, a binary reached through another
+    name) the executable's own path, /proc/PID/exe.
+    """
+    from hupt.system import find_program
+
+    try:
+        found = find_program(argv[0], env.get("PATH"), server.cwd)
+    except HuptError:
+        return server.exe
+    return None if os.path.realpath(found) == os.path.realpath(server.exe) else server.exe
+
+
+def _confirm_attach(server: Server, yes: bool) -> None:
+    from hupt.tracer.attach import AttachRefused
+
+    cmd = " ".join(os.fsdecode(a) for a in server.argv)
+    others = len(server.processes) - 1
+    calls = "bind() and listen()"
+    if any(lst.address.is_unix for lst in server.listeners):  # as LinuxSystem.attach
+        calls = "bind(), listen() and unlink()"
+    print(f"hupt attach: pid {server.pid} ({cmd})"
+          + (f" and {others} child process(es)" if others else "")
+          + f", listening on {', '.join(str(lst.address) for lst in server.listeners)}.\n"
+          f"hupt will stop it for a few milliseconds to install a seccomp filter that hands "
+          f"its {calls} calls to hupt. The filter cannot be removed: once this hupt attach "
+          f"exits, every {calls} call in the server fails (ENOSYS) until it exits.",
+          file=sys.stderr)
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise AttachRefused("not confirmed: stdin is not a terminal (pass --yes)")
+    sys.stderr.write("Attach? [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise AttachRefused("not confirmed")

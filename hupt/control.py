@@ -4,7 +4,11 @@ One unix stream socket per hupt instance, named after hupt's PID, in a
 directory only its user can enter (root: /run/hupt; others:
 $XDG_RUNTIME_DIR/hupt, else /tmp/hupt-UID, mode 0700).  Every connection's
 peer credentials (SO_PEERCRED) are checked as well: only root or hupt's own
-user may send commands, whatever the directory's permissions became.
+user may send commands, whatever the directory's permissions became.  Anyone
+else gets one result line saying so and is hung up on, and hupt logs it.
+SO_PEERCRED holds the *effective* uid at connect(), while the path lookup
+uses the filesystem uid: a process can pass the directory check and still be
+someone else.
 
 Protocol: the client sends one JSON object on a line, {"cmd": "reload"}; the
 server answers with JSON lines, {"event": "progress", "message": ...} as the
@@ -12,7 +16,10 @@ reload goes, and finally {"event": "result", "ok": bool, "reason": str}.
 
 PID lookup: hupt is a child subreaper, so every process of a server has the
 hupt that supervises it among its ancestors; ``find_instance`` walks up from
-the given PID to the first one with a control socket.
+the given PID to the first one with a control socket.  A server taken over by
+``hupt attach`` is not below its hupt: the attach process adds an alias, a
+symlink named after the server's PID to its own socket, which the same walk
+finds from any process of the server.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from hupt import log
 from hupt.errors import ControlError, NotUnderHupt
 from hupt.tracer import procfs
 
@@ -52,7 +60,11 @@ def find_instance(pid: int) -> int:
     if not os.path.exists(f"/proc/{pid}"):
         raise NotUnderHupt(f"no process with PID {pid}")
     while p > 1:
-        if os.path.exists(socket_path(p)):
+        path = socket_path(p)
+        if os.path.exists(path):
+            if os.path.islink(path):  # an attached server's alias: name the hupt behind it
+                target = os.path.basename(os.readlink(path)).removesuffix(".sock")
+                return int(target) if target.isdigit() else p
             return p
         try:
             p = procfs.ppid_of(p)
@@ -106,7 +118,7 @@ class Peer:
     def send(self, msg: Message) -> None:
         if self.closed:
             return
-        self._out += json.dumps(msg).encode() + b"\n"
+        self._out += _line(msg)
         self.flush()
 
     def finish(self) -> None:
@@ -153,6 +165,7 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         self.sock.listen(16)
         self.sock.setblocking(False)
+        self._aliases: set[str] = set()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -164,17 +177,54 @@ class ControlServer:
         except BlockingIOError:
             return None
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        _, uid, _ = _UCRED.unpack(creds)
+        pid, uid, _ = _UCRED.unpack(creds)
         if uid not in (0, os.getuid()):
-            conn.close()
+            self._refuse(conn, pid, uid)
             return None
         conn.setblocking(False)
         return conn
 
+    @staticmethod
+    def _refuse(conn: socket.socket, pid: int, uid: int) -> None:
+        """Tell the client why, in the protocol's own terms, and hang up; nothing else happens.
+
+        The one line fits in an empty socket buffer, so MSG_DONTWAIT never cuts
+        it; a client gone already is no reason to fail.
+        """
+        me = os.getuid()
+        reason = (f"permission denied: uid {uid} may not control hupt {os.getpid()} "
+                  f"(only root{'' if me == 0 else f' and uid {me}'} may)")
+        log.warn(f"refused a control connection from pid {pid}: {reason}")
+        with contextlib.suppress(OSError):
+            conn.send(_line({"event": "result", "ok": False, "reason": reason}),
+                      socket.MSG_DONTWAIT)
+        conn.close()
+
+    def alias(self, pid: int) -> None:
+        """Answer for ``pid`` too (an attached server): a symlink to this socket in its name."""
+        path = socket_path(pid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.symlink(os.path.basename(self.path), path)
+        self._aliases.add(path)
+
+    def unalias(self, pid: int) -> None:
+        path = socket_path(pid)
+        if path in self._aliases:
+            self._aliases.discard(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     def close(self) -> None:
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in [self.path, *self._aliases]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._aliases.clear()
+
+
+def _line(msg: Message) -> bytes:
+    return json.dumps(msg).encode() + b"\n"
 
 
 def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterator[Message]:
@@ -188,7 +238,7 @@ def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterat
         s.close()
         raise ControlError(f"cannot reach hupt {hupt_pid} at {path}: {e.strerror}") from e
     with s:
-        s.sendall(json.dumps(msg).encode() + b"\n")
+        s.sendall(_line(msg))
         buf = b""
         while True:
             try:

@@ -13,6 +13,16 @@ Lifecycle (the only transitions; anything else is a bug and raises)::
     DRAINING --0 in flight or drain timeout---> RETIRING (stop signal sent)
     any      --last process gone--------------> EXITED
 
+Exec mode (``hupt run --exec``, ``hupt attach``) keeps the server's PID: a
+reload drains generation N, then makes its root process execve the program
+again, and the new image is generation N+1 with the same root pid (N's
+``replaced_by``).  N keeps only the other processes it had (old workers, which
+are retired) and is EXITED when they are gone, at once if there were none.
+Two more transitions serve it::
+
+    DRAINING --the exec failed, listeners resumed--> SERVING
+    DRAINING --its root execed, nothing else left--> EXITED
+
 Invariant (as in tableflip): at most one generation is STARTING.
 """
 
@@ -37,7 +47,7 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.SERVING, State.FAILED, State.EXITED}),
     State.SERVING: frozenset({State.DRAINING, State.RETIRING, State.EXITED}),
     State.FAILED: frozenset({State.DRAINING, State.RETIRING, State.EXITED}),
-    State.DRAINING: frozenset({State.RETIRING, State.EXITED}),
+    State.DRAINING: frozenset({State.RETIRING, State.EXITED, State.SERVING}),
     State.RETIRING: frozenset({State.EXITED}),
     State.EXITED: frozenset(),
 }
@@ -59,6 +69,10 @@ class Generation:
     exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode
     # Whether hupt asked it to go (drained/stopped) rather than it dying on its own.
     retired_by_hupt: bool = False
+    # Exec mode: the generation whose image replaced this one's in the root process.
+    replaced_by: int | None = None
+    # Processes made to stop accepting (DRAINING); members found later are added.
+    paused: set[int] = field(default_factory=set)
 
     def to(self, state: State) -> None:
         if state is self.state:

@@ -195,7 +195,10 @@ def _s32(v: int) -> int:
 
 
 class _TheirSocket:
-    """Our own reference to the target's fd as a socket object, closed on exit (None if not a socket)."""
+    """Our own reference to the target's fd as a socket object, closed on exit.
+
+    None instead if the fd is not a socket.
+    """
 
     def __init__(self, tid: int, fd: int) -> None:
         self.tid, self.fd = tid, fd

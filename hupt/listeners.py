@@ -6,13 +6,24 @@ Holding the reference is what keeps the accept queue alive while no
 generation accepts: connections wait there instead of being refused.
 
 A held listener is released (closed by hupt) only when no live generation
-listens on its address any more, e.g. after a reload that dropped a port.
+listens on its address any more, e.g. after a reload that dropped a port, or
+at the end of ``hupt run``.
+
+Unix socket paths: hupt answers the servers' unlink() of a held path without
+unlinking it (see handoff), and a retiring generation's unlink is a no-op, so
+the unlink every server does as it exits never happens.  The file would
+outlive the server: a dead socket that refuses every connection.  So at
+release hupt removes the path itself, but only if it is still the very file
+that was there when hupt took the listener (same device and inode): a path
+someone has since replaced with another file is not hupt's to remove.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +41,8 @@ class Held:
     sock: socket.socket
     inode: int
     backlog: int
+    # Unix paths: (st_dev, st_ino) of the socket file when hupt took the listener.
+    file_id: tuple[int, int] | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -51,7 +64,7 @@ class Listeners:
         old = self._by_addr.get(address)
         if old is not None:
             self.release(address)
-        held = Held(address, sock, os.fstat(sock.fileno()).st_ino, 0)
+        held = Held(address, sock, os.fstat(sock.fileno()).st_ino, 0, _file_id(address))
         held.raise_backlog(backlog)
         self._by_addr[address] = held
         self._by_inode[held.inode] = held
@@ -81,6 +94,9 @@ class Listeners:
         if held is not None:
             self._by_inode.pop(held.inode, None)
             held.sock.close()
+            if held.file_id is not None and _file_id(address) == held.file_id:
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
 
     def keep_only(self, addresses: Iterable[Address]) -> list[Address]:
         keep = set(addresses)
@@ -98,3 +114,14 @@ class Listeners:
 
     def __len__(self) -> int:
         return len(self._by_addr)
+
+
+def _file_id(address: Address) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the socket file at a unix path address; None if there is none."""
+    if not address.is_unix or address.is_abstract:
+        return None
+    try:
+        st = os.stat(address.path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None

@@ -16,10 +16,27 @@ a reload while older generations still drain is fine (they drain on).
                  │ exit / timeout           ▼
                  ▼                    N+1 SERVING, N paused + DRAINING
             N+1 FAILED, N serves on   (retired at 0 in flight or timeout)
+
+In exec mode (``hupt run --exec``, ``hupt attach``) the server keeps its PID,
+so the two generations cannot overlap; a reload is one upgrade in phases:
+
+    request ─► N paused + DRAINING ─► 0 in flight / drain timeout ─► exec N's root
+                                                                     │
+          exec failed: N resumed, SERVING again ◄────────────────────┤
+                                                                     ▼
+                        N+1 (same pid) STARTING ─► listened on all ─► SERVING
+                                                 │
+                       exit / timeout: the command started afresh (fork-mode
+                       spawn, the sockets still held) and the reload fails
+
+While N drains the upgrade has no starting generation yet; a reload request
+then joins it as usual.  N's other processes (the workers of a pre-fork
+server) are drained with it and retired once its root has execed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import signal
@@ -45,6 +62,10 @@ class Options:
     drain_timeout: float = 60.0
     kill_timeout: float = 10.0
     stop_signal: int = signal.SIGTERM
+    # Exec mode: a reload makes the server execve its program again in place.
+    exec_mode: bool = False
+    cwd: str | None = None  # where the command starts and is looked up (None: hupt's)
+    program: str | None = None  # the file to execve (None: argv[0], looked up on PATH)
 
 
 class Waiter:
@@ -71,10 +92,12 @@ class PeerWaiter(Waiter):
 
 @dataclass
 class Upgrade:
-    gen: Generation
+    gen: Generation | None  # None while ``replacing`` drains before its exec
     deadline: float
     target: set[Address]
     waiters: list[Waiter]
+    replacing: Generation | None = None  # exec mode: the generation whose root will exec
+    fresh: bool = False  # exec mode: the command started afresh after the exec'd image failed
 
 
 class Supervisor:
@@ -88,6 +111,8 @@ class Supervisor:
         self.exit_code: int | None = None
         self._sel = selectors.DefaultSelector()
         self._fds: dict[int, int] = {}  # generation -> watched fd
+        self._exit_fds: dict[int, int] = {}  # attached generation -> pidfd of its root
+        self._aliases: set[int] = set()  # attached server pids the control socket answers for
         self._signals: list[int] = []
         self._control_enabled = control
         self._control: ControlServer | None = None
@@ -104,14 +129,38 @@ class Supervisor:
         gen.ready_at = self.sys.now()
         self.current = gen
 
+    def adopt(self, pid: int) -> Generation:
+        """Take over running server ``pid`` as the serving generation (hupt attach)."""
+        number = len(self.gens) + 1
+        got = self.sys.attach(number, pid)
+        now = self.sys.now()
+        gen = Generation(number, pid, now, pids={pid}, listened=set(got.listened))
+        gen.to(State.SERVING)
+        gen.ready_at = now
+        self.gens.append(gen)
+        self._fds[number] = got.notify_fd
+        self._sel.register(got.notify_fd, selectors.EVENT_READ, ("notify", gen))
+        self._exit_fds[number] = got.exit_fd
+        self._sel.register(got.exit_fd, selectors.EVENT_READ, ("exit", gen))
+        self._aliases.add(pid)
+        self.current = gen
+        for p in got.problems:
+            log.warn(f"{gen}: left unfiltered: {p}")
+        log.ok(f"attached to pid {pid} as {gen}, holding {_fmt(gen.listened)}")
+        return gen
+
     def request_reload(self, waiter: Waiter | None = None) -> None:
         w = waiter or Waiter()
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
         if self.upgrade is not None:
-            w.progress(f"joining the reload already starting {self.upgrade.gen}")
+            what = self.upgrade.gen or self.upgrade.replacing
+            w.progress(f"joining the reload already in progress ({what})")
             self.upgrade.waiters.append(w)
+            return
+        if self.opts.exec_mode and self.current is not None:
+            self._begin_exec(self.current, w)
             return
         try:
             gen = self._spawn()
@@ -159,12 +208,17 @@ class Supervisor:
             if self._control_enabled:
                 self._control = ControlServer()
                 self._sel.register(self._control.fileno(), selectors.EVENT_READ, ("control", None))
+                for pid in self._aliases:
+                    self._control.alias(pid)
             if self.current is None:
                 self.start()
             while True:
                 self._step(rfd)
                 if all(not g.alive for g in self.gens):
                     break
+            code = self.exit_code if self.exit_code is not None else 0
+            for w in self._stop_waiters:  # before their connections are closed below
+                w.done(True, f"stopped (exit status {code})")
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -173,12 +227,9 @@ class Supervisor:
             os.close(wfd)
             if self._control is not None:
                 self._control.close()
-            for p in self._peers.values():
+            for p in list(self._peers.values()):  # closing unregisters them
                 p.close()
             self.sys.listeners.close_all()
-        code = self.exit_code if self.exit_code is not None else 0
-        for w in self._stop_waiters:
-            w.done(True, f"stopped (exit status {code})")
         return code
 
     def _step(self, rfd: int) -> None:
@@ -188,6 +239,8 @@ class Supervisor:
                 _drain_pipe(rfd)
             elif kind == "notify":
                 self.on_notify(arg)
+            elif kind == "exit":
+                self._on_exit(arg)
             elif kind == "control":
                 self._on_control()
             elif kind == "peer":
@@ -228,7 +281,10 @@ class Supervisor:
     # -- generations -----------------------------------------------------
     def _spawn(self) -> Generation:
         number = len(self.gens) + 1
-        pid, fd = self.sys.spawn(number, self.opts.argv, self.opts.env)
+        argv = self.opts.argv
+        if self.opts.program is not None:  # argv[0] does not name it (attach)
+            argv = [self.opts.program, *argv[1:]]
+        pid, fd = self.sys.spawn(number, argv, self.opts.env, self.opts.cwd)
         gen = Generation(number, pid, self.sys.now(), pids={pid})
         self.gens.append(gen)
         self._fds[number] = fd
@@ -248,11 +304,30 @@ class Supervisor:
             self._unwatch(gen)
             self._next_members = 0.0
 
+    def _on_exit(self, gen: Generation) -> None:
+        """An attached root's pidfd became readable: it exited (it stays readable)."""
+        fd = self._exit_fds.pop(gen.number, None)
+        if fd is not None:
+            self._sel.unregister(fd)
+        self._next_members = 0.0
+
     def _unwatch(self, gen: Generation) -> None:
+        efd = self._exit_fds.pop(gen.number, None)
+        if efd is not None:
+            self._sel.unregister(efd)
         fd = self._fds.pop(gen.number, None)
         if fd is not None:
             self._sel.unregister(fd)
+        if fd is not None or efd is not None:
             self.sys.forget(gen.number)
+
+    def _move_watch(self, old: Generation, new: Generation) -> None:
+        """``new`` took over ``old``'s root process: its notify fd and pidfd follow."""
+        for table, kind in ((self._fds, "notify"), (self._exit_fds, "exit")):
+            fd = table.pop(old.number, None)
+            if fd is not None:
+                table[new.number] = fd
+                self._sel.modify(fd, selectors.EVENT_READ, (kind, new))
 
     def _check_ready(self, gen: Generation) -> None:
         up = self.upgrade
@@ -286,20 +361,124 @@ class Supervisor:
         self.upgrade = None
         gen = up.gen
         log.error(f"reload failed: {reason}; {self.current or 'no generation'} keeps serving")
-        if gen.state is State.STARTING:
+        if gen is not None and gen.state is State.STARTING:
             gen.to(State.FAILED)
             if gen.alive and gen.pids:
                 self._drain(gen)
         for w in up.waiters:
             w.done(False, reason)
+        if self.current is None and not self.stopping:
+            self.request_stop()  # nothing serves any more
 
-    def _drain(self, gen: Generation) -> None:
+    # -- exec mode -------------------------------------------------------
+    def _program(self) -> str:
+        o = self.opts
+        return self.sys.find_program(o.argv, o.env, o.cwd, o.program)
+
+    def _begin_exec(self, old: Generation, w: Waiter) -> None:
+        # Every process must be paused: workers forked since the last scan too.
+        self._refresh_members()
+        if old.state is not State.SERVING:
+            w.done(False, f"{old} is {old.state.value}, not serving")
+            return
+        if not self.sys.alive({old.pid}):
+            reason = (f"exec mode reloads the process hupt started, pid {old.pid}, which has "
+                      "exited (did the server daemonize?)")
+            log.error(f"reload failed: {reason}")
+            w.done(False, reason)
+            return
+        try:
+            path = self._program()
+        except HuptError as e:
+            log.error(f"reload failed: {e}; {old} keeps serving")
+            w.done(False, f"cannot exec: {e}")
+            return
+        self.upgrade = Upgrade(None, math.inf, set(old.listened), [w], replacing=old)
+        self._drain(old, lives_on={old.pid})
+        msg = f"{old} stopped accepting; draining it before it execs {path}"
+        log.info(msg)
+        w.progress(msg)
+        # Connections queue from now on: exec at once if nothing is in flight.
+        if self.sys.in_flight(old.pids, old.listened) == 0:
+            self._exec(old)
+
+    def _exec(self, old: Generation) -> None:
+        """``old`` is drained: make its root execve the program again."""
+        up = self.upgrade
+        assert up is not None and up.replacing is old
+        number = len(self.gens) + 1
+        try:
+            path = self._program()
+            self.sys.exec_in_place(old.number, number, old.pid, path, self.opts.argv,
+                                   self.opts.env)
+        except HuptError as e:
+            self._exec_failed(old, f"{old} could not exec the program: {e}")
+            return
+        now = self.sys.now()
+        gen = Generation(number, old.pid, now, pids={old.pid})
+        self.gens.append(gen)
+        self._move_watch(old, gen)
+        old.replaced_by = number
+        old.pids.discard(old.pid)
+        up.gen, up.replacing = gen, None
+        up.deadline = now + self.opts.ready_timeout
+        if self.current is old:
+            self.current = None  # until the new image is ready
+        msg = (f"pid {old.pid} execed {path}: {gen}"
+               + (f", waiting for it to listen on {_fmt(up.target)}" if up.target else ""))
+        log.info(msg)
+        for w in up.waiters:
+            w.progress(msg)
+        if old.pids:
+            self._retire(old, f"its root process runs {gen}; retiring its other processes")
+        else:
+            old.to(State.EXITED)
+        self._check_ready(gen)
+
+    def _exec_failed(self, old: Generation, reason: str) -> None:
+        up = self.upgrade
+        assert up is not None
+        self.upgrade = None
+        for p in self.sys.resume(old.number):
+            log.warn(f"{old}: could not accept again: {p}")
+        old.paused = set()
+        old.to(State.SERVING)
+        old.drain_deadline = None
+        log.error(f"reload failed: {reason}; {old} accepts again")
+        for w in up.waiters:
+            w.done(False, reason)
+
+    def _start_afresh(self, reason: str) -> None:
+        """The exec'd image failed: start the command as a new process, the sockets still held."""
+        up = self.upgrade
+        assert up is not None and up.gen is not None
+        failed = up.gen
+        if failed.state is State.STARTING:
+            failed.to(State.FAILED)
+            if failed.pids:
+                self._drain(failed)
+        try:
+            fresh = self._spawn()
+        except HuptError as e:
+            self._fail_upgrade(f"{reason}; starting the command afresh failed: {e}")
+            return
+        self.upgrade = Upgrade(fresh, self.sys.now() + self.opts.ready_timeout, up.target, [],
+                               fresh=True)
+        msg = f"{reason}; started the command afresh as {fresh}"
+        log.error(f"reload failed: {msg}")
+        for w in up.waiters:
+            w.done(False, msg)
+
+    def _drain(self, gen: Generation, lives_on: set[int] | None = None) -> None:
         """Stop ``gen`` accepting and let its in-flight connections finish."""
-        problems = self.sys.pause(gen.number, gen.pids)
-        for p in problems:
-            log.warn(f"{gen}: could not stop accepting: {p}")
+        self._pause(gen, gen.pids, lives_on or set())
         gen.to(State.DRAINING)
         gen.drain_deadline = self.sys.now() + self.opts.drain_timeout
+
+    def _pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> None:
+        for p in self.sys.pause(gen.number, pids, lives_on):
+            log.warn(f"{gen}: could not stop accepting: {p}")
+        gen.paused |= pids
 
     def _retire(self, gen: Generation, why: str) -> None:
         log.info(f"retiring {gen}: {why}")
@@ -319,37 +498,66 @@ class Supervisor:
             self._next_members = now + MEMBERS_POLL
             self._refresh_members()
         up = self.upgrade
-        if up is not None and now >= up.deadline:
+        if up is not None and up.gen is not None and now >= up.deadline:
             missing = up.target - up.gen.listened
-            self._fail_upgrade(
-                f"{up.gen} was not ready after {self.opts.ready_timeout:g} s"
-                + (f": it did not listen on {_fmt(missing)}" if missing else ""))
-        for g in self.gens:
+            reason = (f"{up.gen} was not ready after {self.opts.ready_timeout:g} s"
+                      + (f": it did not listen on {_fmt(missing)}" if missing else ""))
+            if self.opts.exec_mode and not up.fresh and self._was_execed(up.gen):
+                self._start_afresh(reason)
+            else:
+                self._fail_upgrade(reason)
+        for g in list(self.gens):
             if g.state is State.DRAINING:
+                execs = self.upgrade is not None and self.upgrade.replacing is g
+                # A process forked just before the pause (or by one not yet
+                # paused) shows up in a later scan: it stops accepting too.
+                late = g.pids - g.paused
+                if late:
+                    self._pause(g, late, {g.pid} & late if execs else set())
                 n = self.sys.in_flight(g.pids, g.listened)
                 if n == 0:
-                    self._retire(g, "no connections in flight")
+                    if execs:
+                        self._exec(g)
+                    else:
+                        self._retire(g, "no connections in flight")
                 elif g.drain_deadline is not None and now >= g.drain_deadline:
-                    self._retire(g, f"drain timeout with {n} connection(s) still open")
+                    why = f"drain timeout with {n} connection(s) still open"
+                    if execs:
+                        log.warn(f"{g}: {why}: execing anyway")
+                        self._exec(g)
+                    else:
+                        self._retire(g, why)
             elif g.state is State.RETIRING and g.kill_at is not None and now >= g.kill_at:
                 log.warn(f"{g} still running {self.opts.kill_timeout:g} s after the stop signal:"
                          " SIGKILL")
                 self.sys.signal(g.pids, signal.SIGKILL)
                 g.kill_at = None
 
+    def _was_execed(self, gen: Generation) -> bool:
+        """Whether ``gen`` is an image exec'd into an older generation's root."""
+        return any(g.replaced_by == gen.number for g in self.gens)
+
     def _refresh_members(self) -> None:
         live = [g for g in self.gens if g.alive]
-        members = self.sys.members({g.number: g.pid for g in live})
+        members = self.sys.members({g.number: g.pid for g in live if g.replaced_by is None})
         # Zombies count as members until reaped (a multi-threaded process shows a
         # zombie leader while its other threads still run), so reap after the scan
         # and look again at once when something was reaped.
         for pid, status in self.sys.reap():
             self._next_members = 0.0
             for g in self.gens:
-                if g.pid == pid:
+                if g.pid == pid and g.replaced_by is None:
                     g.exit_status = status
+        # An exec-mode generation whose root runs a newer image keeps only its
+        # other processes; they are still in the tree below that root.
+        leftovers: set[int] = set()
         for g in live:
-            g.pids = members.get(g.number, set())
+            if g.replaced_by is not None:
+                g.pids = self.sys.alive(g.pids)
+                leftovers |= g.pids
+        for g in live:
+            if g.replaced_by is None:
+                g.pids = members.get(g.number, set()) - leftovers
             if not g.pids:
                 self._exited(g)
 
@@ -359,8 +567,15 @@ class Supervisor:
         self._unwatch(gen)
         status = gen.exit_status
         desc = _status(status)
-        if prev is State.STARTING and self.upgrade is not None and self.upgrade.gen is gen:
-            self._fail_upgrade(f"{gen} exited ({desc}) before it was ready")
+        up = self.upgrade
+        if prev is State.STARTING and up is not None and up.gen is gen:
+            if self.current is None and self.exit_code is None:
+                self.exit_code = _exit_code(status, gen.retired_by_hupt)
+            reason = f"{gen} exited ({desc}) before it was ready"
+            if self.opts.exec_mode and not up.fresh and self._was_execed(gen):
+                self._start_afresh(reason)
+            else:
+                self._fail_upgrade(reason)
         elif gen.retired_by_hupt or prev in (State.FAILED,):
             log.info(f"{gen} exited ({desc})")
         else:
@@ -370,6 +585,11 @@ class Supervisor:
             self.current = None
             if not self.stopping and self.upgrade is None:
                 self.request_stop()
+        if gen.pid in self._aliases and not any(
+                g.alive and g.pid == gen.pid for g in self.gens):
+            self._aliases.discard(gen.pid)
+            if self._control is not None:
+                self._control.unalias(gen.pid)
         self._release_unused()
 
     def _release_unused(self) -> None:
@@ -448,9 +668,11 @@ def _exit_code(status: int | None, retired_by_hupt: bool) -> int:
 
     A server that died of the stop signal hupt sent it stopped as asked: 0.
     Otherwise its own code, or 128+N for a signal, as a shell reports it.
+    An attached server is not hupt's child and its status is unknown: 0 if
+    hupt stopped it, 1 if it exited on its own.
     """
     if status is None:
-        return 1
+        return 0 if retired_by_hupt else 1
     if status < 0:
         return 0 if retired_by_hupt else 128 - status
     return status

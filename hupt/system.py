@@ -4,6 +4,13 @@
 supervisor's own terms (generations, addresses, process sets).  ``LinuxSystem``
 implements it with the modules of ``hupt.tracer``; unit tests drive the
 supervisor with a fake that needs no root and no kernel (tests/fakes.py).
+
+A generation is started (``spawn``, hupt's child) or taken over (``attach``,
+someone else's child, watched through a pidfd).  In exec mode its root
+process outlives it: ``exec_in_place`` hands the root, its notify fds and its
+pidfd to the next generation number, and ``members`` is then asked only about
+the newest generation of a root, while the older one's leftover processes are
+followed by pid (``alive``).
 """
 
 from __future__ import annotations
@@ -22,11 +29,8 @@ from hupt.handoff import Handoff
 from hupt.listeners import Listeners
 from hupt.tracer import procfs
 from hupt.tracer.abi import SYS
+from hupt.tracer.notify import NotifyFd
 from hupt.tracer.spawn import spawn
-
-if TYPE_CHECKING:
-    from hupt.tracer.accepting import PausedListeners
-    from hupt.tracer.sockdiag import SockDiag
 
 if TYPE_CHECKING:
     from hupt.tracer.accepting import PausedListeners
@@ -41,13 +45,43 @@ class Serviced:
     hung_up: bool  # no process uses the filter any more
 
 
+@dataclass(frozen=True)
+class Attached:
+    """A running server taken over as a generation."""
+
+    notify_fd: int  # to watch for its notifications
+    exit_fd: int  # readable once its root process has exited (it is not hupt's child)
+    listened: list[Address]  # the listeners hupt now holds
+    problems: list[str]  # processes of the server that could not be filtered
+
+
 class System(Protocol):
     listeners: Listeners
 
     def now(self) -> float: ...
 
-    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    def spawn(self, number: int, argv: list[str], env: dict[str, str],
+              cwd: str | None = None) -> tuple[int, int]:
         """Start a generation; return (pid, fd to watch for its notifications)."""
+
+    def attach(self, number: int, pid: int) -> Attached:
+        """Take over running process ``pid`` and its descendants as generation ``number``."""
+
+    def find_program(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                     path: str | None) -> str:
+        """The file an exec of ``argv`` runs now (``path``, or argv[0] on env's PATH).
+
+        Raises HuptError if there is no such executable file.
+        """
+
+    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
+                      argv: list[str], env: dict[str, str]) -> None:
+        """Make ``pid``, the root of generation ``number``, execve ``path`` in place.
+
+        On success its notify fd belongs to generation ``new_number``.  On
+        failure (HuptError) it runs the old program on, its listeners still
+        paused.
+        """
 
     def service(self, number: int) -> Serviced: ...
 
@@ -60,56 +94,210 @@ class System(Protocol):
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         """Live processes of each generation, given generation -> root pid."""
 
-    def pause(self, number: int, pids: set[int]) -> list[str]:
-        """Make these processes stop accepting on every held listener; return problems."""
+    def alive(self, pids: Iterable[int]) -> set[int]:
+        """Those of ``pids`` that still run (zombies do not)."""
+
+    def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
+        """Make these processes stop accepting on every held listener; return problems.
+
+        ``lives_on``: those that will serve again (exec mode: the root, which
+        execs or resumes), as opposed to retiring ones.
+        """
+
+    def resume(self, number: int) -> list[str]:
+        """Undo every ``pause`` of generation ``number``; return problems."""
 
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int: ...
 
     def signal(self, pids: Iterable[int], sig: int) -> None: ...
 
 
-class LinuxSystem:
+class _Notifications:
+    """The notify fds of one generation behind one pollable fd.
+
+    A spawned generation has one notify fd; an attached server has one per
+    process that existed at attach time (a filter is per process).  They sit
+    in an epoll instance, which is readable while any of them is, so the
+    supervisor watches one fd per generation whatever the count.  A notify fd
+    whose processes are all gone reports POLLHUP for ever: it is removed and
+    closed here, and the group has hung up when none is left.
+    """
+
     def __init__(self) -> None:
+        self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
+        self.handoffs: dict[int, Handoff] = {}
+
+    def add(self, handoff: Handoff) -> None:
+        fd = handoff.notify.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self.handoffs[fd] = handoff
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def renumber(self, generation: int) -> None:
+        for h in self.handoffs.values():
+            h.generation = generation
+            h.pending.clear()  # sockets of the program that was replaced
+
+    def service(self) -> Serviced:
+        listened: list[Address] = []
+        for fd, ev in self._epoll.poll(0):
+            h = self.handoffs[fd]
+            if ev & select.EPOLLIN:
+                listened += h.service()
+            elif ev & select.EPOLLHUP:
+                self._epoll.unregister(fd)
+                del self.handoffs[fd]
+                h.notify.close()
+        return Serviced(listened, not self.handoffs)
+
+    def close(self) -> None:
+        for h in self.handoffs.values():
+            h.notify.close()
+        self.handoffs.clear()
+        self._epoll.close()
+
+
+class LinuxSystem:
+    """The System on Linux.
+
+    ``exec_mode``: generations are never started anew, so the filter they
+    start with must do for every image they will exec: a spawned one
+    notifies unlink and unlinkat from the start (the next image removes its
+    unix socket path before binding it, which must not remove the path hupt
+    holds), at the cost of a round trip to hupt for each unlink the server
+    makes.  An attached server does only if it listens on a unix socket
+    already: its filter outlives hupt attach, and every filtered call fails
+    once hupt is gone.
+    """
+
+    def __init__(self, *, exec_mode: bool = False) -> None:
         self.listeners = Listeners()
-        self._handoffs: dict[int, Handoff] = {}
+        self._exec_mode = exec_mode
+        self._notify: dict[int, _Notifications] = {}
         self._paused: dict[int, list[PausedListeners]] = {}
         # Generations whose filter notifies unlink/unlinkat (those spawned while
-        # hupt held a unix socket path).
+        # hupt held a unix socket path or in exec mode, attached to a unix server).
         self._unlink_covered: set[int] = set()
+        # The HUPT_GEN marker number each spawned generation's processes carry:
+        # its own number, or after an exec in place the number it was spawned as.
+        self._marker: dict[int, int] = {}
+        # Attached generations (roots not our children): a pidfd on the root.
+        self._pidfds: dict[int, int] = {}
+        self._members: dict[int, set[int]] = {}  # the last answer of ``members``
         self._diag: SockDiag | None = None
         self._me = os.getpid()
 
     def now(self) -> float:
         return time.monotonic()
 
-    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    def _filter_calls(self, number: int, *, spawning: bool) -> list[SYS]:
         syscalls = [SYS.bind, SYS.listen]
-        if self.listeners.has_unix:
+        if self.listeners.has_unix or (self._exec_mode and spawning):
             syscalls += [SYS.unlink, SYS.unlinkat]
             self._unlink_covered.add(number)
+        return syscalls
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str],
+              cwd: str | None = None) -> tuple[int, int]:
+        syscalls = self._filter_calls(number, spawning=True)
         env = dict(env)
         env[GEN_ENV] = f"{self._me}.{number}"
-        pid, notify = spawn(argv, env, syscalls)
+        pid, notify = spawn(argv, env, syscalls, cwd=cwd)
         notify.enable_sync_wakeup()
-        self._handoffs[number] = Handoff(number, notify, self.listeners)
-        return pid, notify.fileno()
+        group = self._notify[number] = _Notifications()
+        group.add(Handoff(number, notify, self.listeners))
+        self._marker[number] = number
+        if self._exec_mode and self._diag is None:
+            # Counting connections imports pyroute2 (a few hundred ms).  In exec
+            # mode the first count happens while the server accepts nothing:
+            # pay for it now, while it starts.
+            from hupt.tracer import sockdiag
+
+            self._diag = sockdiag.SockDiag()
+        return pid, group.fileno()
+
+    def attach(self, number: int, pid: int) -> Attached:
+        from hupt.tracer import attach, bpf, pidfd, seccomp
+
+        server = attach.inspect(pid)
+        taken: list[Address] = []
+        try:
+            for lst in server.listeners:
+                sock = attach.take_listener(lst)
+                try:
+                    self.listeners.add(lst.address, sock, lst.backlog)
+                except BaseException:
+                    sock.close()
+                    raise
+                taken.append(lst.address)
+            exit_fd = pidfd.pidfd_open(pid)
+        except BaseException:
+            for a in taken:
+                self.listeners.release(a)
+            raise
+        try:
+            prog = bpf.pack(seccomp.build_filter(self._filter_calls(number, spawning=False)))
+            root, others, problems = attach.filter_processes(server, prog)
+        except BaseException:
+            os.close(exit_fd)
+            self._unlink_covered.discard(number)
+            for a in taken:
+                self.listeners.release(a)
+            raise
+        group = self._notify[number] = _Notifications()
+        for fd in (root, *others.values()):
+            notify = NotifyFd(fd)
+            notify.enable_sync_wakeup()
+            group.add(Handoff(number, notify, self.listeners))
+        self._pidfds[number] = exit_fd
+        return Attached(group.fileno(), exit_fd, taken, problems)
+
+    def find_program(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                     path: str | None) -> str:
+        return find_program(path or argv[0], env.get("PATH"), cwd)
+
+    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
+                      argv: list[str], env: dict[str, str]) -> None:
+        from hupt.tracer import accepting
+
+        env = dict(env)
+        marker = self._marker.get(number)
+        if marker is not None:
+            env[GEN_ENV] = f"{self._me}.{marker}"
+        accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
+                                [os.fsencode(f"{k}={v}") for k, v in env.items()],
+                                path=os.fsencode(path))
+        # The saved listener copies were close-on-exec: nothing is left to resume.
+        self._paused.pop(number, None)
+        group = self._notify.pop(number, None)
+        if group is not None:
+            group.renumber(new_number)
+            self._notify[new_number] = group
+        for table in (self._marker, self._pidfds):
+            if number in table:
+                table[new_number] = table.pop(number)
+        if number in self._unlink_covered:
+            self._unlink_covered.discard(number)
+            self._unlink_covered.add(new_number)
 
     def service(self, number: int) -> Serviced:
-        h = self._handoffs.get(number)
-        if h is None:
+        group = self._notify.get(number)
+        if group is None:
             return Serviced([], True)
-        listened = h.service()
-        p = select.poll()
-        p.register(h.notify.fileno(), select.POLLIN)
-        hung = any(ev & select.POLLHUP and not ev & select.POLLIN for _, ev in p.poll(0))
-        return Serviced(listened, hung)
+        return group.service()
 
     def forget(self, number: int) -> None:
         self._unlink_covered.discard(number)
-        h = self._handoffs.pop(number, None)
-        if h is not None:
-            h.notify.close()
+        group = self._notify.pop(number, None)
+        if group is not None:
+            group.close()
         self._paused.pop(number, None)
+        self._marker.pop(number, None)
+        fd = self._pidfds.pop(number, None)
+        if fd is not None:
+            os.close(fd)
 
     def reap(self) -> list[tuple[int, int]]:
         # waitid(WEXITED) and not waitpid(-1): hupt is also the ptrace tracer of
@@ -134,25 +322,66 @@ class LinuxSystem:
         for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
         by_root = {pid: n for n, pid in roots.items()}
+        by_marker = {m: n for n, m in self._marker.items()}
         out: dict[int, set[int]] = {n: set() for n in roots}
         prefix = f"{GEN_ENV}={self._me}.".encode()
-        for pid in children.get(self._me, []):
+        starts: list[tuple[int, int]] = []
+        in_transit = False
+        pending = list(children.get(self._me, []))
+        while pending:
+            pid = pending.pop()
             n = by_root.get(pid)
             if n is None:
-                n = _marker(pid, prefix)  # an orphan that came back to us (subreaper)
-            if n is None or n not in out:
-                continue
+                # An orphan that came back to us (subreaper), told by its marker.
+                m = _marker(pid, prefix)
+                if m is None:
+                    # Unreadable: a daemonizing intermediate that exited since the
+                    # scan (a zombie's environ reads empty).  Its children are on
+                    # their way to us, maybe forked after the scan's listing.
+                    in_transit = True
+                    pending.extend(children.get(pid, []))
+                    continue
+                n = by_marker.get(m)
+            if n is not None and n in out:
+                starts.append((pid, n))
+        for n, pid in roots.items():
+            fd = self._pidfds.get(n)
+            # Not our child: a zombie root is its parent's to reap, and the pidfd
+            # says when the whole process (every thread) has exited.
+            if fd is not None and pid in parents and not _readable(fd):
+                starts.append((pid, n))
+        for pid, n in starts:
             stack = [pid]
             while stack:
                 p = stack.pop()
                 out[n].add(p)
                 stack.extend(children.get(p, []))
+        if in_transit:
+            # A generation that seems empty may have its daemon in transit behind
+            # that zombie: it keeps its last members until a scan after the reap.
+            for n, pids in out.items():
+                if not pids:
+                    pids |= self._members.get(n, set())
+        self._members = out
         return out
 
-    def pause(self, number: int, pids: set[int]) -> list[str]:
+    def alive(self, pids: Iterable[int]) -> set[int]:
+        out = set()
+        for pid in pids:
+            try:
+                state = procfs.status_fields(pid).get("State", "")
+            except HuptError:
+                continue
+            if not state.startswith(("Z", "X")):
+                out.add(pid)
+        return out
+
+    def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
         from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
 
-
+        # The no-op unlink filter is for processes on their way out: one that
+        # serves on would never unlink anything again.
+        spared = set(lives_on)
         problems: list[str] = []
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
@@ -161,7 +390,8 @@ class LinuxSystem:
                 if fds:
                     rec = accepting.pause_listeners(pid, fds)
                     self._paused.setdefault(number, []).append(rec)
-                if self.listeners.unix_paths() and number not in self._unlink_covered:
+                if (self.listeners.unix_paths() and number not in self._unlink_covered
+                        and pid not in spared):
                     accepting.inject_filter(pid, _noop_unlink_filter(), listener=False)
             except NoSuchProcess:
                 continue
@@ -169,9 +399,24 @@ class LinuxSystem:
                 problems.append(f"pid {pid}: {e}")
         return problems
 
+    def resume(self, number: int) -> list[str]:
+        from hupt.tracer import accepting
+
+        problems: list[str] = []
+        for rec in self._paused.pop(number, []):
+            try:
+                lost = accepting.resume_listeners(rec.pid, rec)
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {rec.pid}: {e}")
+                continue
+            if lost:
+                problems.append(f"pid {rec.pid}: fds {lost} were replaced meanwhile")
+        return problems
+
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
         from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
-
 
         if self._diag is None:
             self._diag = sockdiag.SockDiag()
@@ -197,6 +442,33 @@ def _noop_unlink_filter() -> bytes:
     from hupt.tracer import bpf, seccomp
 
     return bpf.pack(seccomp.build_noop_filter([SYS.unlink, SYS.unlinkat]))
+
+
+def find_program(name: str, path_var: str | None, cwd: str | None) -> str:
+    """The executable file ``name`` means, looked up the way execvpe() does.
+
+    A name with a slash is a path (relative to ``cwd``); a bare name is searched
+    in ``path_var`` (the server's PATH, or the default search path), relative
+    entries again against ``cwd``.  Looked up at each reload, so that a binary
+    replaced on disk, or one earlier on the PATH, is what runs.
+    """
+    base = cwd if cwd is not None else os.getcwd()
+    if "/" in name:
+        found = os.path.join(base, name)
+        if not os.path.isfile(found) or not os.access(found, os.X_OK):
+            raise HuptError(f"{found} is not an executable file")
+        return found
+    for d in (path_var if path_var is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(base, d or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise HuptError(f"{name!r} not found on PATH")
+
+
+def _readable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _marker(pid: int, prefix: bytes) -> int | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hupt.address import Address
 from hupt.listeners import Listeners
-from hupt.system import Serviced
+from hupt.system import Attached, Serviced
 
 
 @dataclass
@@ -40,6 +40,13 @@ class FakeSystem:
         self.reaped: list[tuple[int, int]] = []
         self.spawn_error: Exception | None = None
         self.events: list[str] = []
+        # exec mode
+        self.program_error: Exception | None = None
+        self.exec_error: Exception | None = None
+        self.dead: set[int] = set()  # pids that exited (for ``alive``)
+        self.lives_on: dict[int, set[int]] = {}  # generation -> pids paused to serve again
+        self.paused_pids: dict[int, set[int]] = {}  # generation -> every pid paused
+        self.exit_fds: dict[int, tuple[int, int]] = {}  # generation -> attached root's pipe
 
     # -- test controls ---------------------------------------------------
     def listen(self, number: int, addr: Address) -> None:
@@ -53,24 +60,39 @@ class FakeSystem:
     def exit(self, number: int, status: int = 0) -> None:
         g = self.gens[number]
         self.reaped.append((g.pid, status))
+        self.dead |= g.pids
         g.pids = set()
         g.hung_up = True
+
+    def exit_pid(self, pid: int) -> None:
+        """One process (a worker) exits."""
+        self.dead.add(pid)
+        for g in self.gens.values():
+            g.pids.discard(pid)
+
+    def fork(self, number: int) -> int:
+        """Generation ``number``'s root forks a worker; returns its pid."""
+        self.next_pid += 1
+        self.gens[number].pids.add(self.next_pid)
+        return self.next_pid
 
     def advance(self, seconds: float) -> None:
         self.clock += seconds
 
     def close(self) -> None:
-        for g in self.gens.values():
-            for fd in (g.rfd, g.wfd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        fds = {fd for g in self.gens.values() for fd in (g.rfd, g.wfd)}
+        fds |= {fd for pair in self.exit_fds.values() for fd in pair}
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.listeners.close_all()
 
     # -- the System protocol ---------------------------------------------
     def now(self) -> float:
         return self.clock
 
-    def spawn(self, number: int, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    def spawn(self, number: int, argv: list[str], env: dict[str, str],
+              cwd: str | None = None) -> tuple[int, int]:
         if self.spawn_error is not None:
             raise self.spawn_error
         self.next_pid += 1
@@ -78,6 +100,43 @@ class FakeSystem:
         self.gens[number] = FakeGen(number, self.next_pid, r, w, {self.next_pid})
         self.events.append(f"spawn {number}")
         return self.next_pid, r
+
+    def attach(self, number: int, pid: int) -> Attached:
+        r, w = os.pipe()
+        self.gens[number] = FakeGen(number, pid, r, w, {pid})
+        self.exit_fds[number] = os.pipe()
+        self.events.append(f"attach {number}")
+        addr = Address(socket.AF_INET, "127.0.0.1", 8000)
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.listeners.add(addr, s, 5)
+        return Attached(r, self.exit_fds[number][0], [addr], [])
+
+    def find_program(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                     path: str | None) -> str:
+        if self.program_error is not None:
+            raise self.program_error
+        return path or f"/bin/{argv[0]}"
+
+    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
+                      argv: list[str], env: dict[str, str]) -> None:
+        self.events.append(f"exec {number} -> {new_number}")
+        if self.exec_error is not None:
+            raise self.exec_error
+        old = self.gens[number]
+        # The new image is the same process: same notify fd, same process tree.
+        self.gens[new_number] = FakeGen(new_number, pid, old.rfd, old.wfd, set(old.pids))
+        old.pids = set()
+        if number in self.exit_fds:
+            self.exit_fds[new_number] = self.exit_fds.pop(number)
+
+    def resume(self, number: int) -> list[str]:
+        self.gens[number].paused = False
+        self.events.append(f"resume {number}")
+        return []
+
+    def alive(self, pids: Iterable[int]) -> set[int]:
+        return set(pids) - self.dead
 
     def service(self, number: int) -> Serviced:
         g = self.gens[number]
@@ -94,7 +153,9 @@ class FakeSystem:
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         return {n: set(self.gens[n].pids) for n in roots}
 
-    def pause(self, number: int, pids: set[int]) -> list[str]:
+    def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
+        self.lives_on[number] = set(lives_on)
+        self.paused_pids.setdefault(number, set()).update(pids)
         self.gens[number].paused = True
         self.events.append(f"pause {number}")
         return []

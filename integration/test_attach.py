@@ -1,0 +1,298 @@
+"""hupt attach PID, end to end: servers started without hupt, taken over live.
+
+Each server is started by the test (its parent is pytest, as it would be a
+shell or systemd), then `hupt attach --yes PID` takes it over.  Asserted:
+every thread of every process of the server carries the filter and none is
+left traced; 10 exec-mode reloads under load (requested with the server's
+PID and with the attach process's PID) with 0 failed requests, a 3-second
+request in flight completing with 200, the PID and parent PID unchanged; a
+pre-fork server (master + workers) is reloaded as a whole; a program
+replaced on disk is what runs after a reload; `hupt stop` and the server's
+own exit end hupt attach.  Refusals (no such PID, no listening socket,
+already under hupt, traced by someone else, no ptrace permission, not
+confirmed) print one line and leave the target exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import (
+    Procs,
+    Started,
+    free_port,
+    http_get,
+    hupt_env,
+    listener_inode,
+    unix_cmd,
+    wait_listening,
+)
+from load import Load, Target
+from test_exec_mode import (
+    KINDS,
+    children,
+    epoll_view,
+    eventually,
+    fd_table,
+    hupt_cli,
+    one_line_error,
+    ppid,
+    reload_under_load,
+    server_cmd,
+    thread_filters,
+    v2_program,
+)
+
+from hupt.tracer import procfs
+from hupt.tracer import ptrace as pt
+
+pytestmark = pytest.mark.root
+
+
+def start_server(procs: Procs, cmd: list[str], target: Target) -> Started:
+    s = procs.spawn(cmd)
+    wait_listening(target, 20, proc=s)
+    return s
+
+
+def attach(procs: Procs, pid: int, *opts: str) -> Started:
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-timeout", "20",
+                     "--kill-timeout", "5", *opts, str(pid)], name="attach")
+    eventually(lambda: "supervising pid" in a.err.read_text() or a.poll() is not None,
+               20, "hupt attach to take over")
+    assert a.poll() is None, a.log()
+    return a
+
+
+def processes(pid: int) -> list[int]:
+    return [pid, *sorted(children(pid))]
+
+
+def untouched_view(pid: int) -> tuple[object, ...]:
+    """What an attach refusal must leave as it was, in every process of the server."""
+    return tuple((fd_table(p), epoll_view(p), thread_filters(p)) for p in processes(pid))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attach_reloads_under_load(kind: str, procs: Procs, tmp_path: Path,
+                                   request: pytest.FixtureRequest) -> None:
+    go = request.getfixturevalue("go_server") if kind == "go" else None
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = start_server(procs, server_cmd(kind, target, tmp_path, go), target)
+    before = {p: thread_filters(p) for p in processes(s.pid)}
+    a = attach(procs, s.pid)
+    assert "unlink()" not in a.err.read_text(), "no unix socket: unlink is not filtered"
+    for p, threads in before.items():
+        assert set(threads.values()) == {(0, 0)}
+        assert set(thread_filters(p).values()) == {(0, 1)}, f"pid {p}: filtered, not traced"
+    held = {int(link[8:-1]) for link in (os.readlink(f"/proc/{a.pid}/fd/{fd}")
+                                         for fd in os.listdir(f"/proc/{a.pid}/fd"))
+            if link.startswith("socket:[")}
+    assert listener_inode(port) in held, "hupt attach holds a reference to the listener"
+
+    turn = iter(range(1000))
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        # by the server's PID, and every third time by hupt attach's own
+        return hupt_cli("reload", str(a.pid if next(turn) % 3 == 2 else s.pid))
+
+    reload_under_load(kind, target, s.pid, os.getpid(), reload, a.log)
+    # The server exits on its own (a signal from someone else): hupt attach follows.
+    os.kill(s.pid, signal.SIGTERM)
+    assert a.popen.wait(20) == 1, a.log()
+    assert "exited on its own" in a.err.read_text()
+    s.popen.wait(10)
+
+
+def test_attach_runs_the_replaced_program_and_stops_with_hupt_stop(
+        procs: Procs, tmp_path: Path, go_server: Path) -> None:
+    program = tmp_path / "bin" / "server"
+    program.parent.mkdir()
+    shutil.copy(go_server, program)
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = start_server(procs, [str(program), f"127.0.0.1:{port}"], target)
+    a = attach(procs, s.pid)
+    with Load(target, fresh=2, keepalive=1) as load:
+        v2_program(program)
+        r = hupt_cli("reload", str(s.pid))
+        assert r.returncode == 0, r.stderr + a.log()
+        time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary()
+    assert http_get(target) == (200, "v2\n")
+    assert ppid(s.pid) == os.getpid()
+    r = hupt_cli("stop", str(s.pid))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(20) == 0, a.log()
+    assert s.popen.wait(10) == -signal.SIGTERM  # the v2 script dies of the stop signal
+
+
+def test_attach_a_missing_program_fails_the_reload(
+        procs: Procs, tmp_path: Path, go_server: Path) -> None:
+    program = tmp_path / "server"
+    shutil.copy(go_server, program)
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = start_server(procs, [str(program), f"127.0.0.1:{port}"], target)
+    a = attach(procs, s.pid)
+    with Load(target, fresh=2, keepalive=1) as load:
+        program.unlink()
+        r = hupt_cli("reload", str(s.pid))
+        one_line_error(r, "reload failed")
+        time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary()
+    assert http_get(target)[1].startswith(f"ok pid={s.pid}")
+    assert a.poll() is None
+
+
+def test_attach_a_unix_socket_server(procs: Procs, short_tmp: Path) -> None:
+    # unix_server.py unlinks its path before bind(): the filter injected at
+    # attach must cover unlink, or the first reload removes the path.
+    path = str(short_tmp / "app.sock")
+    s = start_server(procs, unix_cmd(path), path)
+    a = attach(procs, s.pid)
+    assert "unlink()" in a.err.read_text()  # the explanation names every filtered call
+    inode = listener_inode(path)
+    with Load(path, fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        for _ in range(3):
+            r = hupt_cli("reload", str(s.pid))
+            assert r.returncode == 0 and f"(pid {s.pid}) is ready" in r.stderr, r.stderr
+            assert os.path.exists(path) and listener_inode(path) == inode
+            time.sleep(0.2)
+    assert load.result.failed == 0, load.result.summary()
+    assert load.result.pids == {s.pid}
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def go_target(procs: Procs, go_server: Path) -> tuple[Started, Target]:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    return start_server(procs, [str(go_server), f"127.0.0.1:{port}"], target), target
+
+
+def refused(pid: int, *needles: str, args: tuple[str, ...] = ("--yes",),
+            caps: list[str] | None = None) -> None:
+    before = untouched_view(pid)
+    r = hupt_cli("attach", *args, str(pid), user_caps=caps)
+    one_line_error(r, *needles)
+    assert untouched_view(pid) == before
+
+
+def test_refused_no_such_process(procs: Procs) -> None:
+    gone = procs.spawn(["true"])
+    gone.popen.wait(10)
+    r = hupt_cli("attach", "--yes", str(gone.pid))
+    one_line_error(r, f"no process with PID {gone.pid}")
+
+
+def test_refused_no_listening_socket(procs: Procs) -> None:
+    s = procs.spawn(["sleep", "30"])
+    eventually(lambda: procfs.cmdline(s.pid)[:1] == [b"sleep"], what="sleep to start")
+    refused(s.pid, "no listening socket")
+
+
+def test_refused_already_under_hupt(procs: Procs, go_server: Path) -> None:
+    port = free_port()
+    h = procs.hupt(cmd=[str(go_server), f"127.0.0.1:{port}"])
+    wait_listening(("127.0.0.1", port), 20, proc=h)
+    (server,) = children(h.pid)
+    refused(server, "already under hupt", f"pid {h.pid}")
+
+
+def test_refused_traced(go_target: tuple[Started, Target]) -> None:
+    s, target = go_target
+    tid = procfs.threads(s.pid)[-1]
+    pt.seize(tid)  # someone else (this test) traces one thread
+    try:
+        refused(s.pid, "is being traced by", str(os.getpid()))
+    finally:
+        pt.interrupt(tid)
+        pt.waitstop(tid, 5)
+        pt.detach(tid)
+    assert http_get(target)[0] == 200
+
+
+def test_refused_without_ptrace_permission(go_target: tuple[Started, Target]) -> None:
+    s, target = go_target
+    # root without CAP_SYS_PTRACE may not trace a process with more capabilities
+    caps = ["--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"]
+    refused(s.pid, "not allowed to trace", caps=caps)
+    assert http_get(target)[0] == 200
+
+
+def test_refused_without_confirmation(go_target: tuple[Started, Target]) -> None:
+    s, target = go_target
+    refused(s.pid, "not confirmed", "--yes", args=())
+    assert http_get(target)[0] == 200
+
+
+def test_confirmation_on_a_terminal(go_target: tuple[Started, Target]) -> None:
+    s, _ = go_target
+    argv = [sys.executable, "-m", "hupt", "attach", str(s.pid)]
+
+    def answer(text: bytes) -> tuple[subprocess.Popen[bytes], int]:
+        # The terminal must stay open while hupt runs: a closed one is no terminal.
+        primary, secondary = pty.openpty()
+        p = subprocess.Popen(argv, stdin=secondary, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=hupt_env(os.environ))
+        os.close(secondary)
+        os.write(primary, text)
+        return p, primary
+
+    before = untouched_view(s.pid)
+    p, tty = answer(b"n\n")
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        os.close(tty)
+    assert p.returncode == 1 and err.decode().strip().endswith("hupt: error: not confirmed")
+    assert b"cannot be removed" in err and b"Attach? [y/N]" in err
+    assert untouched_view(s.pid) == before
+
+    p, tty = answer(b"y\n")
+    try:
+        eventually(lambda: procfs.seccomp_filters(s.pid) == 1, 20, "the attach")
+        r = hupt_cli("reload", str(s.pid))
+        assert r.returncode == 0, r.stderr
+        r = hupt_cli("stop", str(s.pid))
+        assert r.returncode == 0, r.stderr
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=10)
+        os.close(tty)
+    assert s.popen.wait(10) == 0  # the Go server shut down gracefully on the stop signal
+
+
+def test_attach_to_an_unprivileged_server_sets_no_new_privs(
+        procs: Procs, go_server: Path) -> None:
+    # Without CAP_SYS_ADMIN in the target, the kernel accepts the injected
+    # filter only once no_new_privs is set, which hupt injects first.
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    drop = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"]
+    s = start_server(procs, [*drop, str(go_server), f"127.0.0.1:{port}"], target)
+    status = procfs.status_fields(s.pid)
+    assert status["NoNewPrivs"] == "0" and not int(status["CapEff"], 16) >> 21 & 1
+    attach(procs, s.pid)
+    assert procfs.status_fields(s.pid)["NoNewPrivs"] == "1"
+    with Load(target, fresh=2, keepalive=1) as load:
+        for _ in range(3):
+            r = hupt_cli("reload", str(s.pid))
+            assert r.returncode == 0, r.stderr
+    assert load.result.failed == 0, load.result.summary()
+    assert ppid(s.pid) == os.getpid()

@@ -1,0 +1,255 @@
+"""Exec mode (hupt run --exec, hupt attach) against the fake kernel seam."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from hupt.address import AF_INET, Address
+from hupt.errors import HuptError, InjectionError
+from hupt.generations import State
+from hupt.supervisor import Options, Supervisor
+from tests.fakes import FakeSystem
+from tests.test_supervisor import Recorder
+
+A = Address(AF_INET, "127.0.0.1", 8000)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSystem]:
+    f = FakeSystem()
+    yield f
+    f.close()
+
+
+def make(fake: FakeSystem, **kw: float) -> Supervisor:
+    opts = Options(argv=["server"], env={}, exec_mode=True, **kw)  # type: ignore[arg-type]
+    sup = Supervisor(fake, opts, control=False)  # type: ignore[arg-type]
+    sup.start()
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    return sup
+
+
+def reload_to_exec(sup: Supervisor, fake: FakeSystem) -> Recorder:
+    """Request a reload and let the (idle) generation drain and exec."""
+    w = Recorder()
+    sup.request_reload(w)
+    sup.tick()
+    return w
+
+
+def test_reload_drains_then_execs_the_same_pid(fake: FakeSystem) -> None:
+    sup = make(fake)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 1
+    w = Recorder()
+    sup.request_reload(w)
+    assert old.state is State.DRAINING and fake.gens[1].paused
+    assert fake.lives_on[1] == {old.pid}, "the root is paused to serve again, not to retire"
+    sup.tick()
+    assert len(sup.gens) == 1, "no exec while a connection is in flight"
+    fake.in_flight_by_pid[old.pid] = 0
+    sup.tick()
+    assert fake.events[-1] == "exec 1 -> 2"
+    new = sup.gens[1]
+    assert new.pid == old.pid and new.state is State.STARTING
+    assert old.state is State.EXITED and old.replaced_by == 2
+    assert not fake.signals, "the root process execs: nobody is signalled"
+    assert w.result is None and any("execed" in m for m in w.messages)
+    fake.listen(2, A)
+    sup.on_notify(new)
+    assert w.result is not None and w.result[0], w.result
+    assert sup.current is new and new.state is State.SERVING
+
+
+def test_the_notify_fd_follows_the_exec(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fd = sup._fds[1]
+    reload_to_exec(sup, fake)
+    assert sup._fds == {2: fd}
+    assert sup._sel.get_key(fd).data == ("notify", sup.gens[1])
+
+
+def test_drain_timeout_execs_anyway(fake: FakeSystem) -> None:
+    sup = make(fake, drain_timeout=10.0)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 3
+    sup.request_reload(Recorder())
+    fake.advance(9)
+    sup.tick()
+    assert len(sup.gens) == 1
+    fake.advance(2)
+    sup.tick()
+    assert "exec 1 -> 2" in fake.events and sup.gens[1].state is State.STARTING
+
+
+def test_failed_exec_resumes_and_reports(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.exec_error = InjectionError("execve", 2)
+    w = reload_to_exec(sup, fake)
+    assert w.result is not None and not w.result[0]
+    assert "could not exec" in w.result[1] and "ENOENT" in w.result[1]
+    old = sup.gens[0]
+    assert fake.events[-2:] == ["exec 1 -> 2", "resume 1"]
+    assert old.state is State.SERVING and sup.current is old and sup.upgrade is None
+    assert len(sup.gens) == 1 and not fake.signals
+    fake.exec_error = None
+    w2 = reload_to_exec(sup, fake)
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w2.result is not None and w2.result[0]
+
+
+def test_missing_program_fails_before_anything_is_paused(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.program_error = HuptError("'server' not found on PATH")
+    w = Recorder()
+    sup.request_reload(w)
+    assert w.result == (False, "cannot exec: 'server' not found on PATH")
+    assert "pause 1" not in fake.events and sup.gens[0].state is State.SERVING
+
+
+def test_reload_refused_when_the_root_process_is_gone(fake: FakeSystem) -> None:
+    sup = make(fake)
+    root = sup.gens[0].pid
+    fake.fork(1)  # a daemon that lives on after the process hupt started exited
+    fake.exit_pid(root)
+    w = Recorder()
+    sup.request_reload(w)
+    assert w.result is not None and not w.result[0] and "daemonize" in w.result[1]
+    assert "pause 1" not in fake.events and sup.upgrade is None
+
+
+def test_image_dying_before_ready_starts_the_command_afresh(fake: FakeSystem) -> None:
+    sup = make(fake)
+    w = reload_to_exec(sup, fake)
+    fake.exit(2, 1)
+    fake.advance(1.5)
+    sup.tick()
+    assert w.result is not None and not w.result[0]
+    assert "exited (exit status 1) before it was ready" in w.result[1]
+    assert "started the command afresh as generation 3" in w.result[1]
+    assert fake.events[-1] == "spawn 3"
+    assert len(fake.listeners) == 1, "the sockets stay held while the fresh one starts"
+    assert not sup.stopping
+    fresh = sup.gens[2]
+    assert fresh.state is State.STARTING and fresh.pid != sup.gens[0].pid
+    fake.listen(3, A)
+    sup.on_notify(fresh)
+    assert sup.current is fresh and fresh.state is State.SERVING
+
+
+def test_fresh_start_dying_too_stops_hupt_with_its_status(fake: FakeSystem) -> None:
+    sup = make(fake)
+    reload_to_exec(sup, fake)
+    fake.exit(2, 1)
+    fake.advance(1.5)
+    sup.tick()
+    fake.exit(3, 4)
+    fake.advance(1.5)
+    sup.tick()
+    assert sup.stopping and sup.exit_code == 1
+    assert [g.state for g in sup.gens] == [State.EXITED] * 3
+
+
+def test_image_not_ready_in_time_is_drained_and_the_command_started_afresh(
+        fake: FakeSystem) -> None:
+    sup = make(fake, ready_timeout=5.0)
+    w = reload_to_exec(sup, fake)
+    fake.advance(6)
+    sup.tick()
+    assert w.result is not None and not w.result[0]
+    assert "not ready after 5 s: it did not listen on 127.0.0.1:8000" in w.result[1]
+    stuck = sup.gens[1]
+    assert fake.gens[2].paused, "it may have accepted: drained, not killed"
+    assert stuck.state is State.RETIRING and (stuck.pid, signal.SIGTERM) in fake.signals
+    assert sup.upgrade is not None and sup.upgrade.gen is sup.gens[2] and sup.upgrade.fresh
+
+
+def test_workers_of_the_old_image_are_retired_after_the_exec(fake: FakeSystem) -> None:
+    sup = make(fake, kill_timeout=5.0)
+    root = sup.gens[0].pid
+    workers = {fake.fork(1), fake.fork(1)}
+    fake.advance(2)
+    sup.tick()
+    assert sup.gens[0].pids == {root} | workers
+    reload_to_exec(sup, fake)
+    old, new = sup.gens
+    assert fake.lives_on[1] == {root}
+    assert old.state is State.RETIRING and old.pids == workers
+    assert sorted(fake.signals) == sorted((p, signal.SIGTERM) for p in workers)
+    fake.advance(2)
+    sup.tick()
+    assert new.pids == {root}, "the old workers are no members of the new image"
+    for p in workers:
+        fake.exit_pid(p)
+    fake.advance(2)
+    sup.tick()
+    assert old.state is State.EXITED and new.state is State.STARTING
+
+
+def test_workers_forked_since_the_last_scan_are_paused_too(fake: FakeSystem) -> None:
+    sup = make(fake)
+    root = sup.gens[0].pid
+    early = fake.fork(1)  # not yet seen by a membership scan
+    fake.in_flight_by_pid[early] = 1
+    sup.request_reload(Recorder())
+    assert fake.paused_pids[1] == {root, early}, "the reload looks again before pausing"
+    late = fake.fork(1)  # forked by a process that was not paused yet
+    fake.advance(2)
+    sup.tick()
+    assert fake.paused_pids[1] == {root, early, late}
+    assert fake.lives_on[1] == set(), "only the root lives on, and it was paused already"
+    assert len(sup.gens) == 1, "no exec while a worker has a connection in flight"
+
+
+def test_reload_while_draining_joins_the_same_exec(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 1
+    w1, w2 = Recorder(), Recorder()
+    sup.request_reload(w1)
+    sup.request_reload(w2)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 0
+    sup.tick()
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w1.result == w2.result and w1.result is not None and w1.result[0]
+    assert fake.events.count("exec 1 -> 2") == 1
+
+
+def test_stop_while_draining_before_the_exec(fake: FakeSystem) -> None:
+    sup = make(fake)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 1
+    w = Recorder()
+    sup.request_reload(w)
+    sup.request_stop()
+    assert w.result == (False, "hupt is stopping")
+    fake.in_flight_by_pid[sup.gens[0].pid] = 0
+    sup.tick()
+    assert not any(e.startswith("exec") for e in fake.events)
+    assert sup.gens[0].state is State.RETIRING
+
+
+def test_attach_supervises_in_exec_mode_and_sees_the_exit_on_the_pidfd(
+        fake: FakeSystem) -> None:
+    sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),  # type: ignore[arg-type]
+                     control=False)
+    gen = sup.adopt(4242)
+    assert sup.current is gen and gen.state is State.SERVING and gen.listened == {A}
+    assert gen.pid == 4242 and 4242 in sup._aliases
+    exit_r = fake.exit_fds[1][0]
+    assert sup._sel.get_key(exit_r).data == ("exit", gen)
+    reload_to_exec(sup, fake)
+    new = sup.gens[1]
+    assert new.pid == 4242 and sup._exit_fds == {2: exit_r}
+    fake.listen(2, A)
+    sup.on_notify(new)
+    # The server exits on its own: hupt is not its parent, the pidfd wakes the loop.
+    fake.gens[2].pids = set()
+    os.write(fake.exit_fds[2][1], b"x")
+    sup._step(exit_r)  # the pidfd is readable; any fd will do for the signal pipe
+    assert new.state is State.EXITED and sup.exit_code == 1, "status unknown, not asked to go"
+    assert not sup._exit_fds
