@@ -72,6 +72,21 @@ def _signal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"unknown signal: {text!r}") from None
 
 
+def _policy(text: str) -> object:
+    from hupt.readiness import parse_policy
+
+    try:
+        return parse_policy(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _millis(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds: {text!r}")
+    return int(text)
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
@@ -103,6 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exec", dest="exec_mode", action="store_true",
                      help="exec mode: a reload keeps the server's PID (it stops accepting, "
                           "drains, and execs its program again in place)")
+    run.add_argument("--ready", type=_policy, default="listen", metavar="POLICY",
+                     help="when a new generation counts as ready: 'listen' (it listened on "
+                          "every held address; default), 'delay:S' (and S more seconds), "
+                          "'notify' (and it sent READY=1 to $NOTIFY_SOCKET), 'http:PATH' or "
+                          "'http://HOST:PORT/PATH' (and a GET answered 2xx/3xx; otherwise the "
+                          "old generation is rolled back in)")
+    run.add_argument("--revive", action="store_true",
+                     help="restart a generation that exits on its own (exponential backoff, "
+                          "0.5 s to 30 s); its sockets stay held so clients queue meanwhile")
+    run.add_argument("--close-idle", type=_millis, default=None, metavar="MS",
+                     help="while an old generation drains, close its keep-alive connections "
+                          "idle for MS milliseconds (see README: the race with a client's "
+                          "next request)")
+    run.add_argument("--pidfile", metavar="PATH", help="write hupt's own PID to PATH")
+    run.add_argument("--unlink", action="append", default=[], metavar="PATH",
+                     help="remove PATH (e.g. the server's pidfile) before each generation "
+                          "starts; repeatable")
+    run.add_argument("--watch", action="append", default=[], metavar="PATH",
+                     help="reload when files under PATH change (development); repeatable")
+    run.add_argument("--before-reload", metavar="CMD",
+                     help="shell command run before a new generation starts; a non-zero exit "
+                          "aborts the reload and its output is the reason reported")
+    run.add_argument("--after-reload", metavar="CMD",
+                     help="shell command run once a reload succeeded; its failure is "
+                          "reported, not fatal")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -122,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("pid", type=_pid, metavar="PID")
     st.add_argument("--now", action="store_true", help="do not drain: kill at once")
     _add_attach_parser(sub)
+    st.add_argument("--now", action="store_true",
+                    help="do not wait for in-flight connections: end every drain at once")
+
+    ss = sub.add_parser(
+        "status", help="show generations, listeners and recent reloads", description=(
+            "Show every hupt instance of this user (or the one PID belongs to): generations "
+            "(number, PIDs, state, age, in-flight connections), listeners (accept queue, "
+            "backlog) and the last reloads. --json prints the documented schema-1 document."))
+    ss.add_argument("pid", type=_pid, metavar="PID", nargs="?")
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -138,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stop(args)
         if args.command == "attach":
             return cmd_attach(args)
+        if args.command == "status":
+            return cmd_status(args)
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
     except (UsageError, NotUnderHupt) as e:
@@ -160,6 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("hupt run: missing the server command (hupt run [OPTIONS] -- CMD ...)")
+    from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
     from hupt.system import LinuxSystem
     from hupt.tracer.subreaper import become_subreaper
@@ -167,8 +220,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
-                   stop_signal=args.stop_signal, exec_mode=args.exec_mode)
-    sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts)
+                   stop_signal=args.stop_signal, exec_mode=args.exec_mode, ready=args.ready,
+                   revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
+                   watch=args.watch, before_reload=args.before_reload,
+                   after_reload=args.after_reload, close_idle_ms=args.close_idle)
+    sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}")
     return sup.run()
 
@@ -322,3 +378,12 @@ def _confirm_attach(server: Server, yes: bool) -> None:
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
         raise AttachRefused("not confirmed")
+def cmd_status(args: argparse.Namespace) -> int:
+    from hupt import status
+
+    doc = status.collect(args.pid)
+    if args.json:
+        status.dump(doc)
+    else:
+        status.render(doc)
+    return 0

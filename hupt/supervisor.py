@@ -36,22 +36,31 @@ server) are drained with it and retired once its root has execed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import selectors
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hupt import log
 from hupt.address import Address
-from hupt.control import ControlServer, Message, Peer
+from hupt.control import ControlServer, Message, Peer, runtime_dir
 from hupt.errors import HuptError
 from hupt.generations import Generation, State
+from hupt.hooks import Hook
+from hupt.readiness import HttpProbe, Policy, probe_target
+from hupt.sdnotify import Listener, Notifier
 from hupt.system import System
+from hupt.watch import Watcher
 
 DRAIN_POLL = 0.1
 MEMBERS_POLL = 1.0
+PROBE_INTERVAL = 0.2
+HISTORY = 20
+REVIVE_MAX_BACKOFF = 30.0
 
 
 @dataclass
@@ -66,6 +75,14 @@ class Options:
     exec_mode: bool = False
     cwd: str | None = None  # where the command starts and is looked up (None: hupt's)
     program: str | None = None  # the file to execve (None: argv[0], looked up on PATH)
+    ready: Policy = field(default_factory=lambda: Policy("listen"))
+    revive: bool = False
+    pidfile: str | None = None
+    unlink: list[str] = field(default_factory=list)
+    watch: list[str] = field(default_factory=list)
+    before_reload: str | None = None
+    after_reload: str | None = None
+    close_idle_ms: int | None = None
 
 
 class Waiter:
@@ -92,16 +109,44 @@ class PeerWaiter(Waiter):
 
 @dataclass
 class Upgrade:
-    gen: Generation | None  # None while ``replacing`` drains before its exec
+    """The one reload in progress: before-hook -> listening -> confirming (policy) -> done.
+
+    Exec mode: ``replacing`` drains and execs first; ``gen`` is its new image.
+    """
+
+    started_at: float
     deadline: float
-    target: set[Address]
     waiters: list[Waiter]
+    target: set[Address] = field(default_factory=set)
+    gen: Generation | None = None
+    phase: str = "before"
+    hook: Hook | None = None
+    confirm_at: float | None = None  # --ready delay
+    probe: HttpProbe | None = None  # --ready http
+    next_probe: float = 0.0
+    last_probe: str = ""
+    paused_old: Generation | None = None  # old generation paused while probing
+    revive: bool = False
     replacing: Generation | None = None  # exec mode: the generation whose root will exec
     fresh: bool = False  # exec mode: the command started afresh after the exec'd image failed
 
+    def tell(self, message: str) -> None:
+        for w in self.waiters:
+            w.progress(message)
+
+
+@dataclass
+class ReloadRecord:
+    at: float
+    duration_ms: float
+    ok: bool
+    reason: str
+    generation: int | None
+
 
 class Supervisor:
-    def __init__(self, system: System, options: Options, *, control: bool = True) -> None:
+    def __init__(self, system: System, options: Options, *, control: bool = True,
+                 notifier: Notifier | None = None) -> None:
         self.sys = system
         self.opts = options
         self.gens: list[Generation] = []
@@ -109,6 +154,8 @@ class Supervisor:
         self.upgrade: Upgrade | None = None
         self.stopping = False
         self.exit_code: int | None = None
+        self.history: list[ReloadRecord] = []
+        self.started_at = time.time()
         self._sel = selectors.DefaultSelector()
         self._fds: dict[int, int] = {}  # generation -> watched fd
         self._exit_fds: dict[int, int] = {}  # attached generation -> pidfd of its root
@@ -120,10 +167,26 @@ class Supervisor:
         self._next_members = 0.0
         self._interrupts = 0
         self._stop_waiters: list[Waiter] = []
+        self._notifier = notifier or Notifier({})
+        self._announced_ready = False
+        self._ready_notices: dict[int, Listener] = {}  # generation -> its NOTIFY_SOCKET
+        self._notified_ready: set[int] = set()
+        self._hooks: list[Hook] = []
+        # --after-reload hook pid -> the reload's waiters and its success message:
+        # they are answered once the hook is done (its failure is reported, not fatal).
+        self._after: dict[int, tuple[list[Waiter], str]] = {}
+        self._watcher = Watcher(options.watch, system.now()) if options.watch else None
+        # Addresses the last serving generation listened on: what a revived one must take.
+        self._serving: set[Address] = set()
+        self._revive_at: float | None = None
+        self._revive_backoff = 0.5
 
     # -- public entry points ---------------------------------------------
     def start(self) -> None:
         """Start generation 1 (raises HuptError if it cannot start)."""
+        if self.opts.pidfile:
+            with open(self.opts.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
         gen = self._spawn()
         gen.to(State.SERVING)
         gen.ready_at = self.sys.now()
@@ -149,31 +212,25 @@ class Supervisor:
         log.ok(f"attached to pid {pid} as {gen}, holding {_fmt(gen.listened)}")
         return gen
 
-    def request_reload(self, waiter: Waiter | None = None) -> None:
+    def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False) -> None:
         w = waiter or Waiter()
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
         if self.upgrade is not None:
-            what = self.upgrade.gen or self.upgrade.replacing
+            what = self.upgrade.gen or self.upgrade.replacing or "a reload"
             w.progress(f"joining the reload already in progress ({what})")
             self.upgrade.waiters.append(w)
             return
-        if self.opts.exec_mode and self.current is not None:
-            self._begin_exec(self.current, w)
+        now = self.sys.now()
+        up = self.upgrade = Upgrade(now, now + self.opts.ready_timeout, [w], revive=revive)
+        self._notifier.reloading("reloading")
+        if self.opts.before_reload and not revive:
+            hook = up.hook = self._run_hook("before-reload", self.opts.before_reload)
+            up.tell(f"running --before-reload: {self.opts.before_reload}")
+            log.info(f"running --before-reload (pid {hook.pid})")
             return
-        try:
-            gen = self._spawn()
-        except HuptError as e:
-            log.error(f"reload failed: {e}")
-            w.done(False, str(e))
-            return
-        target = set(self.current.listened) if self.current is not None else set()
-        self.upgrade = Upgrade(gen, self.sys.now() + self.opts.ready_timeout, target, [w])
-        msg = f"started {gen}" + (f", waiting for it to listen on {_fmt(target)}" if target else "")
-        log.info(msg)
-        w.progress(msg)
-        self._check_ready(gen)
+        self._launch()
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None:
         if waiter is not None:
@@ -189,9 +246,11 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self._notifier.stopping("stopping: draining")
         log.info("stopping: no more accepts, draining in-flight connections")
         if self.upgrade is not None:
             self._fail_upgrade("hupt is stopping")
+        self._revive_at = None
         for g in self.gens:
             if g.state is State.SERVING:
                 self._drain(g)
@@ -214,7 +273,7 @@ class Supervisor:
                 self.start()
             while True:
                 self._step(rfd)
-                if all(not g.alive for g in self.gens):
+                if all(not g.alive for g in self.gens) and self._revive_at is None:
                     break
             code = self.exit_code if self.exit_code is not None else 0
             for w in self._stop_waiters:  # before their connections are closed below
@@ -225,12 +284,23 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             os.close(rfd)
             os.close(wfd)
+            code = self.exit_code if self.exit_code is not None else 0
+            for w in self._stop_waiters:
+                w.done(True, f"stopped (exit status {code})")
             if self._control is not None:
                 self._control.close()
             for p in list(self._peers.values()):  # closing unregisters them
                 p.close()
+            for listener in self._ready_notices.values():
+                listener.close()
+            for hook in self._hooks:
+                hook.kill()
+                hook.close()
             self.sys.listeners.close_all()
-        return code
+            if self.opts.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.opts.pidfile)
+        return self.exit_code if self.exit_code is not None else 0
 
     def _step(self, rfd: int) -> None:
         for key, mask in self._sel.select(self._timeout()):
@@ -245,19 +315,34 @@ class Supervisor:
                 self._on_control()
             elif kind == "peer":
                 self._on_peer(arg, mask)
+            elif kind == "hook":
+                self._on_hook_output(arg)
+            elif kind == "sdnotify":
+                self._on_ready_notice(arg)
+            elif kind == "probe":
+                self._on_probe(arg)
         self._handle_signals()
         self.tick()
 
     def _timeout(self) -> float:
         now = self.sys.now()
         deadlines = [self._next_members]
-        if self.upgrade is not None:
-            deadlines.append(self.upgrade.deadline)
+        up = self.upgrade
+        if up is not None:
+            deadlines.append(up.deadline)
+            if up.confirm_at is not None:
+                deadlines.append(up.confirm_at)
+            if up.phase == "confirming" and up.probe is None and self.opts.ready.kind == "http":
+                deadlines.append(up.next_probe)
         for g in self.gens:
             if g.state is State.DRAINING:
                 deadlines.append(now + DRAIN_POLL)
             if g.kill_at is not None:
                 deadlines.append(g.kill_at)
+        if self._watcher is not None:
+            deadlines.append(self._watcher.deadline())
+        if self._revive_at is not None:
+            deadlines.append(self._revive_at)
         return max(0.0, min(deadlines) - now)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -279,18 +364,60 @@ class Supervisor:
                 self._next_members = 0.0
 
     # -- generations -----------------------------------------------------
+    def _env(self, number: int) -> dict[str, str]:
+        env = dict(self.opts.env)
+        # hupt answers to the service manager; a generation may not (it would
+        # report READY for hupt).  With --ready notify it gets hupt's socket.
+        env.pop("NOTIFY_SOCKET", None)
+        if self.opts.ready.kind == "notify":
+            listener = Listener(runtime_dir(), f"{os.getpid()}.{number}.notify")
+            self._ready_notices[number] = listener
+            self._sel.register(listener.fileno(), selectors.EVENT_READ, ("sdnotify", number))
+            env["NOTIFY_SOCKET"] = listener.path
+        return env
+
     def _spawn(self) -> Generation:
         number = len(self.gens) + 1
+        for path in self.opts.unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         argv = self.opts.argv
         if self.opts.program is not None:  # argv[0] does not name it (attach)
             argv = [self.opts.program, *argv[1:]]
-        pid, fd = self.sys.spawn(number, argv, self.opts.env, self.opts.cwd)
+        env = self._env(number)
+        try:
+            pid, fd = self.sys.spawn(number, argv, env, self.opts.cwd)
+        except HuptError:
+            self._drop_ready_notice(number)
+            raise
         gen = Generation(number, pid, self.sys.now(), pids={pid})
         self.gens.append(gen)
         self._fds[number] = fd
         self._sel.register(fd, selectors.EVENT_READ, ("notify", gen))
         log.debug(f"spawned {gen}")
         return gen
+
+    def _launch(self) -> None:
+        """Start the new generation of the reload in progress."""
+        up = self.upgrade
+        assert up is not None
+        if self.opts.exec_mode and self.current is not None:
+            self._begin_exec(self.current)
+            return
+        try:
+            gen = self._spawn()
+        except HuptError as e:
+            self._fail_upgrade(str(e))
+            return
+        now = self.sys.now()
+        up.gen, up.phase = gen, "listening"
+        up.deadline = now + self.opts.ready_timeout
+        up.target = set(self.current.listened) if self.current is not None else set(self._serving)
+        msg = f"started {gen}" + (f", waiting for it to listen on {_fmt(up.target)}"
+                                  if up.target else "")
+        log.info(msg)
+        up.tell(msg)
+        self._check_ready(gen)
 
     def on_notify(self, gen: Generation) -> None:
         got = self.sys.service(gen.number)
@@ -299,6 +426,10 @@ class Supervisor:
                 gen.listened.add(addr)
                 log.debug(f"{gen} listens on {addr}")
         if got.listened:
+            if gen is self.current and not self._announced_ready:
+                self._announced_ready = True
+                self._serving = set(gen.listened)
+                self._notifier.ready(f"serving: {gen}")
             self._check_ready(gen)
         if got.hung_up:
             self._unwatch(gen)
@@ -320,6 +451,13 @@ class Supervisor:
             self._sel.unregister(fd)
         if fd is not None or efd is not None:
             self.sys.forget(gen.number)
+        self._drop_ready_notice(gen.number)
+
+    def _drop_ready_notice(self, number: int) -> None:
+        listener = self._ready_notices.pop(number, None)
+        if listener is not None:
+            self._sel.unregister(listener.fileno())
+            listener.close()
 
     def _move_watch(self, old: Generation, new: Generation) -> None:
         """``new`` took over ``old``'s root process: its notify fd and pidfd follow."""
@@ -330,74 +468,191 @@ class Supervisor:
                 self._sel.modify(fd, selectors.EVENT_READ, (kind, new))
 
     def _check_ready(self, gen: Generation) -> None:
+        """Has the starting generation listened on everything?  Then apply --ready."""
         up = self.upgrade
         if up is None or up.gen is not gen or gen.state is not State.STARTING:
+            return
+        if up.phase != "listening":
             return
         if up.target and not up.target <= gen.listened:
             return
         if not up.target and not gen.listened and self.current is not None:
             return
+        policy = self.opts.ready
+        if policy.kind == "listen":
+            self._promote()
+            return
+        up.phase = "confirming"
+        if policy.kind == "delay":
+            up.confirm_at = self.sys.now() + policy.delay
+            up.tell(f"{gen} listened; waiting {policy.delay:g} s (--ready {policy})")
+        elif policy.kind == "notify":
+            up.tell(f"{gen} listened; waiting for READY=1 (--ready notify)")
+            if gen.number in self._notified_ready:
+                self._promote()
+        elif policy.kind == "http":
+            # Probes reach the shared socket: only the new generation may answer them.
+            old = self.current
+            if old is not None and old.state is State.SERVING:
+                for p in self.sys.pause(old.number, old.pids):
+                    log.warn(f"{old}: could not stop accepting: {p}")
+                up.paused_old = old
+            up.next_probe = self.sys.now()
+            up.tell(f"{gen} listened; {old or 'no generation'} paused, probing {policy}")
+
+    def _on_ready_notice(self, number: int) -> None:
+        listener = self._ready_notices.get(number)
+        if listener is None:
+            return
+        gen = next((g for g in self.gens if g.number == number), None)
+        if gen is None:
+            return
+        self._refresh_members()
+        if listener.ready_from(gen.pids | {gen.pid}):
+            self._notified_ready.add(number)
+            log.debug(f"{gen} sent READY=1")
+            up = self.upgrade
+            if up is not None and up.gen is gen and up.phase == "confirming":
+                self._promote()
+
+    def _start_probe(self) -> None:
+        up = self.upgrade
+        assert up is not None and up.gen is not None
+        target = probe_target(self.opts.ready, up.gen.listened)
+        if target is None:
+            up.last_probe = "no held address to probe"
+            up.next_probe = self.sys.now() + PROBE_INTERVAL
+            return
+        up.probe = HttpProbe(target, self.opts.ready.path)
+        if up.probe.outcome is not None:
+            self._probe_done()
+            return
+        self._sel.register(up.probe.fileno(), selectors.EVENT_WRITE, ("probe", up.probe))
+
+    def _on_probe(self, probe: HttpProbe) -> None:
+        writing, fd = probe.writing, probe.fileno()
+        probe.step()
+        up = self.upgrade
+        if probe.outcome is not None:
+            # Unregister by the number it had: the probe closed its socket already,
+            # and the number may be reused by the next accept.
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(fd)
+            if up is not None and up.probe is probe:
+                self._probe_done()
+        elif writing and not probe.writing:
+            self._sel.modify(probe.fileno(), selectors.EVENT_READ, ("probe", probe))
+
+    def _probe_done(self) -> None:
+        up = self.upgrade
+        assert up is not None and up.probe is not None
+        probe, up.probe = up.probe, None
+        up.last_probe = probe.detail
+        if probe.outcome:
+            up.tell(f"ready probe answered: {probe.detail}")
+            self._promote()
+        else:
+            up.next_probe = self.sys.now() + PROBE_INTERVAL
+
+    def _promote(self) -> None:
+        """The starting generation is ready: it serves, the old one drains."""
+        up = self.upgrade
+        assert up is not None and up.gen is not None
+        gen = up.gen
         now = self.sys.now()
         gen.to(State.SERVING)
         gen.ready_at = now
         self.upgrade = None
         old, self.current = self.current, gen
-        took = now - gen.started_at
-        msg = f"{gen} is ready in {took * 1000:.0f} ms"
+        self._serving = set(gen.listened)
+        self._revive_backoff = 0.5 if up.revive else self._revive_backoff
+        msg = f"{gen} is ready in {(now - gen.started_at) * 1000:.0f} ms"
         log.ok(msg)
-        for w in up.waiters:
-            w.progress(msg)
+        up.tell(msg)
         if old is not None and old.state is State.SERVING:
-            self._drain(old)
-            for w in up.waiters:
-                w.progress(f"{old} stopped accepting; draining")
+            if up.paused_old is old:
+                self._start_draining(old)
+            else:
+                self._drain(old)
+            n = self.sys.in_flight(old.pids, old.listened)
+            up.tell(f"{old} stopped accepting; draining {n} in flight")
+        self._record(up, True, msg)
+        self._announced_ready = True
+        self._notifier.ready(f"serving: {gen}")
+        self._release_unused()
+        if self.opts.after_reload and not up.revive:
+            hook = self._run_hook("after-reload", self.opts.after_reload)
+            self._after[hook.pid] = (up.waiters, msg)
+            up.tell(f"running --after-reload: {self.opts.after_reload}")
+            return
         for w in up.waiters:
             w.done(True, msg)
-        self._release_unused()
 
     def _fail_upgrade(self, reason: str) -> None:
         up = self.upgrade
         assert up is not None
         self.upgrade = None
         gen = up.gen
+        if up.probe is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(up.probe.fileno())
+            up.probe.close()
+        if up.hook is not None and up.hook.status is None:
+            up.hook.kill()
+        if up.paused_old is not None and up.paused_old.state is State.SERVING:
+            # Roll back: the old generation accepts again, exactly as it did.
+            for p in self.sys.resume(up.paused_old.number):
+                log.warn(f"{up.paused_old}: resuming: {p}")
+            up.paused_old.paused = set()
+            up.tell(f"rolled back: {up.paused_old} accepts again")
         log.error(f"reload failed: {reason}; {self.current or 'no generation'} keeps serving")
         if gen is not None and gen.state is State.STARTING:
             gen.to(State.FAILED)
             if gen.alive and gen.pids:
                 self._drain(gen)
+        self._record(up, False, reason)
+        self._notifier.ready(f"reload failed: {reason}")
         for w in up.waiters:
             w.done(False, reason)
-        if self.current is None and not self.stopping:
+        if up.revive and self.current is None and not self.stopping:
+            self._schedule_revive()
+        elif self.current is None and not self.stopping and self._revive_at is None:
             self.request_stop()  # nothing serves any more
+
+    def _record(self, up: Upgrade, ok: bool, reason: str) -> None:
+        self.history.append(ReloadRecord(
+            time.time(), (self.sys.now() - up.started_at) * 1000, ok, reason,
+            up.gen.number if up.gen is not None else None))
+        del self.history[:-HISTORY]
 
     # -- exec mode -------------------------------------------------------
     def _program(self) -> str:
         o = self.opts
         return self.sys.find_program(o.argv, o.env, o.cwd, o.program)
 
-    def _begin_exec(self, old: Generation, w: Waiter) -> None:
+    def _begin_exec(self, old: Generation) -> None:
+        up = self.upgrade
+        assert up is not None
         # Every process must be paused: workers forked since the last scan too.
         self._refresh_members()
         if old.state is not State.SERVING:
-            w.done(False, f"{old} is {old.state.value}, not serving")
+            self._fail_upgrade(f"{old} is {old.state.value}, not serving")
             return
         if not self.sys.alive({old.pid}):
-            reason = (f"exec mode reloads the process hupt started, pid {old.pid}, which has "
-                      "exited (did the server daemonize?)")
-            log.error(f"reload failed: {reason}")
-            w.done(False, reason)
+            self._fail_upgrade(f"exec mode reloads the process hupt started, pid {old.pid}, "
+                               "which has exited (did the server daemonize?)")
             return
         try:
             path = self._program()
         except HuptError as e:
-            log.error(f"reload failed: {e}; {old} keeps serving")
-            w.done(False, f"cannot exec: {e}")
+            self._fail_upgrade(f"cannot exec: {e}")
             return
-        self.upgrade = Upgrade(None, math.inf, set(old.listened), [w], replacing=old)
+        up.replacing, up.target, up.deadline = old, set(old.listened), math.inf
+        up.phase = "listening"
         self._drain(old, lives_on={old.pid})
         msg = f"{old} stopped accepting; draining it before it execs {path}"
         log.info(msg)
-        w.progress(msg)
+        up.tell(msg)
         # Connections queue from now on: exec at once if nothing is in flight.
         if self.sys.in_flight(old.pids, old.listened) == 0:
             self._exec(old)
@@ -445,6 +700,7 @@ class Supervisor:
         old.to(State.SERVING)
         old.drain_deadline = None
         log.error(f"reload failed: {reason}; {old} accepts again")
+        self._record(up, False, reason)
         for w in up.waiters:
             w.done(False, reason)
 
@@ -462,16 +718,21 @@ class Supervisor:
         except HuptError as e:
             self._fail_upgrade(f"{reason}; starting the command afresh failed: {e}")
             return
-        self.upgrade = Upgrade(fresh, self.sys.now() + self.opts.ready_timeout, up.target, [],
-                               fresh=True)
+        now = self.sys.now()
+        self.upgrade = Upgrade(now, now + self.opts.ready_timeout, [], target=up.target,
+                               gen=fresh, phase="listening", fresh=True)
         msg = f"{reason}; started the command afresh as {fresh}"
         log.error(f"reload failed: {msg}")
+        self._record(up, False, msg)
         for w in up.waiters:
             w.done(False, msg)
 
     def _drain(self, gen: Generation, lives_on: set[int] | None = None) -> None:
         """Stop ``gen`` accepting and let its in-flight connections finish."""
         self._pause(gen, gen.pids, lives_on or set())
+        self._start_draining(gen)
+
+    def _start_draining(self, gen: Generation) -> None:
         gen.to(State.DRAINING)
         gen.drain_deadline = self.sys.now() + self.opts.drain_timeout
 
@@ -492,20 +753,84 @@ class Supervisor:
             if g.state is State.DRAINING:
                 self._retire(g, "draining ended on request")
 
+    # -- hooks -----------------------------------------------------------
+    def _run_hook(self, name: str, command: str) -> Hook:
+        hook = Hook(name, command)
+        env = dict(self.opts.env)
+        env["HUPT_PID"] = str(os.getpid())
+        if self.current is not None:
+            env["HUPT_GENERATION"] = str(self.current.number)
+        hook.start(env)
+        self._hooks.append(hook)
+        self._sel.register(hook.fd, selectors.EVENT_READ, ("hook", hook))
+        return hook
+
+    def _on_hook_output(self, hook: Hook) -> None:
+        if not hook.read():
+            self._sel.unregister(hook.fd)
+            hook.close()
+            self._hook_maybe_done(hook)
+
+    def _hook_maybe_done(self, hook: Hook) -> None:
+        if hook.status is None or hook.fd >= 0:
+            return  # wait for both its exit and the end of its output
+        self._hooks.remove(hook)
+        up = self.upgrade
+        if hook.name == "before-reload":
+            if up is None or up.hook is not hook:
+                return  # the reload was abandoned meanwhile
+            if hook.status == 0:
+                up.tell("--before-reload succeeded")
+                self._launch()
+            else:
+                self._fail_upgrade(hook.reason())
+            return
+        waiters, reason = self._after.pop(hook.pid, ([], ""))
+        if hook.status != 0:
+            log.warn(hook.reason())
+            for w in waiters:
+                w.progress(hook.reason())
+            reason += f"; {hook.reason()}"
+        for w in waiters:
+            w.done(True, reason)
+
+    # -- timers ------------------------------------------------------------
     def tick(self) -> None:
         now = self.sys.now()
         if now >= self._next_members:
             self._next_members = now + MEMBERS_POLL
             self._refresh_members()
         up = self.upgrade
-        if up is not None and up.gen is not None and now >= up.deadline:
-            missing = up.target - up.gen.listened
-            reason = (f"{up.gen} was not ready after {self.opts.ready_timeout:g} s"
-                      + (f": it did not listen on {_fmt(missing)}" if missing else ""))
-            if self.opts.exec_mode and not up.fresh and self._was_execed(up.gen):
-                self._start_afresh(reason)
+        if up is not None and up.phase == "confirming":
+            if up.confirm_at is not None and now >= up.confirm_at:
+                up.confirm_at = None
+                self._promote()
+            elif self.opts.ready.kind == "http" and up.probe is None and now >= up.next_probe:
+                self._start_probe()
+        up = self.upgrade
+        if (up is not None and now >= up.deadline and up.phase != "before"
+                and up.replacing is None):
+            missing = up.target - (up.gen.listened if up.gen else set())
+            why = f"{up.gen} was not ready after {self.opts.ready_timeout:g} s"
+            if missing:
+                why += f": it did not listen on {_fmt(missing)}"
+            elif up.phase == "confirming":
+                why += f": --ready {self.opts.ready} not satisfied"
+                if up.last_probe:
+                    why += f" (last probe: {up.last_probe})"
+            if (self.opts.exec_mode and not up.fresh and up.gen is not None
+                    and self._was_execed(up.gen)):
+                self._start_afresh(why)
             else:
-                self._fail_upgrade(reason)
+                self._fail_upgrade(why)
+        if self._watcher is not None and self._watcher.poll(now):
+            shown = ", ".join(self._watcher.changed[:3])
+            log.info(f"files changed ({shown}): reloading")
+            self.request_reload()
+        if self._revive_at is not None and now >= self._revive_at and not self.stopping:
+            self._revive_at = None
+            log.info("reviving the server")
+            self.request_reload(revive=True)
         for g in list(self.gens):
             if g.state is State.DRAINING:
                 execs = self.upgrade is not None and self.upgrade.replacing is g
@@ -514,6 +839,10 @@ class Supervisor:
                 late = g.pids - g.paused
                 if late:
                     self._pause(g, late, {g.pid} & late if execs else set())
+                if self.opts.close_idle_ms is not None:
+                    closed = self.sys.close_idle(g.pids, g.listened, self.opts.close_idle_ms)
+                    if closed:
+                        log.debug(f"{g}: closed {closed} idle connection(s)")
                 n = self.sys.in_flight(g.pids, g.listened)
                 if n == 0:
                     if execs:
@@ -548,6 +877,10 @@ class Supervisor:
             for g in self.gens:
                 if g.pid == pid and g.replaced_by is None:
                     g.exit_status = status
+            for hook in list(self._hooks):
+                if hook.pid == pid:
+                    hook.status = status
+                    self._hook_maybe_done(hook)
         # An exec-mode generation whose root runs a newer image keeps only its
         # other processes; they are still in the tree below that root.
         leftovers: set[int] = set()
@@ -583,7 +916,12 @@ class Supervisor:
         if gen is self.current:
             self.exit_code = _exit_code(status, gen.retired_by_hupt)
             self.current = None
-            if not self.stopping and self.upgrade is None:
+            if self.opts.revive and not gen.retired_by_hupt and not self.stopping:
+                lived = self.sys.now() - (gen.ready_at or gen.started_at)
+                if lived > 10.0:
+                    self._revive_backoff = 0.5
+                self._schedule_revive()
+            elif not self.stopping and self.upgrade is None:
                 self.request_stop()
         if gen.pid in self._aliases and not any(
                 g.alive and g.pid == gen.pid for g in self.gens):
@@ -592,15 +930,48 @@ class Supervisor:
                 self._control.unalias(gen.pid)
         self._release_unused()
 
+    def _schedule_revive(self) -> None:
+        self._revive_at = self.sys.now() + self._revive_backoff
+        log.warn(f"--revive: starting it again in {self._revive_backoff:g} s; "
+                 "the sockets stay held, clients queue")
+        self._revive_backoff = min(self._revive_backoff * 2, REVIVE_MAX_BACKOFF)
+
     def _release_unused(self) -> None:
-        if self.upgrade is not None:
-            return  # the starting generation may still bind anything held
+        if self.upgrade is not None or self._revive_at is not None:
+            return  # a starting generation may still bind anything held
         used: set[Address] = set()
         for g in self.gens:
             if g.alive:
                 used |= g.listened
+        if self.current is None and self.opts.revive and not self.stopping:
+            return
         for a in self.sys.listeners.keep_only(used):
             log.info(f"released {a}: no generation listens on it")
+
+    # -- status ------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.sys.now()
+        gens = []
+        for g in self.gens:
+            if not g.alive:
+                continue
+            counted = g.state in (State.SERVING, State.DRAINING, State.RETIRING, State.FAILED)
+            gens.append({
+                "number": g.number, "pid": g.pid, "pids": sorted(g.pids),
+                "state": g.state.value, "age_s": round(now - g.started_at, 3),
+                "ready_ms": (round((g.ready_at - g.started_at) * 1000, 1)
+                             if g.ready_at is not None else None),
+                "in_flight": self.sys.in_flight(g.pids, g.listened) if counted else None,
+                "listening": sorted(str(a) for a in g.listened)})
+        state = "stopping" if self.stopping else ("reloading" if self.upgrade else "running")
+        return {
+            "hupt_pid": os.getpid(), "command": self.opts.argv,
+            "mode": "exec" if self.opts.exec_mode else "fork",
+            "state": state, "uptime_s": round(time.time() - self.started_at, 3),
+            "generations": gens, "listeners": self.sys.listener_stats(),
+            "reloads": [{"at": r.at, "duration_ms": round(r.duration_ms, 1), "ok": r.ok,
+                         "reason": r.reason, "generation": r.generation}
+                        for r in self.history]}
 
     # -- control socket --------------------------------------------------
     def _on_control(self) -> None:
@@ -633,7 +1004,15 @@ class Supervisor:
             self.request_reload(PeerWaiter(peer))
         elif cmd == "stop":
             peer.send({"event": "progress", "message": "stopping"})
-            self.request_stop(now=bool(msg.get("now")), waiter=PeerWaiter(peer))
+            if msg.get("now"):
+                self._end_draining()
+            self.request_stop(now=False, waiter=PeerWaiter(peer))
+            if msg.get("now"):
+                self._end_draining()
+        elif cmd == "status":
+            peer.send({"event": "result", "ok": True, "reason": "status",
+                       "status": self.status()})
+            peer.finish()
         elif cmd == "ping":
             peer.send({"event": "result", "ok": True, "reason": "pong",
                        "generations": [_gen_info(g) for g in self.gens if g.alive]})

@@ -109,6 +109,12 @@ class System(Protocol):
 
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int: ...
 
+    def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
+        """Close (FIN) the idle keep-alive connections of these processes; return how many."""
+
+    def listener_stats(self) -> list[dict[str, object]]:
+        """Each held listener: address, inode, accept-queue length, backlog."""
+
     def signal(self, pids: Iterable[int], sig: int) -> None: ...
 
 
@@ -403,29 +409,63 @@ class LinuxSystem:
         from hupt.tracer import accepting
 
         problems: list[str] = []
-        for rec in self._paused.pop(number, []):
+        for rec in reversed(self._paused.pop(number, [])):
             try:
-                lost = accepting.resume_listeners(rec.pid, rec)
+                skipped = accepting.resume_listeners(rec.pid, rec)
+                if skipped:
+                    problems.append(f"pid {rec.pid}: fds {skipped} were replaced meanwhile")
             except NoSuchProcess:
                 continue
             except HuptError as e:
                 problems.append(f"pid {rec.pid}: {e}")
-                continue
-            if lost:
-                problems.append(f"pid {rec.pid}: fds {lost} were replaced meanwhile")
         return problems
 
-    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+    def _sockdiag(self) -> SockDiag:
         from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
 
         if self._diag is None:
             self._diag = sockdiag.SockDiag()
+        return self._diag
+
+    def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
+        from hupt import drain
+
         try:
-            return sockdiag.in_flight(self._diag, addresses, pids)
+            idle = drain.idle_connections(self._sockdiag(), addresses, pids, idle_ms)
+        except KernelError as e:
+            log.warn(f"looking for idle connections: {e}")
+            return 0
+        return sum(1 for c in idle if drain.close_connection(c))
+
+    def listener_stats(self) -> list[dict[str, object]]:
+        diag = self._sockdiag()
+        out: list[dict[str, object]] = []
+        for held in self.listeners:
+            a = held.address
+            queued: int | None = None
+            backlog: int | None = held.backlog
+            try:
+                if a.is_unix:
+                    rows = [(u.inode, u.queued, u.backlog) for u in diag.unix_listeners()]
+                else:
+                    rows = [(t.inode, t.queued, t.backlog)
+                            for t in diag.tcp_listeners(a.family, a.port)]
+            except KernelError:
+                rows = []
+            for inode, q, b in rows:
+                if inode == held.inode:
+                    queued, backlog = q, b
+            out.append({"address": str(a), "inode": held.inode, "queued": queued,
+                        "backlog": backlog})
+        return out
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+        from hupt.tracer import sockdiag
+
+        try:
+            return sockdiag.in_flight(self._sockdiag(), addresses, pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
-            self._diag.close()
-            self._diag = None
             return 0
 
     def signal(self, pids: Iterable[int], sig: int) -> None:

@@ -160,6 +160,13 @@ class FakeSystem:
         self.events.append(f"pause {number}")
         return []
 
+    def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
+        return 0
+
+    def listener_stats(self) -> list[dict[str, object]]:
+        return [{"address": str(h.address), "inode": h.inode, "queued": 0,
+                 "backlog": h.backlog} for h in self.listeners]
+
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
         return sum(self.in_flight_by_pid.get(p, 0) for p in pids)
 

@@ -1,0 +1,310 @@
+"""Lifecycle controls of `hupt run`, each against a real server under real load.
+
+Every test fails if its option does nothing: it asserts the effect (a delay
+that is waited, a READY=1 that is required, a rollback that brings the old
+generation back, a hook's output as the reason...), and 0 failed requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import (
+    SERVERS,
+    HuptProcess,
+    Procs,
+    free_port,
+    http_get,
+    hupt_env,
+    wait_gone,
+    wait_listening,
+)
+from load import Load, Target
+
+HEALTH = SERVERS / "health_server.py"
+
+
+def health_cmd(target: Target, *extra: str) -> list[str]:
+    assert isinstance(target, tuple)
+    return [sys.executable, str(HEALTH), f"{target[0]}:{target[1]}", *extra]
+
+
+def start(procs: Procs, *opts: str, cmd: list[str] | None = None,
+          env: dict[str, str] | None = None,
+          target: Target | None = None) -> tuple[HuptProcess, Target]:
+    target = target or ("127.0.0.1", free_port())
+    h = procs.hupt(*opts, cmd=cmd if cmd is not None else health_cmd(target), env=env)
+    wait_listening(target, 20, proc=h)
+    return h, target
+
+
+def serving_pid(target: Target) -> int:
+    status, body = http_get(target, "/")
+    assert status == 200
+    return int(body.split("pid=")[1].split()[0])
+
+
+def hupt_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hupt", *args], capture_output=True, text=True,
+                          timeout=timeout, env=hupt_env(os.environ))
+
+
+def test_status_json_describes_a_running_instance(procs: Procs) -> None:
+    h, target = start(procs)
+    assert h.reload().returncode == 0
+    assert h.reload().returncode == 0
+    r = hupt_cli("status", "--json", str(h.pid))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == 1 and len(doc["instances"]) == 1
+    inst = doc["instances"][0]
+    assert inst["hupt_pid"] == h.pid and inst["mode"] == "fork" and inst["state"] == "running"
+    serving = [g for g in inst["generations"] if g["state"] == "serving"]
+    assert len(serving) == 1 and serving[0]["number"] == 3
+    assert serving[0]["pid"] == serving_pid(target)
+    assert serving[0]["listening"] == [f"127.0.0.1:{target[1]}"]
+    assert serving[0]["in_flight"] == 0
+    (listener,) = inst["listeners"]
+    assert listener["address"] == f"127.0.0.1:{target[1]}"
+    assert listener["backlog"] >= 1024 and listener["queued"] == 0
+    assert [r["ok"] for r in inst["reloads"]] == [True, True]
+    assert all(r["duration_ms"] > 0 for r in inst["reloads"])
+    # Without a PID: every instance of this user, this one among them.
+    r = hupt_cli("status", "--json")
+    assert h.pid in [i["hupt_pid"] for i in json.loads(r.stdout)["instances"]]
+    # The human form names the generation and the listener.
+    r = hupt_cli("status", str(h.pid))
+    assert "generation 3" in r.stdout and "backlog" in r.stdout
+
+
+def test_ready_delay_waits_before_switching(procs: Procs) -> None:
+    h, target = start(procs, "--ready", "delay:1.5")
+    old = serving_pid(target)
+    with Load(target, fresh=2, keepalive=1) as load:
+        t0 = time.monotonic()
+        r = h.reload()
+        took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert took >= 1.5, took
+    assert serving_pid(target) != old
+    assert load.result.failed == 0, load.result.summary()
+
+
+def test_ready_notify_requires_ready_1(procs: Procs, tmp_path: Path) -> None:
+    silent = tmp_path / "SILENT"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h, _ = start(procs, "--ready", "notify", "--ready-timeout", "3",
+                 cmd=health_cmd(target, "--notify-after", "0.8", "--no-notify-if", str(silent)),
+                 target=target)
+    old = serving_pid(target)
+    with Load(target, fresh=2, keepalive=1) as load:
+        t0 = time.monotonic()
+        r = h.reload()
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 >= 0.8
+        new = serving_pid(target)
+        assert new != old
+        silent.touch()  # the next generation listens but never says READY=1
+        r = h.reload()
+        assert r.returncode == 1 and "--ready notify not satisfied" in r.stderr, r.stderr
+        time.sleep(0.5)
+        assert serving_pid(target) == new
+    assert load.result.failed == 0, load.result.summary()
+
+
+def test_ready_http_rolls_back_an_unhealthy_generation(procs: Procs, tmp_path: Path) -> None:
+    sick = tmp_path / "SICK"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h, _ = start(procs, "--ready", "http:/healthz", "--ready-timeout", "2",
+                 cmd=health_cmd(target, "--fail-health-if", str(sick)), target=target)
+    with Load(target, fresh=2, keepalive=2) as load:
+        assert h.reload().returncode == 0
+        healthy = serving_pid(target)
+        sick.touch()
+        r = h.reload()
+        assert r.returncode == 1, r.stderr
+        assert "503" in r.stderr and "rolled back" in r.stderr, r.stderr
+        time.sleep(1.0)
+        # The old generation accepts again: it alone answers now.
+        assert {serving_pid(target) for _ in range(10)} == {healthy}
+        sick.unlink()
+        assert h.reload().returncode == 0
+    assert load.result.failed == 0, load.result.summary()
+    assert healthy in load.result.pids
+
+
+def test_before_reload_failure_aborts_with_its_output(procs: Procs, tmp_path: Path) -> None:
+    flag = tmp_path / "BROKEN"
+    hook = f"if [ -e {flag} ]; then echo 'config test failed: line 3'; exit 4; fi; echo ok"
+    h, target = start(procs, "--before-reload", hook)
+    old = serving_pid(target)
+    flag.touch()
+    r = h.reload()
+    assert r.returncode == 1
+    assert "config test failed: line 3" in r.stderr and "exit status 4" in r.stderr
+    assert serving_pid(target) == old and len(h.descendants()) == 1, "no generation started"
+    flag.unlink()
+    assert h.reload().returncode == 0
+    assert serving_pid(target) != old
+
+
+def test_after_reload_runs_and_its_failure_is_reported(procs: Procs, tmp_path: Path) -> None:
+    out = tmp_path / "warmed"
+    h, _ = start(procs, "--after-reload",
+                      f'echo "gen $HUPT_GENERATION" >> {out}; test -e {tmp_path}/FAIL && exit 2;'
+                      " true")
+    assert not out.exists()
+    r = h.reload()
+    assert r.returncode == 0 and out.read_text() == "gen 2\n"
+    (tmp_path / "FAIL").touch()
+    r = h.reload()
+    assert r.returncode == 0, r.stderr
+    assert "--after-reload command failed (exit status 2)" in r.stderr
+
+
+def test_revive_restarts_a_crashed_server_while_clients_queue(procs: Procs) -> None:
+    h, target = start(procs, "--revive")
+    victims = []
+    with Load(target, fresh=2, keepalive=1, timeout=15) as load:
+        for _ in range(3):
+            victim = serving_pid(target)
+            victims.append(victim)
+            http_get(target, "/exit?code=3")  # it crashes between requests
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    if serving_pid(target) != victim:
+                        break
+                except (OSError, AssertionError):
+                    pass
+                assert time.monotonic() < deadline, h.log()
+                time.sleep(0.1)
+    assert load.result.failed == 0, load.result.summary()
+    assert h.log().count("--revive: starting it again") == 3, h.log()
+    assert h.poll() is None
+    assert not wait_gone(victims, 1.0)
+
+
+def test_without_revive_a_crash_ends_hupt_with_its_status(procs: Procs) -> None:
+    h, target = start(procs)
+    http_get(target, "/exit?code=3")
+    assert h.popen.wait(15) == 3
+
+
+def test_pidfile_and_unlink(procs: Procs, tmp_path: Path) -> None:
+    hupt_pidfile = tmp_path / "hupt.pid"
+    app_pid = tmp_path / "app.pid"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    # A server that refuses to start while its pidfile exists: only --unlink makes a
+    # second generation possible.
+    cmd = ["sh", "-c", f"test -e {app_pid} && exit 9; echo $$ > {app_pid}; "
+                       f"exec {' '.join(health_cmd(target))}"]
+    h, _ = start(procs, "--pidfile", str(hupt_pidfile), "--unlink", str(app_pid), cmd=cmd,
+                 target=target)
+    assert hupt_pidfile.read_text().strip() == str(h.pid)
+    for _ in range(2):
+        r = h.reload()
+        assert r.returncode == 0, r.stderr
+        assert app_pid.read_text().strip() == str(serving_pid(target))
+    h.signal(signal.SIGTERM)
+    assert h.popen.wait(30) == 0
+    assert not hupt_pidfile.exists()
+
+
+def test_watch_reloads_on_change_debounced(procs: Procs, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "app.py").write_text("1")
+    h, target = start(procs, "--watch", str(src))
+    first = serving_pid(target)
+    time.sleep(1.0)
+    assert serving_pid(target) == first, "no change, no reload"
+    for i in range(4):  # a burst of writes: one reload
+        (src / "app.py").write_text(str(i))
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while serving_pid(target) == first:
+        assert time.monotonic() < deadline, h.log()
+        time.sleep(0.1)
+    time.sleep(1.5)
+    assert h.log().count("files changed") == 1, h.log()
+
+
+def _idle_keepalive(target: Target) -> socket.socket:
+    assert isinstance(target, tuple)
+    s = socket.create_connection(target, timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while not data.endswith(b"tag=health\n"):
+        chunk = s.recv(4096)
+        assert chunk, data
+        data += chunk
+    return s
+
+
+def test_close_idle_ends_drains_early(procs: Procs) -> None:
+    h, target = start(procs, "--drain-timeout", "30", "--close-idle", "300")
+    old = serving_pid(target)
+    conn = _idle_keepalive(target)  # pins the old generation
+    t0 = time.monotonic()
+    assert h.reload().returncode == 0
+    assert not wait_gone({old}, 10), h.log()
+    assert time.monotonic() - t0 < 10
+    assert conn.recv(100) == b"", "the idle connection was closed with a FIN"
+    conn.close()
+
+
+def test_without_close_idle_an_idle_connection_pins_the_old_generation(procs: Procs) -> None:
+    h, target = start(procs, "--drain-timeout", "30")
+    old = serving_pid(target)
+    conn = _idle_keepalive(target)
+    assert h.reload().returncode == 0
+    assert wait_gone({old}, 2.0) == {old}, "still draining"
+    os.kill(h.pid, signal.SIGUSR2)  # end every drain now
+    assert not wait_gone({old}, 10), h.log()
+    conn.close()
+
+
+def test_stop_command_drains_and_waits(procs: Procs) -> None:
+    h, _ = start(procs)
+    r = hupt_cli("stop", str(h.pid))
+    assert r.returncode == 0, r.stderr
+    assert h.popen.wait(10) == 0
+
+
+def test_sd_notify_messages(procs: Procs, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    mgr = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    mgr.bind(path)
+    mgr.settimeout(10)
+
+    def next_msg() -> dict[str, str]:
+        data = mgr.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
+
+    h, target = start(procs, env={"NOTIFY_SOCKET": path})
+    m = next_msg()
+    assert m["READY"] == "1" and m["MAINPID"] == str(h.pid)
+    # The server itself does not see hupt's manager socket.
+    with open(f"/proc/{serving_pid(target)}/environ", "rb") as f:
+        assert b"NOTIFY_SOCKET=" not in f.read()
+    assert h.reload().returncode == 0
+    m = next_msg()
+    assert m["RELOADING"] == "1" and int(m["MONOTONIC_USEC"]) > 0
+    m = next_msg()
+    assert m["READY"] == "1" and "STATUS" in m
+    h.signal(signal.SIGTERM)
+    m = next_msg()
+    assert m["STOPPING"] == "1"
+    assert h.popen.wait(10) == 0
+    mgr.close()
