@@ -160,10 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Stop the hupt instance PID belongs to: every generation stops accepting, "
             "drains, and exits."))
     st.add_argument("pid", type=_pid, metavar="PID")
-    st.add_argument("--now", action="store_true", help="do not drain: kill at once")
-    _add_attach_parser(sub)
     st.add_argument("--now", action="store_true",
                     help="do not wait for in-flight connections: end every drain at once")
+    _add_attach_parser(sub)
 
     ss = sub.add_parser(
         "status", help="show generations, listeners and recent reloads", description=(

@@ -337,7 +337,7 @@ class Supervisor:
         for g in self.gens:
             if g.state is State.DRAINING:
                 deadlines.append(now + DRAIN_POLL)
-            if g.kill_at is not None:
+            if g.kill_at is not None and g.state is State.RETIRING:
                 deadlines.append(g.kill_at)
         if self._watcher is not None:
             deadlines.append(self._watcher.deadline())
@@ -897,6 +897,7 @@ class Supervisor:
     def _exited(self, gen: Generation) -> None:
         prev = gen.state
         gen.to(State.EXITED)
+        gen.kill_at = gen.drain_deadline = None
         self._unwatch(gen)
         status = gen.exit_status
         desc = _status(status)

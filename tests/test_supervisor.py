@@ -201,3 +201,20 @@ def test_reload_refused_while_stopping(fake: FakeSystem) -> None:
     w = Recorder()
     sup.request_reload(w)
     assert w.result == (False, "hupt is stopping")
+
+
+def test_no_busy_loop_after_a_retired_generation_exits(fake: FakeSystem) -> None:
+    """An exited generation's kill deadline must not keep the loop's timeout at 0."""
+    sup = make(fake, kill_timeout=5.0)
+    sup.request_reload(Recorder())
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    sup.tick()
+    assert sup.gens[0].state is State.RETIRING
+    fake.exit(1, 0)
+    fake.advance(1)
+    sup.tick()
+    assert sup.gens[0].state is State.EXITED
+    fake.advance(10)  # long past the old kill deadline
+    sup.tick()
+    assert sup._timeout() > 0.1

@@ -43,7 +43,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import secrets
+import os
 from collections.abc import Iterable, Sequence
 
 from hupt.errors import AccessDenied, KernelError
@@ -89,7 +89,7 @@ RET_ENOSYS = ret_errno(errno.ENOSYS)
 # the filter lets such calls through.  A program cannot learn it (reading a
 # filter back needs CAP_SYS_ADMIN), and guessing it would only let the program
 # bypass its own handoff.
-INJECTION_COOKIE = secrets.randbits(64) | 1
+INJECTION_COOKIE = int.from_bytes(os.urandom(8), "little") | 1
 
 
 def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> list[Insn]:

@@ -1,0 +1,45 @@
+"""The command line: every subcommand parses and explains itself; bad input is one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from hupt import cli
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["reload", "--help"],
+                                  ["stop", "--help"], ["attach", "--help"], ["status", "--help"]])
+def test_help_for_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    assert "usage: hupt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["run"], "missing the server command"),
+    (["run", "--"], "missing the server command"),
+    (["run", "--drain-timeout", "-1", "--", "x"], "positive number of seconds"),
+    (["run", "--ready", "bogus", "--", "x"], "unknown --ready policy"),
+    (["run", "--ready", "delay:-2", "--", "x"], "non-negative"),
+    (["run", "--close-idle", "0", "--", "x"], "milliseconds"),
+    (["run", "--stop-signal", "NOPE", "--", "x"], "unknown signal"),
+    (["reload", "abc"], "not a PID"),
+    (["reload"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], needle: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("hupt: error:") and needle in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_policies_reach_the_options() -> None:
+    args = cli.build_parser().parse_args(
+        ["run", "--ready", "http:/healthz", "--revive", "--close-idle", "250",
+         "--unlink", "/tmp/a", "--unlink", "/tmp/b", "--watch", "src", "--", "srv", "-x"])
+    assert str(args.ready) == "http:/healthz" and args.revive and args.close_idle == 250
+    assert args.unlink == ["/tmp/a", "/tmp/b"] and args.watch == ["src"]
+    assert args.cmd[-2:] == ["srv", "-x"]
