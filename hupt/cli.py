@@ -87,6 +87,12 @@ def _millis(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64: {text!r}")
+    return int(text)
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="while an old generation drains, close its keep-alive connections "
                           "idle for MS milliseconds (see README: the race with a client's "
                           "next request)")
+    run.add_argument("--multi", type=_count, default=1, metavar="N",
+                     help="run N copies of each generation, all accepting on the same held "
+                          "sockets (one accept queue, not SO_REUSEPORT); a reload replaces "
+                          "all N (default: 1)")
     run.add_argument("--pidfile", metavar="PATH", help="write hupt's own PID to PATH")
     run.add_argument("--unlink", action="append", default=[], metavar="PATH",
                      help="remove PATH (e.g. the server's pidfile) before each generation "
@@ -211,6 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("hupt run: missing the server command (hupt run [OPTIONS] -- CMD ...)")
+    if args.multi > 1 and args.exec_mode:
+        raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
+                         "one process)")
     from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
     from hupt.system import LinuxSystem
@@ -222,7 +235,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                    stop_signal=args.stop_signal, exec_mode=args.exec_mode, ready=args.ready,
                    revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
                    watch=args.watch, before_reload=args.before_reload,
-                   after_reload=args.after_reload, close_idle_ms=args.close_idle)
+                   after_reload=args.after_reload, close_idle_ms=args.close_idle,
+                   multi=args.multi)
     sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}")
     return sup.run()

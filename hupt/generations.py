@@ -29,6 +29,7 @@ Invariant (as in tableflip): at most one generation is STARTING.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 from hupt.address import Address
@@ -63,6 +64,10 @@ class Generation:
     pids: set[int] = field(default_factory=set)
     # Addresses this generation listened on (handed over or new).
     listened: set[Address] = field(default_factory=set)
+    # How many listen() calls it made per address: with --multi N every copy listens.
+    listens: Counter[Address] = field(default_factory=Counter)
+    # The processes hupt started for it (--multi: one per copy); ``pid`` is the first.
+    copies: list[int] = field(default_factory=list)
     ready_at: float | None = None
     drain_deadline: float | None = None
     kill_at: float | None = None

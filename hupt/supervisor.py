@@ -61,6 +61,7 @@ MEMBERS_POLL = 1.0
 PROBE_INTERVAL = 0.2
 HISTORY = 20
 REVIVE_MAX_BACKOFF = 30.0
+COPIES_SETTLE = 0.3
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Options:
     before_reload: str | None = None
     after_reload: str | None = None
     close_idle_ms: int | None = None
+    # --multi: copies of each generation sharing the held sockets (one accept queue).
+    multi: int = 1
 
 
 class Waiter:
@@ -179,6 +182,8 @@ class Supervisor:
         # Addresses the last serving generation listened on: what a revived one must take.
         self._serving: set[Address] = set()
         self._revive_at: float | None = None
+        self._copies_at: float | None = None
+        self._gen_env: dict[int, dict[str, str]] = {}
         self._revive_backoff = 0.5
 
     # -- public entry points ---------------------------------------------
@@ -343,6 +348,8 @@ class Supervisor:
             deadlines.append(self._watcher.deadline())
         if self._revive_at is not None:
             deadlines.append(self._revive_at)
+        if self._copies_at is not None:
+            deadlines.append(self._copies_at)
         return max(0.0, min(deadlines) - now)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -376,26 +383,42 @@ class Supervisor:
             env["NOTIFY_SOCKET"] = listener.path
         return env
 
-    def _spawn(self) -> Generation:
+    def _spawn(self, copies: int = 1) -> Generation:
         number = len(self.gens) + 1
         for path in self.opts.unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        argv = self.opts.argv
-        if self.opts.program is not None:  # argv[0] does not name it (attach)
-            argv = [self.opts.program, *argv[1:]]
-        env = self._env(number)
+        self._gen_env[number] = self._env(number)
         try:
-            pid, fd = self.sys.spawn(number, argv, env, self.opts.cwd)
+            pid, fd = self._start_copy(number)
         except HuptError:
             self._drop_ready_notice(number)
             raise
-        gen = Generation(number, pid, self.sys.now(), pids={pid})
+        gen = Generation(number, pid, self.sys.now(), pids={pid}, copies=[pid])
         self.gens.append(gen)
         self._fds[number] = fd
         self._sel.register(fd, selectors.EVENT_READ, ("notify", gen))
         log.debug(f"spawned {gen}")
+        self._more_copies(gen, copies - 1)
         return gen
+
+    def _start_copy(self, number: int) -> tuple[int, int]:
+        argv = self.opts.argv
+        if self.opts.program is not None:  # argv[0] does not name it (attach)
+            argv = [self.opts.program, *argv[1:]]
+        return self.sys.spawn(number, argv, self._gen_env[number], self.opts.cwd)
+
+    def _more_copies(self, gen: Generation, n: int) -> None:
+        """Start ``n`` more copies of ``gen``: their binds get its held sockets."""
+        for _ in range(n):
+            try:
+                pid, _fd = self._start_copy(gen.number)  # same notify group, same fd
+            except HuptError as e:
+                log.error(f"{gen}: starting a copy: {e}")
+                return
+            gen.copies.append(pid)
+            gen.pids.add(pid)
+            log.debug(f"{gen}: copy {len(gen.copies)} is pid {pid}")
 
     def _launch(self) -> None:
         """Start the new generation of the reload in progress."""
@@ -405,7 +428,7 @@ class Supervisor:
             self._begin_exec(self.current)
             return
         try:
-            gen = self._spawn()
+            gen = self._spawn(self.opts.multi)
         except HuptError as e:
             self._fail_upgrade(str(e))
             return
@@ -422,9 +445,14 @@ class Supervisor:
     def on_notify(self, gen: Generation) -> None:
         got = self.sys.service(gen.number)
         for addr in got.listened:
+            gen.listens[addr] += 1
             if addr not in gen.listened:
                 gen.listened.add(addr)
                 log.debug(f"{gen} listens on {addr}")
+        if got.listened and gen is self.current and len(gen.copies) < self.opts.multi:
+            # The first generation's other copies start once the first one has
+            # listened (and settled): their binds are then handoffs, not EADDRINUSE.
+            self._copies_at = self.sys.now() + COPIES_SETTLE
         if got.listened:
             if gen is self.current and not self._announced_ready:
                 self._announced_ready = True
@@ -478,6 +506,8 @@ class Supervisor:
             return
         if not up.target and not gen.listened and self.current is not None:
             return
+        if any(gen.listens[a] < len(gen.copies) for a in up.target):
+            return  # --multi: every copy listens
         policy = self.opts.ready
         if policy.kind == "listen":
             self._promote()
@@ -827,6 +857,11 @@ class Supervisor:
             shown = ", ".join(self._watcher.changed[:3])
             log.info(f"files changed ({shown}): reloading")
             self.request_reload()
+        if self._copies_at is not None and now >= self._copies_at:
+            self._copies_at = None
+            cur = self.current
+            if cur is not None and cur.state is State.SERVING and not self.stopping:
+                self._more_copies(cur, self.opts.multi - len(cur.copies))
         if self._revive_at is not None and now >= self._revive_at and not self.stopping:
             self._revive_at = None
             log.info("reviving the server")

@@ -212,7 +212,9 @@ class LinuxSystem:
         env[GEN_ENV] = f"{self._me}.{number}"
         pid, notify = spawn(argv, env, syscalls, cwd=cwd)
         notify.enable_sync_wakeup()
-        group = self._notify[number] = _Notifications()
+        group = self._notify.get(number)
+        if group is None:  # --multi: later copies join the first one's group
+            group = self._notify[number] = _Notifications()
         group.add(Handoff(number, notify, self.listeners))
         self._marker[number] = number
         if self._exec_mode and self._diag is None:

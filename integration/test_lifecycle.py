@@ -308,3 +308,40 @@ def test_sd_notify_messages(procs: Procs, tmp_path: Path) -> None:
     assert m["STOPPING"] == "1"
     assert h.popen.wait(10) == 0
     mgr.close()
+
+
+def _copies(h: HuptProcess, inode: int | None) -> set[int]:
+    from harness import listener_inodes
+
+    return {p for p in h.descendants() if inode in listener_inodes(p)}
+
+
+def test_multi_runs_copies_on_one_accept_queue(procs: Procs) -> None:
+    from harness import listener_inode
+
+    h, target = start(procs, "--multi", "4")
+    assert isinstance(target, tuple)
+    inode = listener_inode(target[1])
+    deadline = time.monotonic() + 15
+    while len(_copies(h, inode)) < 4:
+        assert time.monotonic() < deadline, h.log()
+        time.sleep(0.1)
+    first = _copies(h, inode)
+    # All four serve from the one held socket: keep asking until each has answered.
+    seen: set[int] = set()
+    deadline = time.monotonic() + 20
+    while seen != first:
+        assert time.monotonic() < deadline, (seen, first)
+        seen.add(serving_pid(target))
+    with Load(target, fresh=2, keepalive=2) as load:
+        r = h.reload()
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary()
+    assert listener_inode(target[1]) == inode
+    assert not wait_gone(first, 15), "the old copies retire"
+    second = _copies(h, inode)
+    assert len(second) == 4 and not second & first
+    doc = json.loads(hupt_cli("status", "--json", str(h.pid)).stdout)
+    (serving,) = [g for g in doc["instances"][0]["generations"] if g["state"] == "serving"]
+    assert set(serving["pids"]) >= second
