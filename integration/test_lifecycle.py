@@ -345,3 +345,51 @@ def test_multi_runs_copies_on_one_accept_queue(procs: Procs) -> None:
     doc = json.loads(hupt_cli("status", "--json", str(h.pid)).stdout)
     (serving,) = [g for g in doc["instances"][0]["generations"] if g["state"] == "serving"]
     assert set(serving["pids"]) >= second
+
+
+def test_drain_timeout_bounds_a_pinned_generation(procs: Procs) -> None:
+    h, target = start(procs, "--drain-timeout", "2")
+    old = serving_pid(target)
+    conn = _idle_keepalive(target)  # never closes by itself
+    t0 = time.monotonic()
+    assert h.reload().returncode == 0
+    assert wait_gone({old}, 1.0) == {old}, "drains at first"
+    assert not wait_gone({old}, 10), h.log()
+    assert 1.8 < time.monotonic() - t0 < 10
+    assert "drain timeout with 1 connection(s) still open" in h.log()
+    conn.close()
+
+
+def test_stop_signal_and_kill_timeout(procs: Procs) -> None:
+    """A server that ignores SIGTERM: --stop-signal USR1 stops it at once;
+    with the default TERM, --kill-timeout bounds the wait before SIGKILL."""
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h, _ = start(procs, "--stop-signal", "USR1", "--kill-timeout", "30",
+                 cmd=health_cmd(target, "--ignore-term"), target=target)
+    old = serving_pid(target)
+    assert h.reload().returncode == 0
+    assert not wait_gone({old}, 5), "USR1 stopped it long before the kill timeout"
+    assert "SIGKILL" not in h.log()
+
+    port = free_port()
+    target = ("127.0.0.1", port)
+    h2, _ = start(procs, "--kill-timeout", "1.5", cmd=health_cmd(target, "--ignore-term"),
+                  target=target)
+    old = serving_pid(target)
+    t0 = time.monotonic()
+    assert h2.reload().returncode == 0
+    assert not wait_gone({old}, 10), h2.log()
+    assert 1.3 < time.monotonic() - t0 < 10
+    assert "still running 1.5 s after the stop signal: SIGKILL" in h2.log()
+
+
+def test_stop_now_ends_drains_at_once(procs: Procs) -> None:
+    h, target = start(procs, "--drain-timeout", "60")
+    conn = _idle_keepalive(target)  # would pin the drain for a minute
+    t0 = time.monotonic()
+    r = hupt_cli("stop", "--now", str(h.pid))
+    assert r.returncode == 0, r.stderr
+    assert h.popen.wait(10) == 0
+    assert time.monotonic() - t0 < 8
+    conn.close()

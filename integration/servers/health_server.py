@@ -1,7 +1,7 @@
 """A small threaded HTTP server for hupt's lifecycle tests.
 
     health_server.py HOST:PORT [--fail-health-if PATH] [--notify-after S]
-                              [--no-notify-if PATH] [--exit-after S]
+                              [--no-notify-if PATH] [--ignore-term]
 
 /          "ok pid=<pid>"
 /healthz   200, or 503 while the file given by --fail-health-if exists
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import threading
 import time
@@ -34,8 +35,13 @@ def main() -> None:
     ap.add_argument("--fail-health-if")
     ap.add_argument("--notify-after", type=float)
     ap.add_argument("--no-notify-if")
+    ap.add_argument("--ignore-term", action="store_true",
+                    help="ignore SIGTERM (exit 0 on SIGUSR1 instead)")
     args = ap.parse_args()
     host, _, port = args.address.rpartition(":")
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: os._exit(0))
     unhealthy = bool(args.fail_health_if and os.path.exists(args.fail_health_if))
 
     class Handler(BaseHTTPRequestHandler):
