@@ -110,17 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Run CMD as generation 1 and supervise it; hupt's own PID stays the same across "
             "reloads, so systemd or supervisord can watch it."),
         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="S",
-                     help="a new generation must listen on every held address within S "
-                          "seconds, or the reload fails and the old one keeps serving "
-                          "(default: 30)")
-    run.add_argument("--drain-timeout", type=_seconds, default=60.0, metavar="S",
-                     help="longest an old generation may take to finish its in-flight "
-                          "connections before it is stopped anyway (default: 60)")
-    run.add_argument("--kill-timeout", type=_seconds, default=10.0, metavar="S",
-                     help="grace between the stop signal and SIGKILL (default: 10)")
-    run.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
-                     help="signal that asks a drained generation to exit (default: TERM)")
+    _add_timeouts(
+        run,
+        ready="a new generation must be ready (see --ready) within S seconds, or the reload "
+              "fails and the old one keeps serving (default: 30)",
+        drain="longest an old generation may take to finish its in-flight connections "
+              "before it is stopped anyway (default: 60)",
+        stop="signal that asks a drained generation to exit (default: TERM)")
     run.add_argument("--exec", dest="exec_mode", action="store_true",
                      help="exec mode: a reload keeps the server's PID (it stops accepting, "
                           "drains, and execs its program again in place)")
@@ -304,16 +300,23 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     at.add_argument("pid", type=_pid, metavar="PID")
     at.add_argument("--yes", action="store_true",
                     help="do not ask for confirmation (for scripts)")
-    at.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="S",
-                    help="the re-exec'd server must listen on every address within S seconds "
-                         "(default: 30)")
-    at.add_argument("--drain-timeout", type=_seconds, default=60.0, metavar="S",
-                    help="longest the server may take to finish its connections before it "
-                         "execs anyway (default: 60)")
-    at.add_argument("--kill-timeout", type=_seconds, default=10.0, metavar="S",
-                    help="grace between the stop signal and SIGKILL (default: 10)")
-    at.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
-                    help="signal that asks the server to exit (default: TERM)")
+    _add_timeouts(
+        at,
+        ready="the re-exec'd server must listen on every address within S seconds "
+              "(default: 30)",
+        drain="longest the server may take to finish its connections before it execs "
+              "anyway (default: 60)",
+        stop="signal that asks the server to exit (default: TERM)")
+
+
+def _add_timeouts(p: argparse.ArgumentParser, *, ready: str, drain: str, stop: str) -> None:
+    """The supervision options `run` and `attach` share (their help differs)."""
+    p.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="S", help=ready)
+    p.add_argument("--drain-timeout", type=_seconds, default=60.0, metavar="S", help=drain)
+    p.add_argument("--kill-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="grace between the stop signal and SIGKILL (default: 10)")
+    p.add_argument("--stop-signal", type=_signal, default=signal.SIGTERM, metavar="SIG",
+                   help=stop)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
