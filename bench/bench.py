@@ -18,8 +18,12 @@ For each server (the static Go server, python -m http.server, node):
 3. reload time minus the server's own start time (bare launch to first
    accepted connect, N starts interleaved with the reloads): hupt's own share;
 4. hupt's RSS after the reloads;
-5. `hupt run`'s cost before the server's exec, and the per-syscall cost of
-   the seccomp filter every generation runs under.
+5. exec mode (`hupt run --exec`, the server keeps its PID) beside fork mode:
+   the same server under two hupts, reloaded alternately, while a probe sends
+   requests on fresh connections to the one reloading: reload time, the
+   longest wait a request saw, failed requests (--no-exec-mode skips it);
+6. `hupt run`'s cost before the server's exec, and the per-syscall cost of
+   the seccomp filter every generation runs under (--no-exec skips it).
 
 A final table checks the targets. Progress goes to stderr, tables to stdout:
 rich tables on a terminal, plain aligned text otherwise, or --markdown / --json.
@@ -50,9 +54,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "integration")]
 
 import runner  # noqa: E402
 import wrk  # noqa: E402
-from harness import Started, free_port  # noqa: E402
+from harness import Started, descendants, free_port  # noqa: E402
 from load import Load, LoadResult  # noqa: E402
-from runner import Cpus, Reload, Runner, Server  # noqa: E402
+from runner import Cpus, Probe, Reload, Runner, Sample, Server  # noqa: E402
 from tables import Table, render  # noqa: E402
 
 HUPT_OPTS = ("--drain-timeout", "2", "--kill-timeout", "5")
@@ -65,6 +69,11 @@ TARGET_RSS_MB = 50.0
 TARGET_RUN_MS = 150.0
 TARGET_IDLE_CPU = 0.01  # not a target of the brief: a supervisor that sleeps costs nothing
 SYSCALL_LOOP = 1_000_000
+# Exec vs fork mode: the probe starts this long before each `hupt reload` and goes on
+# this long after it (and after the old generation exited); then a pause before the next.
+PROBE_LEAD = 0.05
+MODE_GAP = 0.1
+FORK, EXEC = "fork", "exec"
 
 
 @dataclass(frozen=True)
@@ -78,13 +87,14 @@ class Config:
     execs: int  # launches for the `hupt run` overhead
     gap: float  # seconds between reloads under load
     syscall_rounds: int  # interleaved bare/hupt runs of the getppid() loop
+    mode_reloads: int  # reloads in fork mode and in exec mode each, with the probe
     connections: int = 8
 
 
 FULL = Config(rounds=10, seconds=1, warmup=1, reloads=10, idle_reloads=10, starts=10, execs=10,
-              gap=0.3, syscall_rounds=5)
+              gap=0.3, syscall_rounds=5, mode_reloads=8)
 QUICK = Config(rounds=3, seconds=1, warmup=1, reloads=4, idle_reloads=5, starts=5, execs=5,
-               gap=0.2, syscall_rounds=3)
+               gap=0.2, syscall_rounds=3, mode_reloads=4)
 
 
 @dataclass
@@ -102,6 +112,25 @@ class UnderLoad:
 
 
 @dataclass
+class ModeReloads:
+    """Reloads of one hupt in fork or exec mode, and the probe's requests meanwhile."""
+
+    reloads: list[Reload] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)  # server processes seen between reloads
+    settled: bool = True
+
+    @property
+    def failed(self) -> list[Sample]:
+        return [x for x in self.samples if x.error]
+
+    @property
+    def failures(self) -> int:
+        """Failed probe requests and failed reloads."""
+        return len(self.failed) + sum(not r.ok for r in self.reloads)
+
+
+@dataclass
 class ServerResult:
     server: Server
     start_ms: list[float] = field(default_factory=list)
@@ -113,6 +142,7 @@ class ServerResult:
     rss_kib: list[tuple[int, int]] = field(default_factory=list)  # (reloads so far, VmRSS)
     idle_cpu: float = math.nan  # the `hupt run` process's CPU share in the throughput phase
     hwm_kib: int = 0
+    reload_modes: dict[str, ModeReloads] = field(default_factory=dict)  # FORK, EXEC
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -148,9 +178,10 @@ T0 = time.monotonic()
 
 
 class Bench:
-    def __init__(self, run: Runner, cfg: Config) -> None:
+    def __init__(self, run: Runner, cfg: Config, exec_mode: bool = True) -> None:
         self.run = run
         self.cfg = cfg
+        self.exec_mode = exec_mode
 
     def wrk_start(self, port: int, seconds: int, mode: str) -> Started:
         return self.run.spawn_load(wrk.argv(f"http://127.0.0.1:{port}/", seconds=seconds,
@@ -237,7 +268,59 @@ class Bench:
         rss, res.hwm_kib = runner.rss_kib(hupt.pid)
         res.rss_kib.append((res.reloads, rss))
         self.run.stop(hupt)
+        if self.exec_mode:
+            self.exec_vs_fork(server, res)
         return res
+
+    def exec_vs_fork(self, server: Server, res: ServerResult) -> None:
+        """The same server under a fork-mode and an exec-mode hupt, reloaded alternately
+        (ABBA), the probe aimed at the one reloading from just before the `hupt reload`
+        until the old generation is gone (exec mode: until the command returned)."""
+        ports = {FORK: free_port(), EXEC: free_port()}
+        hupts = {FORK: self.run.start_hupt(server, ports[FORK], HUPT_OPTS),
+                 EXEC: self.run.start_hupt(server, ports[EXEC], ("--exec", *HUPT_OPTS))}
+        for mode, h in hupts.items():
+            runner.wait_listening(ports[mode], h, 30)
+            res.reload_modes[mode] = ModeReloads(pids=descendants(h.pid))
+        probe = Probe().start()
+        try:
+            for i in range(self.cfg.mode_reloads):
+                for mode in (FORK, EXEC) if i % 2 == 0 else (EXEC, FORK):
+                    m, h = res.reload_modes[mode], hupts[mode]
+                    probe.aim(mode, ports[mode])
+                    time.sleep(PROBE_LEAD)
+                    r = self.run.reload(h.pid)
+                    m.reloads.append(r)
+                    if not r.ok:
+                        res.problems.append(f"{mode} mode reload {i + 1} failed:\n{r.output}")
+                    if not self.run.settle(h.pid, SETTLE_TIMEOUT):
+                        m.settled = False
+                        res.problems.append(f"{mode} mode reload {i + 1}: old generation "
+                                            f"still alive {SETTLE_TIMEOUT}s later")
+                    m.pids |= descendants(h.pid)
+                    time.sleep(PROBE_LEAD)
+                    probe.aim(None)
+                    time.sleep(MODE_GAP)
+        finally:
+            try:
+                samples = probe.stop()
+            finally:
+                for h in hupts.values():
+                    self.run.stop(h)
+        for mode, m in res.reload_modes.items():
+            m.samples = [x for x in samples if x.key == mode]
+            if m.failed:
+                res.problems.append(f"{mode} mode: {len(m.failed)} probe requests failed, "
+                                    f"first: {m.failed[0].error}")
+            waits = [x.ms for x in m.samples]
+            progress(f"{server.key} {mode} mode: reload -> ready "
+                     f"{med([r.to_ready_ms for r in m.reloads if r.ok]):.0f} ms (median), "
+                     f"probe: {len(waits)} requests, longest wait "
+                     f"{max(waits, default=math.nan):.1f} ms, {m.failures} failed; "
+                     f"{len(m.pids)} server PIDs")
+        if len(res.reload_modes[EXEC].pids) != 1:
+            res.problems.append(f"exec mode: the server's PID changed "
+                                f"({sorted(res.reload_modes[EXEC].pids)})")
 
     def _under_load(self, port: int, mode: str,
                     body: Callable[[], None]) -> tuple[wrk.WrkResult, LoadResult]:
@@ -324,6 +407,32 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): a value some request actually saw."""
+    if not xs:
+        return math.nan
+    ordered = sorted(xs)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def steady_waits(waits: list[float], interval: float) -> list[float]:
+    """`waits` plus the waits of the requests a paced one-at-a-time client did not send.
+
+    While one request waits L ms, the probe sends nothing; a client sending every
+    `interval` ms regardless would have had requests waiting L - interval,
+    L - 2 * interval, ... (all answered when the stall ends): wrk's and HdrHistogram's
+    coordinated-omission correction. Without it a stall is one sample in hundreds and
+    p99 does not show it.
+    """
+    out = list(waits)
+    for w in waits:
+        missed = w - interval
+        while missed >= interval:
+            out.append(missed)
+            missed -= interval
+    return out
+
+
 def ratios(pairs: list[tuple[wrk.WrkResult, wrk.WrkResult]]) -> list[float]:
     return [h.rps / b.rps for b, h in pairs if b.rps > 0]
 
@@ -407,6 +516,31 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
         "under load: the reloads of the reloads table (new generation, old one and wrk on one "
         "CPU), median (max); bare restart downtime: SIGTERM to listening again.",
     ]
+    interval = runner.PROBE_INTERVAL_S * 1000
+    xm = Table(f"Exec mode vs fork mode: {cfg.mode_reloads} reloads each, alternating, a probe "
+               "on fresh connections during each",
+               ["server", "mode", "reloads ok", "server PIDs", "reload -> ready",
+                "probe requests", "probe p50", "probe p99", "p99, steady arrivals",
+                "longest wait", "failed"], left=2)
+    xm.notes = [
+        "Two hupts run the same server, one `hupt run`, one `hupt run --exec`; idle except for "
+        "the probe. reload -> ready: median, client-measured as in the reload time table. "
+        "Fork: a new process starts and listens while the old one still accepts. Exec: the "
+        "server stops accepting, drains, exec()s itself, and the new image listens.",
+        f"probe: one client, one request at a time on a new connection, every "
+        f"{interval:g} ms at most, from {PROBE_LEAD * 1000:g} ms before "
+        f"each `hupt reload` to {PROBE_LEAD * 1000:g} ms after it returned and the old "
+        "generation exited; a request's latency is the wait it saw. In exec mode nothing "
+        "accepts between the last accept of the old image and the first of the new: "
+        "connections wait in the listener's accept queue, so the longest wait is about the "
+        "reload time.",
+        "p99, steady arrivals: the probe sends one request at a time, so a stall of T ms is "
+        "one sample; this p99 also counts the requests a client arriving every "
+        f"{interval:g} ms would have sent meanwhile, with the waits they would have seen "
+        f"(T - {interval:g} ms, T - {2 * interval:g} ms, ...), as wrk does.",
+        "failed: probe requests with an error or a non-200 response, plus failed reloads. "
+        "server PIDs: distinct server processes seen (exec mode keeps one).",
+    ]
     mem = Table("hupt's own footprint: the `hupt run` process",
                 ["server", "RSS at start", "after 1 reload", "after all reloads",
                  "peak (VmHWM)", "reloads", "CPU in steady state"])
@@ -450,6 +584,15 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
                    f">= {TARGET_RATIO}", worst_cpu >= TARGET_RATIO)
 
         failed = closed = 0
+        for mode, m in res.reload_modes.items():
+            waits = [x.ms for x in m.samples]
+            xm.add(s.label, mode, f"{sum(r.ok for r in m.reloads)}/{len(m.reloads)}", len(m.pids),
+                   ms(med([r.to_ready_ms for r in m.reloads if r.ok]), 0), f"{len(waits):,}",
+                   ms(percentile(waits, 50)), ms(percentile(waits, 99)),
+                   ms(percentile(steady_waits(waits, interval), 99)),
+                   ms(max(waits, default=math.nan)), m.failures)
+        if FORK in res.reload_modes:
+            failed += res.reload_modes[FORK].failures
         for (mode, method), u in res.under_load.items():
             w = u.stats
             under.add(s.label, mode, method, f"{u.done}/{u.attempted}", f"{w.requests:,}",
@@ -462,7 +605,7 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
                 closed += close_race
                 failed += (w.socket_errors - close_race + w.http_errors + u.load.failed
                            + u.attempted - u.done)
-        if any(m == HUPT for _, m in res.under_load):
+        if any(m == HUPT for _, m in res.under_load) or FORK in res.reload_modes:
             target(f"{s.label}: failed requests during reloads", str(failed), "= 0",
                    failed == 0)
             if closed:
@@ -470,6 +613,10 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
                     f"{s.label}: not counted as failed: {closed} wrk keep-alive read errors, "
                     "the retiring generation's own graceful shutdown closing idle keep-alive "
                     "connections (see the reloads table).")
+        if EXEC in res.reload_modes:
+            exec_failed = res.reload_modes[EXEC].failures
+            target(f"{s.label}: exec mode: failed requests during reloads", str(exec_failed),
+                   "= 0", exec_failed == 0)
 
         start = med(res.start_ms)
         idle = [r for r in res.idle_reloads if r.ok]
@@ -506,7 +653,7 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
         for p in res.problems:
             targets.notes.append(f"{s.label}: {p.splitlines()[0]}")
 
-    out = [tput, lat, under, rtime, mem]
+    out = [tput, lat, under, rtime, *([xm] if xm.rows else []), mem]
     if execs is not None:
         ex = Table(f"`hupt run` before the server's exec (median of {cfg.execs})",
                    ["launch", "to exec of `date`"])
@@ -591,6 +738,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the others; split: wrk and bench on the first half, servers on the "
                         "rest; none: no pinning")
     p.add_argument("--no-exec", action="store_true", help="skip the `hupt run` overhead test")
+    p.add_argument("--no-exec-mode", action="store_true",
+                   help="skip exec mode (`hupt run --exec`) reloads beside fork mode")
     p.add_argument("--hupt-src", metavar="DIR", type=Path,
                    help="run the hupt package found in DIR (e.g. a checkout with a change to "
                         "compare) instead of this repository's")
@@ -619,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         meta["hupt_src"] = str(args.hupt_src.resolve())
     run = Runner(workdir, cpus, args.hupt_src.resolve() if args.hupt_src else None)
-    bench = Bench(run, cfg)
+    bench = Bench(run, cfg, exec_mode=not args.no_exec_mode)
     results: list[ServerResult] = []
     execs: ExecResult | None = None
     skipped: list[str] = []
@@ -700,6 +849,13 @@ def raw(results: list[ServerResult], execs: ExecResult | None) -> dict[str, Any]
                                      "answered_by": len(u.load.pids)},
                             "settled": u.settled, "pause_ms": u.pause_ms}
                            for (m, meth), u in res.under_load.items()],
+            "reload_modes": {mode: {
+                "reloads": [{"ok": r.ok, "wall_ms": r.wall_ms, "to_ready_ms": r.to_ready_ms,
+                             "ready_in_ms": r.ready_in_ms} for r in m.reloads],
+                "server_pids": sorted(m.pids), "settled": m.settled,
+                "probe_ms": [round(x.ms, 3) for x in m.samples],
+                "probe_failures": [x.error for x in m.failed][:20]}
+                for mode, m in res.reload_modes.items()},
             "rss_kib": res.rss_kib, "hwm_kib": res.hwm_kib, "idle_cpu": res.idle_cpu,
             "problems": res.problems,
         }

@@ -35,7 +35,16 @@ Facts and choices this rests on:
   imports): "generation N (pid P) is ready in X ms", X counted by hupt from
   the moment the new generation had exec'd, then "generation M (pid Q)
   stopped accepting; draining" once the old generation is paused; the client
-  exits after that.
+  exits after that. In exec mode (`hupt run --exec`) the order differs: the
+  server "stopped accepting; draining it before it execs" first, then the
+  new image "is ready", and the client exits after "ready".
+- The probe behind "the longest wait a request saw" is one client thread in
+  the bench process (on the bench CPUs), one request at a time on a fresh
+  connection, started every PROBE_INTERVAL_S at most: a request that
+  arrives while nothing accepts (an exec-mode server between its last
+  accept and the new image's first) waits in the listener's accept queue,
+  and its latency is that wait. Paced rather than back to back so it does
+  not load the server's CPU while a new generation starts on it.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -64,6 +74,7 @@ from harness import (  # integration/ is on sys.path (bench.py puts it there)
     elf_segment_types,
     hupt_env,
 )
+from load import RequestFailed, request
 
 REPO = Path(__file__).resolve().parent.parent
 INTEGRATION = REPO / "integration"
@@ -250,6 +261,74 @@ class Reload:
     ready_in_ms: float  # hupt's own "ready in X ms"
     paused_ms: float  # client-measured: request sent -> "old generation stopped accepting"
     output: str
+    started: float  # perf_counter just before the launch
+
+
+PROBE_INTERVAL_S = 0.002
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One probe request: which server it went to, when (perf_counter), what went wrong."""
+
+    key: str
+    start: float
+    end: float
+    error: str  # "" for a 200 response
+
+    @property
+    def ms(self) -> float:
+        return (self.end - self.start) * 1000
+
+
+class Probe:
+    """A client thread sending requests on fresh connections to whatever `aim` points it at.
+
+    Aimed at nothing it idles, so the bench can point it at one server for exactly
+    the time of a reload. Every request is bounded by `timeout`.
+    """
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self.samples: list[Sample] = []
+        self._aim: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+
+    def aim(self, key: str | None, port: int = 0) -> None:
+        with self._lock:
+            self._aim = None if key is None else (key, port)
+
+    def start(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Sample]:
+        self._stop.set()
+        self._thread.join(self.timeout + 2.0)
+        if self._thread.is_alive():
+            raise RuntimeError("probe still running past its request timeout")
+        return self.samples
+
+    def _run(self) -> None:
+        next_at = time.perf_counter()
+        while not self._stop.wait(max(0.0, next_at - time.perf_counter())):
+            next_at = max(next_at + PROBE_INTERVAL_S, time.perf_counter())
+            with self._lock:
+                aim = self._aim
+            if aim is None:
+                continue
+            key, port = aim
+            t0 = time.perf_counter()
+            try:
+                status = request(("127.0.0.1", port), "/", self.timeout).status
+                error = "" if status == 200 else f"HTTP {status}"
+            except RequestFailed as e:
+                error = str(e)
+            except Exception as e:  # a bug in the probe must show up as a failure
+                error = f"probe: {e!r}"
+            self.samples.append(Sample(key, t0, time.perf_counter(), error))
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -314,7 +393,8 @@ class Runner:
                 to_ready, ready_in = float(m[1]), float(r[1])
             elif _PAUSED.search(m[2]):
                 paused = float(m[1])
-        return Reload(done.returncode == 0, wall * 1000, to_ready, ready_in, paused, done.stderr)
+        return Reload(done.returncode == 0, wall * 1000, to_ready, ready_in, paused, done.stderr,
+                      t0)
 
     def hupt_pids(self, hupt_pid: int) -> set[int]:
         """hupt and every process of its generations."""

@@ -595,7 +595,6 @@ class Supervisor:
         self.upgrade = None
         old, self.current = self.current, gen
         self._serving = set(gen.listened)
-        self._revive_backoff = 0.5 if up.revive else self._revive_backoff
         msg = f"{gen} is ready in {(now - gen.started_at) * 1000:.0f} ms"
         log.ok(msg)
         up.tell(msg)

@@ -218,3 +218,61 @@ def test_no_busy_loop_after_a_retired_generation_exits(fake: FakeSystem) -> None
     fake.advance(10)  # long past the old kill deadline
     sup.tick()
     assert sup._timeout() > 0.1
+
+
+def test_ready_delay_waits_after_listening(fake: FakeSystem) -> None:
+    from hupt.readiness import Policy
+
+    sup = make(fake, ready=Policy("delay", delay=2.0))  # type: ignore[arg-type]
+    w = Recorder()
+    sup.request_reload(w)
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w.result is None and sup.gens[1].state is State.STARTING
+    fake.advance(1.0)
+    sup.tick()
+    assert w.result is None
+    fake.advance(1.1)
+    sup.tick()
+    assert w.result is not None and w.result[0] and sup.current is sup.gens[1]
+
+
+def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) -> None:
+    sup = make(fake, revive=True)  # type: ignore[arg-type]
+    fake.exit(1, 1)
+    fake.advance(2)
+    sup.tick()
+    assert not sup.stopping and sup.current is None
+    assert len(sup.gens) == 1, "not before the backoff"
+    fake.advance(0.6)
+    sup.tick()
+    assert len(sup.gens) == 2
+    assert sup.upgrade is not None and sup.upgrade.target == {A}
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert sup.current is sup.gens[1] and sup.gens[1].state is State.SERVING
+    # A second crash right away waits longer (exponential backoff).
+    fake.exit(2, 1)
+    fake.advance(2)
+    sup.tick()  # the crash is seen: next start in 1 s
+    assert len(sup.gens) == 2
+    fake.advance(0.6)
+    sup.tick()
+    assert len(sup.gens) == 2, "0.5 s is not enough the second time"
+    fake.advance(0.5)
+    sup.tick()
+    assert len(sup.gens) == 3
+
+
+def test_reload_history_and_status(fake: FakeSystem) -> None:
+    sup = make(fake)
+    sup.request_reload(Recorder())
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    fake.spawn_error = __import__("hupt.tracer.spawn", fromlist=["SpawnError"]).SpawnError("nope")
+    sup.request_reload(Recorder())
+    doc = sup.status()
+    assert [r["ok"] for r in doc["reloads"]] == [True, False]
+    assert doc["reloads"][1]["reason"] == "nope"
+    assert [g["state"] for g in doc["generations"]] == ["draining", "serving"]
+    assert doc["listeners"][0]["address"] == "127.0.0.1:8000"
