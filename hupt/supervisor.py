@@ -280,9 +280,6 @@ class Supervisor:
                 self._step(rfd)
                 if all(not g.alive for g in self.gens) and self._revive_at is None:
                     break
-            code = self.exit_code if self.exit_code is not None else 0
-            for w in self._stop_waiters:  # before their connections are closed below
-                w.done(True, f"stopped (exit status {code})")
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -290,7 +287,7 @@ class Supervisor:
             os.close(rfd)
             os.close(wfd)
             code = self.exit_code if self.exit_code is not None else 0
-            for w in self._stop_waiters:
+            for w in self._stop_waiters:  # before their connections are closed below
                 w.done(True, f"stopped (exit status {code})")
             if self._control is not None:
                 self._control.close()
