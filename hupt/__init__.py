@@ -1,0 +1,1 @@
+"""hupt: zero-downtime restarts for any unmodified Linux server, static binaries included."""

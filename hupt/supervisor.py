@@ -32,6 +32,16 @@ so the two generations cannot overlap; a reload is one upgrade in phases:
 While N drains the upgrade has no starting generation yet; a reload request
 then joins it as usual.  N's other processes (the workers of a pre-fork
 server) are drained with it and retired once its root has execed.
+
+An upgrade goes through phases: "before" (a --before-reload command runs;
+its failure aborts), "listening" (the new generation must listen on every
+held address, with --multi N every copy), "confirming" (the --ready policy:
+a delay, an sd_notify READY=1, or HTTP probes while the old generation is
+paused; a probe that never succeeds rolls the old generation back in, its
+listeners and epoll registrations restored).  Then the new generation serves,
+the old one drains, and an --after-reload command may run before the
+waiters hear the outcome.  --revive starts a generation through the same
+path when the serving one died, with the addresses it held as the target.
 """
 
 from __future__ import annotations
