@@ -30,18 +30,20 @@ def configure(*, verbose: bool = False, color: bool | None = None) -> None:
 
 def _emit(kind: str, msg: str) -> None:
     global _console
-    if _is_tty:
-        if _console is None:
-            from rich.console import Console
-
-            _console = Console(stderr=True, highlight=False)
-        _console.print(f"[{_STYLE[kind]}]hupt[/]: {_escape(msg)}", style=None)
-        return
-    stamp = time.strftime("%H:%M:%S")
+    # A message that cannot be written (the terminal hung up, stderr closed)
+    # must never take the supervisor, and so the servers' handoffs, down.
     try:
+        if _is_tty:
+            if _console is None:
+                from rich.console import Console
+
+                _console = Console(stderr=True, highlight=False)
+            _console.print(f"[{_STYLE[kind]}]hupt[/]: {_escape(msg)}", style=None)
+            return
+        stamp = time.strftime("%H:%M:%S")
         sys.stderr.write(f"{stamp} hupt[{os.getpid()}]: {kind}: {msg}\n")
         sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
+    except (OSError, ValueError):
         pass
 
 
