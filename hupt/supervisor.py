@@ -52,6 +52,7 @@ import os
 import selectors
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,24 +318,39 @@ class Supervisor:
     def _step(self, rfd: int) -> None:
         for key, mask in self._sel.select(self._timeout()):
             kind, arg = key.data
-            if kind == "signal":
-                _drain_pipe(rfd)
-            elif kind == "notify":
-                self.on_notify(arg)
-            elif kind == "exit":
-                self._on_exit(arg)
-            elif kind == "control":
-                self._on_control()
-            elif kind == "peer":
-                self._on_peer(arg, mask)
-            elif kind == "hook":
-                self._on_hook_output(arg)
-            elif kind == "sdnotify":
-                self._on_ready_notice(arg)
-            elif kind == "probe":
-                self._on_probe(arg)
-        self._handle_signals()
-        self.tick()
+            try:
+                self._dispatch(kind, arg, mask, rfd)
+            except Exception:
+                self._internal_error(f"handling {kind}")
+        try:
+            self._handle_signals()
+            self.tick()
+        except Exception:
+            self._internal_error("on a timer or signal")
+
+    def _internal_error(self, where: str) -> None:
+        """A bug in hupt must not take the supervisor down: its death would leave
+        every server process with a filter nobody answers (bind/listen -> ENOSYS)."""
+        log.error(f"internal error {where} (a bug in hupt; please report it):\n"
+                  + traceback.format_exc().rstrip())
+
+    def _dispatch(self, kind: str, arg: Any, mask: int, rfd: int) -> None:
+        if kind == "signal":
+            _drain_pipe(rfd)
+        elif kind == "notify":
+            self.on_notify(arg)
+        elif kind == "exit":
+            self._on_exit(arg)
+        elif kind == "control":
+            self._on_control()
+        elif kind == "peer":
+            self._on_peer(arg, mask)
+        elif kind == "hook":
+            self._on_hook_output(arg)
+        elif kind == "sdnotify":
+            self._on_ready_notice(arg)
+        elif kind == "probe":
+            self._on_probe(arg)
 
     def _timeout(self) -> float:
         now = self.sys.now()

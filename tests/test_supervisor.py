@@ -276,3 +276,19 @@ def test_reload_history_and_status(fake: FakeSystem) -> None:
     assert doc["reloads"][1]["reason"] == "nope"
     assert [g["state"] for g in doc["generations"]] == ["draining", "serving"]
     assert doc["listeners"][0]["address"] == "127.0.0.1:8000"
+
+
+def test_a_bug_in_a_handler_does_not_take_the_supervisor_down(
+        fake: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    import os as _os
+
+    sup = make(fake)
+
+    def broken(number: int) -> None:
+        raise RuntimeError("boom")
+
+    fake.service = broken  # type: ignore[assignment, method-assign]
+    _os.write(fake.gens[1].wfd, b"x")  # the generation's notify fd is readable
+    sup._step(-1)
+    assert "internal error handling notify" in capsys.readouterr().err
+    assert sup.current is sup.gens[0] and not sup.stopping
