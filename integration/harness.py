@@ -44,6 +44,18 @@ from load import Target, connect, request
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = Path(__file__).resolve().parent / "servers"
 MARKER_ENV = "HUPT_TEST_PROCS"
+
+# Prologue of the small Python children the kernel-mechanism tests start:
+# report(obj) prints one JSON line to the test; hold() waits for SIGTERM.
+CHILD_PROLOGUE = """
+import json, os, signal, sys, threading, time
+def report(obj):
+    sys.stdout.write(json.dumps(obj) + "\\n")
+    sys.stdout.flush()
+def hold():
+    while True:
+        signal.pause()
+"""
 TCP_LISTEN = 0x0A
 SO_ACCEPTCON = 0x10000
 

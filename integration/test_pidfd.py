@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from harness import Procs, Started
+from harness import CHILD_PROLOGUE, Procs, Started
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import pidfd, procfs
@@ -23,15 +23,6 @@ from hupt.tracer.abi import F_GETFD, FD_CLOEXEC
 
 WAIT = 10.0
 
-CHILD_PROLOGUE = """
-import json, os, signal, sys, threading
-def report(obj):
-    sys.stdout.write(json.dumps(obj) + "\\n")
-    sys.stdout.flush()
-def hold():
-    while True:
-        signal.pause()
-"""
 
 # A socket and a second thread; reports fd numbers, the socket's inode and the thread's TID.
 SOCKET_CHILD = """

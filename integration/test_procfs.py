@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from harness import Procs, Started
+from harness import CHILD_PROLOGUE, Procs, Started
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import procfs
@@ -24,16 +24,6 @@ from hupt.tracer.abi import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLONESHOT, O_CLOEXEC
 
 WAIT = 10.0
 
-# Prologue of every child: report(obj) prints one JSON line; hold() waits for SIGTERM.
-CHILD_PROLOGUE = """
-import json, os, signal, sys, time
-def report(obj):
-    sys.stdout.write(json.dumps(obj) + "\\n")
-    sys.stdout.flush()
-def hold():
-    while True:
-        signal.pause()
-"""
 
 
 def child(procs: Procs, code: str, **kw: Any) -> tuple[Started, dict[str, Any]]:
