@@ -455,3 +455,32 @@ class Procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 s.popen.wait(1)
         return problems
+
+
+def hupt_cli(*args: str, timeout: float = 60.0,
+             user_caps: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m hupt ARGS` (the working tree), optionally under `setpriv USER_CAPS`."""
+    prefix = ["setpriv", *user_caps] if user_caps else []
+    return subprocess.run([*prefix, sys.executable, "-m", "hupt", *args], capture_output=True,
+                          text=True, timeout=timeout, env=hupt_env(os.environ),
+                          stdin=subprocess.DEVNULL)
+
+
+def python_child(procs: Procs, code: str, wait: float = 10.0,
+                 **kw: object) -> tuple[Started, dict[str, object]]:
+    """Start a Python child running CHILD_PROLOGUE + ``code``; return it and its first report."""
+    import json
+    import textwrap
+
+    started = procs.spawn([sys.executable, "-c", CHILD_PROLOGUE + textwrap.dedent(code)],
+                          name="child", **kw)  # type: ignore[arg-type]
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        line = started.out.read_text().partition("\n")
+        if line[1]:
+            report: dict[str, object] = json.loads(line[0])
+            return started, report
+        if started.poll() is not None:
+            break
+        time.sleep(0.01)
+    raise AssertionError(f"child reported nothing\n{started.log()}")

@@ -37,7 +37,6 @@ from harness import (
     go_cmd,
     http_get,
     http_server_cmd,
-    hupt_env,
     listener_inode,
     listener_inodes,
     node_cmd,
@@ -211,14 +210,6 @@ def thread_filters(pid: int) -> dict[int, tuple[int, int]]:
     """tid -> (TracerPid, Seccomp_filters) of every thread of ``pid``."""
     return {tid: (procfs.tracer_pid(tid), procfs.seccomp_filters(tid))
             for tid in procfs.threads(pid)}
-
-
-def hupt_cli(*args: str, timeout: float = 60.0,
-             user_caps: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", *user_caps] if user_caps else []
-    return subprocess.run([*prefix, sys.executable, "-m", "hupt", *args], capture_output=True,
-                          text=True, timeout=timeout, env=hupt_env(os.environ),
-                          stdin=subprocess.DEVNULL)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from harness import (
     Procs,
     free_port,
     http_get,
-    hupt_env,
+    hupt_cli,
     wait_gone,
     wait_listening,
 )
@@ -49,11 +48,6 @@ def serving_pid(target: Target) -> int:
     status, body = http_get(target, "/")
     assert status == 200
     return int(body.split("pid=")[1].split()[0])
-
-
-def hupt_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hupt", *args], capture_output=True, text=True,
-                          timeout=timeout, env=hupt_env(os.environ))
 
 
 def test_status_json_describes_a_running_instance(procs: Procs) -> None:

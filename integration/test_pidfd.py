@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import select
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from typing import Any
 
 import pytest
-from harness import CHILD_PROLOGUE, Procs, Started
+from harness import Procs, Started, python_child
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import pidfd, procfs
@@ -43,18 +40,9 @@ hold()
 """
 
 
-def child(procs: Procs, code: str) -> tuple[Started, dict[str, Any]]:
-    started = procs.spawn([sys.executable, "-c", CHILD_PROLOGUE + textwrap.dedent(code)],
-                          name="child")
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        line = started.out.read_text().partition("\n")
-        if line[1]:
-            return started, json.loads(line[0])
-        if started.poll() is not None:
-            break
-        time.sleep(0.01)
-    pytest.fail(f"child reported nothing\n{started.log()}")
+def child(procs: Procs, code: str, **kw: Any) -> tuple[Started, dict[str, Any]]:
+    """Start a Python child running ``code`` and return it with the JSON it reported."""
+    return python_child(procs, code, WAIT, **kw)
 
 
 def test_getfd_is_the_same_socket(procs: Procs) -> None:

@@ -5,18 +5,16 @@ what they did as one JSON line, and wait; the test reads it back through /proc.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from typing import Any
 
 import pytest
-from harness import CHILD_PROLOGUE, Procs, Started
+from harness import Procs, Started, python_child
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import procfs
@@ -28,17 +26,7 @@ WAIT = 10.0
 
 def child(procs: Procs, code: str, **kw: Any) -> tuple[Started, dict[str, Any]]:
     """Start a Python child running ``code`` and return it with the JSON it reported."""
-    script = CHILD_PROLOGUE + textwrap.dedent(code)
-    started = procs.spawn([sys.executable, "-c", script], name="child", **kw)
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        line = started.out.read_text().partition("\n")
-        if line[1]:
-            return started, json.loads(line[0])
-        if started.poll() is not None:
-            break
-        time.sleep(0.01)
-    pytest.fail(f"child reported nothing\n{started.log()}")
+    return python_child(procs, code, WAIT, **kw)
 
 
 def reaped_pid() -> int:
