@@ -46,6 +46,7 @@ from harness import (
 )
 from load import Load, SlowRequest, Target
 
+from hupt.errors import KernelError
 from hupt.tracer import procfs
 
 pytestmark = pytest.mark.root
@@ -182,7 +183,12 @@ def fd_table(pid: int) -> dict[int, tuple[str, int]]:
     out = {}
     for name in os.listdir(f"/proc/{pid}/fd"):
         fd = int(name)
-        out[fd] = (os.readlink(f"/proc/{pid}/fd/{fd}"), procfs.fd_flags(pid, fd))
+        try:
+            out[fd] = (os.readlink(f"/proc/{pid}/fd/{fd}"), procfs.fd_flags(pid, fd))
+        except (FileNotFoundError, KernelError):
+            # A client connection closed between the listing and the read:
+            # it is under load, and connections are not part of the state.
+            continue
     return out
 
 
