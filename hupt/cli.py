@@ -286,8 +286,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 ATTACH_EPILOG = """\
 The server keeps its PID and its parent; a reload makes it stop accepting,
 finish its connections and exec its program again in place (exec mode).
-hupt attach exits when the server exits; TERM/INT stop the server gracefully,
-as with hupt run.
+hupt attach exits when the server exits. `hupt stop PID` stops the server
+gracefully (as with hupt run). TERM/INT to hupt attach detach it instead: the
+server runs on without hupt, but the filter cannot be removed, so from then on
+its bind() and listen() calls fail with ENOSYS. On a terminal hupt attach
+explains this and asks before detaching; --yes skips both questions.
 """
 
 
@@ -299,7 +302,8 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     at.add_argument("pid", type=_pid, metavar="PID")
     at.add_argument("--yes", action="store_true",
-                    help="do not ask for confirmation (for scripts)")
+                    help="do not ask for confirmation, before attaching or before detaching "
+                         "(for scripts)")
     _add_timeouts(
         at,
         ready="the re-exec'd server must listen on every address within S seconds "
@@ -343,7 +347,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
                    stop_signal=args.stop_signal, exec_mode=True, cwd=server.cwd,
-                   program=_attach_program(server, argv, env))
+                   program=_attach_program(server, argv, env),
+                   detach_on_stop=True, confirm_detach=not args.yes)
     sup = Supervisor(LinuxSystem(exec_mode=True), opts)
     sup.adopt(pid)
     log.info(f"pid {os.getpid()}: supervising pid {pid}; reload with `hupt reload {pid}`")
@@ -371,19 +376,19 @@ def _attach_program(server: Server, argv: list[str], env: dict[str, str]) -> str
 
 
 def _confirm_attach(server: Server, yes: bool) -> None:
+    from hupt.supervisor import filtered_calls
     from hupt.tracer.attach import AttachRefused
 
     cmd = " ".join(os.fsdecode(a) for a in server.argv)
     others = len(server.processes) - 1
-    calls = "bind() and listen()"
-    if any(lst.address.is_unix for lst in server.listeners):  # as LinuxSystem.attach
-        calls = "bind(), listen() and unlink()"
+    calls = filtered_calls({lst.address for lst in server.listeners})
     print(f"hupt attach: pid {server.pid} ({cmd})"
           + (f" and {others} child process(es)" if others else "")
           + f", listening on {', '.join(str(lst.address) for lst in server.listeners)}.\n"
           f"hupt will stop it for a few milliseconds to install a seccomp filter that hands "
-          f"its {calls} calls to hupt. The filter cannot be removed: once this hupt attach "
-          f"exits, every {calls} call in the server fails (ENOSYS) until it exits.",
+          f"its {calls} calls to hupt. The filter cannot be removed: if this hupt attach is "
+          f"stopped (TERM/INT, after asking), the server runs on without it and every {calls} "
+          f"call in it fails (ENOSYS). `hupt stop {server.pid}` stops the server instead.",
           file=sys.stderr)
     if yes:
         return

@@ -70,3 +70,26 @@ def error(msg: str) -> None:
 def debug(msg: str) -> None:
     if _verbose:
         _emit("debug", msg)
+
+
+def prompt_fd() -> int | None:
+    """stdin if a person can answer on it: a terminal whose foreground job is hupt.
+
+    A background job reading its terminal would be stopped by SIGTTIN, and
+    its question would land in someone else's session.
+    """
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            return 0
+    except OSError:
+        pass
+    return None
+
+
+def prompt(question: str) -> None:
+    """Write a question for the terminal, without a newline after it."""
+    try:
+        sys.stderr.write(question)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -97,6 +97,10 @@ class Options:
     close_idle_ms: int | None = None
     # --multi: copies of each generation sharing the held sockets (one accept queue).
     multi: int = 1
+    # hupt attach: TERM/INT detach hupt (the server it did not start runs on)
+    # instead of stopping the server; confirm_detach asks on the terminal first.
+    detach_on_stop: bool = False
+    confirm_detach: bool = False
 
 
 class Waiter:
@@ -196,6 +200,9 @@ class Supervisor:
         self._copies_at: float | None = None
         self._gen_env: dict[int, dict[str, str]] = {}
         self._revive_backoff = 0.5
+        self._asking: int | None = None  # the terminal fd a detach question waits on
+        self._detach_wanted = False  # asked during a reload: detach when it has ended
+        self.detached = False
 
     # -- public entry points ---------------------------------------------
     def start(self) -> None:
@@ -289,7 +296,8 @@ class Supervisor:
                 self.start()
             while True:
                 self._step(rfd)
-                if all(not g.alive for g in self.gens) and self._revive_at is None:
+                if self.detached or (all(not g.alive for g in self.gens)
+                                     and self._revive_at is None):
                     break
         finally:
             for s, h in previous.items():
@@ -351,6 +359,8 @@ class Supervisor:
             self._on_ready_notice(arg)
         elif kind == "probe":
             self._on_probe(arg)
+        elif kind == "answer":
+            self._on_answer(arg)
 
     def _timeout(self) -> float:
         now = self.sys.now()
@@ -387,11 +397,81 @@ class Supervisor:
             elif s in (signal.SIGTERM, signal.SIGINT):
                 if s == signal.SIGINT:
                     self._interrupts += 1
-                self.request_stop(now=self._interrupts >= 2)
+                if self.opts.detach_on_stop:
+                    self._stop_attached()
+                else:
+                    self.request_stop(now=self._interrupts >= 2)
             elif s == signal.SIGUSR2:
                 self._end_draining()
             elif s == signal.SIGCHLD:
                 self._next_members = 0.0
+
+    # -- detaching (hupt attach) ----------------------------------------------
+    # A server hupt attached to was started by someone else: stopping hupt
+    # attach leaves it running rather than taking it down (`hupt stop` does
+    # that).  What it loses is irreversible -- the filter stays, and with
+    # nobody reading its notify fd the kernel fails the filtered calls with
+    # ENOSYS -- so a person at the terminal confirms first.
+    def _stop_attached(self) -> None:
+        if self._asking is not None or not self.opts.confirm_detach:
+            self.request_detach()  # a second signal while asking: at once
+            return
+        fd = log.prompt_fd()
+        if fd is None:  # no terminal to ask on (a background job, a closed tty)
+            self.request_detach()
+            return
+        self._asking = fd
+        self._sel.register(fd, selectors.EVENT_READ, ("answer", fd))
+        pids = ", ".join(str(p) for p in self._served_pids()) or "the server"
+        log.prompt(f"hupt attach was asked to stop. Detaching leaves pid {pids} running "
+                   f"without hupt; from then on its {filtered_calls(self._serving_addresses())}"
+                   f" calls fail (ENOSYS), as the filter cannot be removed. To stop the server "
+                   f"instead: hupt stop {os.getpid()}.\nDetach? [y/N] ")
+
+    def _on_answer(self, fd: int) -> None:
+        try:
+            answer = os.read(fd, 1024)
+        except OSError:
+            answer = b""
+        self._drop_question()
+        self._interrupts = 0
+        if answer.strip().lower() in (b"y", b"yes"):
+            self.request_detach()
+        else:
+            log.info("not detaching: still supervising")
+
+    def _drop_question(self) -> None:
+        if self._asking is not None:
+            self._sel.unregister(self._asking)
+            self._asking = None
+
+    def request_detach(self) -> None:
+        """Let the server run on without hupt (once a reload in progress has ended)."""
+        self._drop_question()
+        if self.upgrade is not None:
+            if not self._detach_wanted:
+                log.info("detaching once the reload in progress has ended")
+            self._detach_wanted = True
+            return
+        self._detach()
+
+    def _detach(self) -> None:
+        self._detach_wanted = False
+        pids = self._served_pids()
+        calls = filtered_calls(self._serving_addresses())
+        for g in self.gens:
+            if g.alive:
+                self._unwatch(g)
+        self.detached = True
+        self._notifier.stopping("detached")
+        log.warn(f"detached: pid {', '.join(map(str, pids)) or '(none)'} runs on without hupt; "
+                 f"its {calls} calls fail (ENOSYS) from now on")
+
+    def _served_pids(self) -> list[int]:
+        return sorted(p for g in self.gens if g.alive for p in g.pids)
+
+    def _serving_addresses(self) -> set[Address]:
+        return {a for g in self.gens if g.alive for a in g.listened}
 
     # -- generations -----------------------------------------------------
     def _env(self, number: int) -> dict[str, str]:
@@ -884,6 +964,8 @@ class Supervisor:
             cur = self.current
             if cur is not None and cur.state is State.SERVING and not self.stopping:
                 self._more_copies(cur, self.opts.multi - len(cur.copies))
+        if self._detach_wanted and self.upgrade is None:
+            self._detach()
         if self._revive_at is not None and now >= self._revive_at and not self.stopping:
             self._revive_at = None
             log.info("reviving the server")
@@ -1078,6 +1160,14 @@ class Supervisor:
         else:
             peer.send({"event": "result", "ok": False, "reason": f"unknown command {cmd!r}"})
             peer.finish()
+
+
+def filtered_calls(addresses: set[Address]) -> str:
+    """The calls an attached server's filter hands to hupt (unlink too once it holds a
+    unix path, as LinuxSystem.attach installs it)."""
+    if any(a.is_unix for a in addresses):
+        return "bind(), listen() and unlink()"
+    return "bind() and listen()"
 
 
 def _gen_info(g: Generation) -> dict[str, Any]:

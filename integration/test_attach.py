@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    SERVERS,
     Procs,
     Started,
     free_port,
@@ -171,6 +172,119 @@ def test_attach_a_unix_socket_server(procs: Procs, short_tmp: Path) -> None:
             time.sleep(0.2)
     assert load.result.failed == 0, load.result.summary()
     assert load.result.pids == {s.pid}
+
+
+# --- detaching ---------------------------------------------------------------------------
+
+# A server that, on SIGUSR1, tries to bind a new socket and prints the outcome:
+# how a server finds out, after hupt attach has gone, that its filter stayed.
+BINDER = '''
+import errno, os, signal, socket, sys
+sys.path.insert(0, {servers!r})
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from routes import parse_address, respond
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        status, body = respond(self.path)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+def try_bind(*args):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 0))
+            print("bind ok", flush=True)
+        except OSError as e:
+            print("bind", errno.errorcode[e.errno], flush=True)
+
+signal.signal(signal.SIGUSR1, try_bind)
+ThreadingHTTPServer(parse_address(sys.argv[1])[1], Handler).serve_forever(0.05)
+'''
+
+
+def binder(procs: Procs, tmp_path: Path) -> tuple[Started, Target]:
+    script = tmp_path / "binder.py"
+    script.write_text(BINDER.format(servers=str(SERVERS)))
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    return start_server(procs, [sys.executable, str(script), f"127.0.0.1:{port}"], target), target
+
+
+def bind_outcome(s: Started) -> str:
+    seen = s.out.read_text().count("bind ")
+    s.signal(signal.SIGUSR1)
+    eventually(lambda: s.out.read_text().count("bind ") > seen, 10, "the server to bind")
+    return s.out.read_text().strip().splitlines()[-1]
+
+
+def test_stopping_attach_detaches_and_the_server_serves_on(
+        procs: Procs, tmp_path: Path) -> None:
+    s, target = binder(procs, tmp_path)
+    assert bind_outcome(s) == "bind ok"
+    inode = listener_inode(target[1])
+    a = attach(procs, s.pid)
+    with Load(target, fresh=2, keepalive=2) as load:
+        r = hupt_cli("reload", str(s.pid))  # the image that runs on is one hupt exec'd
+        assert r.returncode == 0, r.stderr + a.log()
+        time.sleep(0.3)
+        a.signal(signal.SIGTERM)
+        assert a.popen.wait(20) == 0, a.log()
+        time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary()
+    assert "detached" in a.err.read_text() and "ENOSYS" in a.err.read_text()
+    assert s.poll() is None and ppid(s.pid) == os.getpid()
+    assert listener_inode(target[1]) == inode
+    assert http_get(target)[1].startswith(f"ok pid={s.pid}")
+    assert set(thread_filters(s.pid).values()) == {(0, 1)}, "not traced; the filter stays"
+    # What hupt attach warned about: nobody answers the filter any more.
+    assert bind_outcome(s) == "bind ENOSYS"
+    r = hupt_cli("reload", str(s.pid))
+    one_line_error(r, str(s.pid))
+    assert s.stop() == -signal.SIGTERM
+
+
+def test_detach_is_confirmed_on_a_terminal(procs: Procs, tmp_path: Path) -> None:
+    s, target = binder(procs, tmp_path)
+
+    def controlling_tty() -> None:  # hupt attach in the terminal's foreground, as in a shell
+        import fcntl
+        import termios
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    primary, secondary = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "hupt", "attach", str(s.pid)], stdin=secondary,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=hupt_env(os.environ),
+                         start_new_session=True, preexec_fn=controlling_tty)
+    os.close(secondary)
+    try:
+        os.write(primary, b"y\n")  # attach? yes
+        eventually(lambda: procfs.seccomp_filters(s.pid) == 1, 20, "the attach")
+        eventually(lambda: hupt_cli("status", str(s.pid)).returncode == 0, 20, "hupt attach")
+        p.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert p.poll() is None, "it asks first"
+        os.write(primary, b"n\n")  # detach? no: still supervising
+        eventually(lambda: hupt_cli("reload", str(s.pid)).returncode == 0, 20, "a reload")
+        p.send_signal(signal.SIGINT)
+        time.sleep(1)
+        os.write(primary, b"y\n")  # detach? yes
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        _, err = p.communicate(timeout=10)
+        os.close(primary)
+    text = err.decode()
+    assert text.count("Detach? [y/N]") == 2 and "not detaching" in text, text
+    assert "detached" in text and s.poll() is None
+    assert http_get(target)[1].startswith(f"ok pid={s.pid}")
+    assert bind_outcome(s) == "bind ENOSYS"
 
 
 # --- refusals ----------------------------------------------------------------------------

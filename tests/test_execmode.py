@@ -253,3 +253,95 @@ def test_attach_supervises_in_exec_mode_and_sees_the_exit_on_the_pidfd(
     sup._step(exit_r)  # the pidfd is readable; any fd will do for the signal pipe
     assert new.state is State.EXITED and sup.exit_code == 1, "status unknown, not asked to go"
     assert not sup._exit_fds
+
+
+# --- detaching hupt attach ------------------------------------------------------------
+
+
+def attached(fake: FakeSystem, **kw: object) -> Supervisor:
+    opts = Options(argv=["server"], env={}, exec_mode=True,  # type: ignore[arg-type]
+                   detach_on_stop=True, **kw)
+    sup = Supervisor(fake, opts, control=False)  # type: ignore[arg-type]
+    sup.adopt(4242)
+    return sup
+
+
+def signal_(sup: Supervisor, signum: int) -> None:
+    sup._signals.append(signum)
+    sup._handle_signals()
+
+
+def test_stopping_hupt_attach_detaches_and_leaves_the_server_running(
+        fake: FakeSystem) -> None:
+    sup = attached(fake)
+    notify_fd, exit_fd = sup._fds[1], sup._exit_fds[1]
+    signal_(sup, signal.SIGTERM)
+    assert sup.detached and not sup.stopping
+    assert not fake.signals, "the server is not asked to stop"
+    assert "forget 1" in fake.events, "its notify fd and pidfd are closed"
+    for fd in (notify_fd, exit_fd):
+        with pytest.raises(KeyError):
+            sup._sel.get_key(fd)
+    assert sup.gens[0].state is State.SERVING
+
+
+def test_a_detach_during_a_reload_waits_for_its_outcome(fake: FakeSystem) -> None:
+    sup = attached(fake)
+    fake.in_flight_by_pid[4242] = 1
+    w = Recorder()
+    sup.request_reload(w)
+    signal_(sup, signal.SIGINT)
+    assert not sup.detached, "the server is paused: it must accept again first"
+    fake.in_flight_by_pid[4242] = 0
+    sup.tick()  # drained: execs
+    assert not sup.detached
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w.result is not None and w.result[0]
+    sup.tick()
+    assert sup.detached and not fake.signals
+
+
+def test_on_a_terminal_a_detach_is_confirmed(fake: FakeSystem,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from hupt import log
+
+    r, w = os.pipe()
+    questions: list[str] = []
+    monkeypatch.setattr(log, "prompt_fd", lambda: r)
+    monkeypatch.setattr(log, "prompt", questions.append)
+    try:
+        sup = attached(fake, confirm_detach=True)
+        signal_(sup, signal.SIGINT)
+        assert not sup.detached and sup._sel.get_key(r).data == ("answer", r)
+        assert "ENOSYS" in questions[0] and questions[0].endswith("Detach? [y/N] ")
+        os.write(w, b"n\n")
+        sup._on_answer(r)
+        assert not sup.detached and sup._asking is None
+        signal_(sup, signal.SIGTERM)
+        os.write(w, b"y\n")
+        sup._on_answer(r)
+        assert sup.detached
+        sup2 = attached(fake, confirm_detach=True)
+        signal_(sup2, signal.SIGINT)
+        signal_(sup2, signal.SIGINT)  # a second interrupt while asking: at once
+        assert sup2.detached and sup2._asking is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_without_a_terminal_a_detach_is_not_asked(fake: FakeSystem,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from hupt import log
+
+    monkeypatch.setattr(log, "prompt_fd", lambda: None)
+    sup = attached(fake, confirm_detach=True)
+    signal_(sup, signal.SIGTERM)
+    assert sup.detached
+
+
+def test_hupt_run_still_stops_on_term(fake: FakeSystem) -> None:
+    sup = make(fake)
+    signal_(sup, signal.SIGTERM)
+    assert sup.stopping and not sup.detached
