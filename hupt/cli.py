@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "old generation is rolled back in)")
     run.add_argument("--revive", action="store_true",
                      help="restart a generation that exits on its own (exponential backoff, "
-                          "0.5 s to 30 s); its sockets stay held so clients queue meanwhile")
+                          "0.5 s to 30 s); its sockets stay held so clients queue meanwhile. "
+                          "With --multi, a copy that exits is started again alone")
     run.add_argument("--close-idle", type=_millis, default=None, metavar="MS",
                      help="while an old generation drains, close its keep-alive connections "
                           "idle for MS milliseconds (see README: the race with a client's "
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--multi", type=_count, default=1, metavar="N",
                      help="run N copies of each generation, all accepting on the same held "
                           "sockets (one accept queue, not SO_REUSEPORT); a reload replaces "
-                          "all N (default: 1)")
+                          "all N; a copy that exits on its own is replaced with --revive "
+                          "(default: 1)")
     run.add_argument("--pidfile", metavar="PATH", help="write hupt's own PID to PATH")
     run.add_argument("--unlink", action="append", default=[], metavar="PATH",
                      help="remove PATH (e.g. the server's pidfile) before each generation "

@@ -200,6 +200,7 @@ class Supervisor:
         self._copies_at: float | None = None
         self._gen_env: dict[int, dict[str, str]] = {}
         self._revive_backoff = 0.5
+        self._last_copy_exit = -math.inf
         self._asking: int | None = None  # the terminal fd a detach question waits on
         self._detach_wanted = False  # asked during a reload: detach when it has ended
         self.detached = False
@@ -1016,6 +1017,8 @@ class Supervisor:
             for g in self.gens:
                 if g.pid == pid and g.replaced_by is None:
                     g.exit_status = status
+                if pid in g.copies and g.alive:
+                    self._copy_exited(g, pid, status)
             for hook in list(self._hooks):
                 if hook.pid == pid:
                     hook.status = status
@@ -1069,6 +1072,31 @@ class Supervisor:
             if self._control is not None:
                 self._control.unalias(gen.pid)
         self._release_unused()
+
+    def _copy_exited(self, gen: Generation, pid: int, status: int) -> None:
+        """One of --multi's copies exited while the others run on.
+
+        The serving generation is then short of a copy; with --revive it gets
+        one again (the same backoff as a whole generation), else it serves on
+        with fewer.  A generation being replaced or stopped is left alone: its
+        copies are meant to go.  When the last copy goes the generation has
+        exited, which _exited handles.
+        """
+        gen.copies.remove(pid)
+        if (gen is not self.current or gen.state is not State.SERVING or self.stopping
+                or gen.retired_by_hupt or not self.sys.alive(gen.copies)):
+            return
+        now = self.sys.now()
+        log.error(f"{gen}: copy pid {pid} exited on its own ({_status(status)}); "
+                  f"{len(gen.copies)} of {self.opts.multi} copies serve")
+        if not self.opts.revive:
+            return
+        if now - self._last_copy_exit > 10.0:
+            self._revive_backoff = 0.5
+        self._last_copy_exit = now
+        self._copies_at = now + self._revive_backoff
+        log.warn(f"--revive: starting a copy again in {self._revive_backoff:g} s")
+        self._revive_backoff = min(self._revive_backoff * 2, REVIVE_MAX_BACKOFF)
 
     def _schedule_revive(self) -> None:
         self._revive_at = self.sys.now() + self._revive_backoff

@@ -341,6 +341,44 @@ def test_multi_runs_copies_on_one_accept_queue(procs: Procs) -> None:
     assert set(serving["pids"]) >= second
 
 
+def test_multi_revive_replaces_a_crashed_copy(procs: Procs) -> None:
+    from harness import listener_inode
+
+    h, target = start(procs, "--multi", "3", "--revive")
+    assert isinstance(target, tuple)
+    inode = listener_inode(target[1])
+    deadline = time.monotonic() + 15
+    while len(_copies(h, inode)) < 3:
+        assert time.monotonic() < deadline, h.log()
+        time.sleep(0.1)
+    first = _copies(h, inode)
+    with Load(target, fresh=2, keepalive=2) as load:
+        # A crash between requests (SIGKILL would also cut the victim's own
+        # requests in flight, which no supervisor can save).
+        status, body = http_get(target, "/exit?code=3")
+        assert status == 200
+        victim = int(body.split("pid=")[1].split()[0])
+        assert victim in first
+        deadline = time.monotonic() + 15
+        while True:
+            now = _copies(h, inode)
+            if len(now) == 3 and victim not in now:
+                break
+            assert time.monotonic() < deadline, (now, h.log())
+            time.sleep(0.1)
+        time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary()
+    (new,) = now - first
+    assert now - {new} == first - {victim}, "the other copies served on"
+    assert listener_inode(target[1]) == inode
+    assert f"copy pid {victim} exited on its own (exit status 3)" in h.log()
+    assert "starting a copy again" in h.log()
+    doc = json.loads(hupt_cli("status", "--json", str(h.pid)).stdout)
+    gens = doc["instances"][0]["generations"]
+    assert [g["number"] for g in gens] == [1], "the same generation, one copy replaced"
+    assert new in gens[0]["pids"]
+
+
 def test_drain_timeout_bounds_a_pinned_generation(procs: Procs) -> None:
     h, target = start(procs, "--drain-timeout", "2")
     old = serving_pid(target)

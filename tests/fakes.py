@@ -64,8 +64,10 @@ class FakeSystem:
         g.pids = set()
         g.hung_up = True
 
-    def exit_pid(self, pid: int) -> None:
-        """One process (a worker) exits."""
+    def exit_pid(self, pid: int, status: int | None = None) -> None:
+        """One process (a worker) exits; a ``status`` if it is hupt's child (a copy)."""
+        if status is not None:
+            self.reaped.append((pid, status))
         self.dead.add(pid)
         for g in self.gens.values():
             g.pids.discard(pid)
@@ -96,6 +98,11 @@ class FakeSystem:
         if self.spawn_error is not None:
             raise self.spawn_error
         self.next_pid += 1
+        g = self.gens.get(number)
+        if g is not None and not g.hung_up:  # --multi: another copy, same notify group
+            g.pids.add(self.next_pid)
+            self.events.append(f"spawn {number} copy")
+            return self.next_pid, g.rfd
         r, w = os.pipe()
         self.gens[number] = FakeGen(number, self.next_pid, r, w, {self.next_pid})
         self.events.append(f"spawn {number}")

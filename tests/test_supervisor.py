@@ -264,6 +264,68 @@ def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) 
     assert len(sup.gens) == 3
 
 
+def multi(fake: FakeSystem, **kw: object) -> Supervisor:
+    """A first generation of three --multi copies, all serving."""
+    sup = make(fake, multi=3, **kw)  # type: ignore[arg-type]
+    fake.advance(1)
+    sup.tick()  # the other copies start once the first has listened
+    gen = sup.gens[0]
+    assert len(gen.copies) == 3 and gen.pids == set(gen.copies)
+    return sup
+
+
+def test_multi_revive_replaces_a_crashed_copy_alone(fake: FakeSystem) -> None:
+    sup = multi(fake, revive=True)
+    gen = sup.gens[0]
+    crashed = gen.copies[1]
+    fake.exit_pid(crashed, 1)
+    sup._next_members = 0.0
+    sup.tick()
+    assert crashed not in gen.copies and len(gen.copies) == 2
+    assert sup.current is gen and gen.state is State.SERVING and len(sup.gens) == 1
+    fake.advance(0.6)
+    sup.tick()
+    assert len(gen.copies) == 3 and crashed not in gen.copies, "a new copy, same generation"
+    assert fake.events.count("spawn 1 copy") == 3
+    # The first copy (the generation's root pid) may crash too: the rest serve on.
+    fake.exit_pid(gen.pid, 1)
+    fake.advance(0.1)
+    sup._next_members = 0.0
+    sup.tick()
+    fake.advance(1.1)  # right after the last crash: twice the backoff
+    sup.tick()
+    assert len(gen.copies) == 3 and gen.state is State.SERVING and not sup.stopping
+
+
+def test_multi_without_revive_serves_on_with_fewer_copies(fake: FakeSystem) -> None:
+    sup = multi(fake)
+    gen = sup.gens[0]
+    fake.exit_pid(gen.copies[2], 1)
+    sup._next_members = 0.0
+    sup.tick()
+    fake.advance(5)
+    sup.tick()
+    assert len(gen.copies) == 2 and gen.state is State.SERVING and not sup.stopping
+
+
+def test_copies_of_a_replaced_generation_are_not_revived(fake: FakeSystem) -> None:
+    sup = multi(fake, revive=True)
+    old = sup.gens[0]
+    sup.request_reload(Recorder())
+    for _ in range(3):
+        fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    fake.advance(1)
+    sup.tick()
+    assert sup.current is sup.gens[1] and old.state in (State.DRAINING, State.RETIRING)
+    fake.exit_pid(old.copies[0], 0)
+    sup._next_members = 0.0
+    sup.tick()
+    fake.advance(5)
+    sup.tick()
+    assert len(old.copies) == 2, "no copy started for a generation on its way out"
+
+
 def test_reload_history_and_status(fake: FakeSystem) -> None:
     sup = make(fake)
     sup.request_reload(Recorder())
