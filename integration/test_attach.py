@@ -181,19 +181,8 @@ def test_attach_a_unix_socket_server(procs: Procs, short_tmp: Path) -> None:
 BINDER = '''
 import errno, os, signal, socket, sys
 sys.path.insert(0, {servers!r})
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from routes import parse_address, respond
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        status, body = respond(self.path)
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+from http.server import ThreadingHTTPServer
+from routes import RoutesHandler, parse_address
 
 def try_bind(*args):
     with socket.socket() as s:
@@ -204,7 +193,7 @@ def try_bind(*args):
             print("bind", errno.errorcode[e.errno], flush=True)
 
 signal.signal(signal.SIGUSR1, try_bind)
-ThreadingHTTPServer(parse_address(sys.argv[1])[1], Handler).serve_forever(0.05)
+ThreadingHTTPServer(parse_address(sys.argv[1])[1], RoutesHandler).serve_forever(0.05)
 '''
 
 

@@ -62,19 +62,7 @@ READY = re.compile(r"generation (\d+) \(pid (\d+)\) is ready")
 PREFORK = '''
 import os, signal, socketserver, sys
 sys.path.insert(0, {servers!r})
-from http.server import BaseHTTPRequestHandler
-from routes import parse_address, respond
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        status, body = respond(self.path)
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+from routes import RoutesHandler as Handler, parse_address
 
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True

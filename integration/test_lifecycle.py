@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness import (
@@ -310,17 +311,22 @@ def _copies(h: HuptProcess, inode: int | None) -> set[int]:
     return {p for p in h.descendants() if inode in listener_inodes(p)}
 
 
+def _wait_copies(h: HuptProcess, inode: int | None,
+                 done: Callable[[set[int]], bool]) -> set[int]:
+    deadline = time.monotonic() + 15
+    while not done(copies := _copies(h, inode)):
+        assert time.monotonic() < deadline, (copies, h.log())
+        time.sleep(0.1)
+    return copies
+
+
 def test_multi_runs_copies_on_one_accept_queue(procs: Procs) -> None:
     from harness import listener_inode
 
     h, target = start(procs, "--multi", "4")
     assert isinstance(target, tuple)
     inode = listener_inode(target[1])
-    deadline = time.monotonic() + 15
-    while len(_copies(h, inode)) < 4:
-        assert time.monotonic() < deadline, h.log()
-        time.sleep(0.1)
-    first = _copies(h, inode)
+    first = _wait_copies(h, inode, lambda c: len(c) == 4)
     # All four serve from the one held socket: keep asking until each has answered.
     seen: set[int] = set()
     deadline = time.monotonic() + 20
@@ -347,11 +353,7 @@ def test_multi_revive_replaces_a_crashed_copy(procs: Procs) -> None:
     h, target = start(procs, "--multi", "3", "--revive")
     assert isinstance(target, tuple)
     inode = listener_inode(target[1])
-    deadline = time.monotonic() + 15
-    while len(_copies(h, inode)) < 3:
-        assert time.monotonic() < deadline, h.log()
-        time.sleep(0.1)
-    first = _copies(h, inode)
+    first = _wait_copies(h, inode, lambda c: len(c) == 3)
     with Load(target, fresh=2, keepalive=2) as load:
         # A crash between requests (SIGKILL would also cut the victim's own
         # requests in flight, which no supervisor can save).
@@ -359,13 +361,7 @@ def test_multi_revive_replaces_a_crashed_copy(procs: Procs) -> None:
         assert status == 200
         victim = int(body.split("pid=")[1].split()[0])
         assert victim in first
-        deadline = time.monotonic() + 15
-        while True:
-            now = _copies(h, inode)
-            if len(now) == 3 and victim not in now:
-                break
-            assert time.monotonic() < deadline, (now, h.log())
-            time.sleep(0.1)
+        now = _wait_copies(h, inode, lambda c: len(c) == 3 and victim not in c)
         time.sleep(0.5)
     assert load.result.failed == 0, load.result.summary()
     (new,) = now - first

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 # A typo in a test must not pin a generation for hours.
@@ -51,3 +52,20 @@ def parse_address(arg: str) -> tuple[str, str | tuple[str, int]]:
     if host.startswith("["):
         return "inet6", (host[1:-1], int(port))
     return "inet", (host, int(port))
+
+
+class RoutesHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 (keep-alive) answers of ``respond``, without access logs."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        status, body = respond(self.path)
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

@@ -18,28 +18,14 @@ import signal
 import socketserver
 import stat
 import sys
-from http.server import BaseHTTPRequestHandler
 from types import FrameType
 
-from routes import respond
+from routes import RoutesHandler
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        status, body = respond(self.path)
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class Handler(RoutesHandler):
     def address_string(self) -> str:
         return "unix"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
