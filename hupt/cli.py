@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Reload the server PID belongs to (hupt's PID or any process of the server) and "
             "wait: exit 0 once the new generation serves; 1 with the reason if it failed "
             "(the old generation keeps serving)."))
-    rl.add_argument("pid", type=_pid, metavar="PID")
+    rl.add_argument("pid", type=_pid, metavar="PID",
+                    help="hupt's PID or the PID of any process of the server")
     rl.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                     help="give up waiting after S seconds (the reload goes on)")
 
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stop", help="stop a server gracefully and wait", description=(
             "Stop the hupt instance PID belongs to: every generation stops accepting, "
             "drains, and exits."))
-    st.add_argument("pid", type=_pid, metavar="PID")
+    st.add_argument("pid", type=_pid, metavar="PID",
+                    help="hupt's PID or the PID of any process of the server")
     st.add_argument("--now", action="store_true",
                     help="do not wait for in-flight connections: end every drain at once")
     _add_attach_parser(sub)
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Show every hupt instance of this user (or the one PID belongs to): generations "
             "(number, PIDs, state, age, in-flight connections), listeners (accept queue, "
             "backlog) and the last reloads. --json prints the documented schema-1 document."))
-    ss.add_argument("pid", type=_pid, metavar="PID", nargs="?")
+    ss.add_argument("pid", type=_pid, metavar="PID", nargs="?",
+                    help="only the hupt instance this PID belongs to (default: all of this user's)")
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -302,7 +305,8 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
             "Take over the server PID (started by a shell, systemd...) and supervise it in "
             "the foreground; from then on `hupt reload PID` reloads it in exec mode."),
         epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    at.add_argument("pid", type=_pid, metavar="PID")
+    at.add_argument("pid", type=_pid, metavar="PID",
+                    help="the server's main process (the master of a pre-fork server)")
     at.add_argument("--yes", action="store_true",
                     help="do not ask for confirmation, before attaching or before detaching "
                          "(for scripts)")
