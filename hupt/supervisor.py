@@ -1074,18 +1074,23 @@ class Supervisor:
         self._release_unused()
 
     def _copy_exited(self, gen: Generation, pid: int, status: int) -> None:
-        """One of --multi's copies exited while the others run on.
+        """One of --multi's copies died while the others run on.
 
         The serving generation is then short of a copy; with --revive it gets
         one again (the same backoff as a whole generation), else it serves on
-        with fewer.  A generation being replaced or stopped is left alone: its
+        with fewer.  Only a crash counts (a signal or a non-zero status): a
+        copy that exits 0 may have daemonized, its server living on below
+        hupt.  A generation being replaced or stopped is left alone: its
         copies are meant to go.  When the last copy goes the generation has
         exited, which _exited handles.
         """
-        gen.copies.remove(pid)
-        if (gen is not self.current or gen.state is not State.SERVING or self.stopping
-                or gen.retired_by_hupt or not self.sys.alive(gen.copies)):
+        if (self.opts.multi == 1 or status == 0 or gen is not self.current
+                or gen.state is not State.SERVING or self.stopping or gen.retired_by_hupt):
             return
+        others = [c for c in gen.copies if c != pid]
+        if not self.sys.alive(others):
+            return
+        gen.copies = others
         now = self.sys.now()
         log.error(f"{gen}: copy pid {pid} exited on its own ({_status(status)}); "
                   f"{len(gen.copies)} of {self.opts.multi} copies serve")

@@ -217,9 +217,13 @@ def describe(pids: Iterable[int]) -> str:
 
 def socket_inodes(pid: int) -> dict[int, int]:
     """{socket inode: fd} for pid's fd table."""
-    found = {}
+    found: dict[int, int] = {}
     fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in os.listdir(fd_dir):
+    try:
+        fds = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return found  # it has exited: it holds nothing
+    for fd in fds:
         with contextlib.suppress(OSError):
             link = os.readlink(fd_dir / fd)
             if link.startswith("socket:["):

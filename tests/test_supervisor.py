@@ -318,12 +318,24 @@ def test_copies_of_a_replaced_generation_are_not_revived(fake: FakeSystem) -> No
     fake.advance(1)
     sup.tick()
     assert sup.current is sup.gens[1] and old.state in (State.DRAINING, State.RETIRING)
-    fake.exit_pid(old.copies[0], 0)
+    fake.exit_pid(old.copies[0], 1)
     sup._next_members = 0.0
     sup.tick()
     fake.advance(5)
     sup.tick()
-    assert len(old.copies) == 2, "no copy started for a generation on its way out"
+    assert fake.events.count("spawn 1 copy") == 2, "no copy started for a generation on its way out"
+
+
+def test_a_copy_exiting_0_is_not_a_crash(fake: FakeSystem) -> None:
+    # It may have daemonized: its server lives on below hupt, under the same marker.
+    sup = multi(fake, revive=True)
+    gen = sup.gens[0]
+    fake.exit_pid(gen.copies[1], 0)
+    sup._next_members = 0.0
+    sup.tick()
+    fake.advance(5)
+    sup.tick()
+    assert len(gen.copies) == 3 and fake.events.count("spawn 1 copy") == 2
 
 
 def test_reload_history_and_status(fake: FakeSystem) -> None:

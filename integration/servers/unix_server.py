@@ -18,6 +18,7 @@ import signal
 import socketserver
 import stat
 import sys
+import threading
 from types import FrameType
 
 from routes import RoutesHandler
@@ -40,14 +41,6 @@ def unlink_socket(path: str) -> None:
         pass
 
 
-class Stop(Exception):
-    pass
-
-
-def on_signal(signum: int, frame: FrameType | None) -> None:
-    raise Stop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("path")
@@ -57,13 +50,18 @@ def main() -> None:
     Handler.timeout = args.idle_timeout
     unlink_socket(path)
     server = Server(path, Handler)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Not an exception: raised in the main thread, it may land inside a
+        # request's thread start-up, where socketserver swallows it.
+        # shutdown() waits for serve_forever, so it runs in a thread of its own.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"unix_server pid={os.getpid()} listening on unix:{path}", file=sys.stderr, flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
-    except Stop:
-        pass
     finally:
         server.server_close()
         unlink_socket(path)

@@ -25,7 +25,6 @@ shutdown() would act on the socket every generation shares.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
@@ -124,12 +123,18 @@ def daemonize() -> None:
         os._exit(0)
 
 
-class Stop(Exception):
-    pass
+def stop_on_signals(server: socketserver.BaseServer) -> None:
+    """SIGTERM/SIGINT end serve_forever.
 
+    Not by raising from the handler: raised in the main thread, the exception
+    may land inside a request's thread start-up, where socketserver swallows
+    it.  shutdown() waits for serve_forever, so it runs in a thread of its own.
+    """
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
 
-def on_signal(signum: int, frame: FrameType | None) -> None:
-    raise Stop
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def main() -> None:
@@ -145,9 +150,8 @@ def main() -> None:
     for _ in range(args.daemonize):
         daemonize()
     time.sleep(args.start_delay)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server = make_server(args.address)
+    stop_on_signals(server)
     extra = None
     if args.port0:
         extra = TCPServer(("127.0.0.1", 0), Handler)
@@ -155,8 +159,7 @@ def main() -> None:
         threading.Thread(target=extra.serve_forever, args=(0.5,), daemon=True).start()
     print(f"variant_server pid={os.getpid()} listening on {args.address}"
           + (f" and 127.0.0.1:{extra_port}" if extra else ""), file=sys.stderr, flush=True)
-    with contextlib.suppress(Stop):
-        server.serve_forever(poll_interval=0.5)
+    server.serve_forever(poll_interval=0.5)
     server.server_close()
     if extra is not None:
         extra.server_close()
