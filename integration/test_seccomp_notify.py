@@ -46,7 +46,7 @@ from hupt.tracer.abi import (
 from hupt.tracer.bpf import Insn, ld_abs, ret
 from hupt.tracer.libc import prctl
 from hupt.tracer.notify import Notification, NotifyFd
-from hupt.tracer.seccomp import build_filter, install_listener
+from hupt.tracer.seccomp import build_filter, install, install_listener
 
 TIMEOUT = 5.0
 BIND_LISTEN = (SYS.bind, SYS.listen)
@@ -649,4 +649,24 @@ def test_root_install_leaves_no_new_privs_alone() -> None:
 
     with child(body) as c:
         assert c.hear() == {"nnp": "0"}
+        assert c.exit_status() == 0
+
+
+def test_a_filter_without_a_listener_stacks_on_the_notifying_one() -> None:
+    # seccomp.install: no notify fd (bench/allow_all.py, the control for the
+    # filter's cost).  Filters stack and the strictest action wins, so bind is
+    # still notified under a later allow-all.
+    def body(chan: socket.socket) -> None:
+        install([ret(Ret.ALLOW)])
+        say(chan, filters=status_field(os.getpid(), "Seccomp_filters"))
+        s = socket.socket()
+        s.bind((LOCALHOST, 0))
+        say(chan, bound=True)
+
+    with child(body) as c:
+        assert c.hear() == {"filters": "2"}
+        n = c.next()
+        assert n.nr == SYS.bind
+        c.nfd.send_continue(n.id)
+        assert c.hear() == {"bound": True}
         assert c.exit_status() == 0

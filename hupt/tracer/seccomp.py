@@ -162,6 +162,21 @@ def sock_fprog(prog_addr: int, n: int) -> bytes:
     return SOCK_FPROG.pack(n, prog_addr)
 
 
+def _fprog(prog: Sequence[Insn]) -> tuple[ctypes.Array[ctypes.c_char], ...]:
+    """(struct sock_fprog, the code it points to): keep both alive until the call."""
+    code = bpf.pack(prog)
+    code_buf = ctypes.create_string_buffer(code, len(code))
+    fprog = ctypes.create_string_buffer(sock_fprog(ctypes.addressof(code_buf), len(prog)),
+                                        SOCK_FPROG.size)
+    return fprog, code_buf
+
+
+def install(prog: Sequence[Insn]) -> None:
+    """Install ``prog`` on the calling thread, with no notify fd (no USER_NOTIF in it)."""
+    fprog, _code = _fprog(prog)
+    _set_mode_filter(FilterFlag(0), fprog)
+
+
 def install_listener(prog: Sequence[Insn], *, tsync: bool = False,
                      wait_killable: bool = True) -> int:
     """Install ``prog`` on the calling process; return the notify fd (O_CLOEXEC).
@@ -169,10 +184,7 @@ def install_listener(prog: Sequence[Insn], *, tsync: bool = False,
     ``wait_killable`` asks for FLAG_WAIT_KILLABLE_RECV and silently drops it
     on kernels that refuse it; ``tsync`` applies the filter to every thread.
     """
-    code = bpf.pack(prog)
-    code_buf = ctypes.create_string_buffer(code, len(code))
-    fprog = ctypes.create_string_buffer(sock_fprog(ctypes.addressof(code_buf), len(prog)),
-                                        SOCK_FPROG.size)
+    fprog, _code = _fprog(prog)
     flags = FilterFlag.NEW_LISTENER
     if tsync:
         flags |= FilterFlag.TSYNC | FilterFlag.TSYNC_ESRCH
