@@ -201,9 +201,17 @@ def server_state(pid: int, port: int) -> tuple[object, ...]:
 
 
 def thread_filters(pid: int) -> dict[int, tuple[int, int]]:
-    """tid -> (TracerPid, Seccomp_filters) of every thread of ``pid``."""
-    return {tid: (procfs.tracer_pid(tid), procfs.seccomp_filters(tid))
-            for tid in procfs.threads(pid)}
+    """tid -> (TracerPid, Seccomp_filters) of every thread of ``pid``.
+
+    A thread that exits during the scan (one per connection, under load) is skipped.
+    """
+    out = {}
+    for tid in procfs.threads(pid):
+        try:
+            out[tid] = (procfs.tracer_pid(tid), procfs.seccomp_filters(tid))
+        except KernelError:
+            continue
+    return out
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:

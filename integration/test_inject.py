@@ -483,10 +483,12 @@ def test_a_failed_exec_leaves_the_process_as_it_was(procs: Procs) -> None:
 def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
     s = procs.spawn(python_target("bind_on_signal.py"))
     eventually(lambda: s.out.read_text(), lambda o: "ready" in o, 20)
+    masks = {tid: procfs.status_fields(tid)["SigBlk"] for tid in procfs.threads(s.pid)}
     fd = inject_filter(s.pid, bpf.pack(seccomp.build_filter([SYS.bind])))
     with NotifyFd(fd) as notify:
         tids = procfs.threads(s.pid)
         assert len(tids) == 5
+        assert {tid: procfs.status_fields(tid)["SigBlk"] for tid in tids} == masks
         assert all(procfs.seccomp_filters(tid) == 1 for tid in tids)
         assert all(procfs.tracer_pid(tid) == 0 for tid in tids)
         assert not [fd for fd in os.listdir(f"/proc/{s.pid}/fd")

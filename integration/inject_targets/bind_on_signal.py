@@ -21,8 +21,13 @@ def bind_one(sig: int, frame: object) -> None:
 
 
 signal.signal(signal.SIGUSR1, bind_one)
+# Only the main thread takes SIGUSR1: delivered to an idle thread, the signal
+# would leave the main thread asleep in pause(), and the handler, which Python
+# runs in the main thread, would never run.  The threads inherit the mask.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 for _ in range(4):
     threading.Thread(target=threading.Event().wait, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 print("ready", flush=True)
 while True:
     signal.pause()
