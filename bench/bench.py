@@ -91,7 +91,7 @@ class Config:
     connections: int = 8
 
 
-FULL = Config(rounds=10, seconds=1, warmup=1, reloads=10, idle_reloads=10, starts=10, execs=10,
+FULL = Config(rounds=20, seconds=1, warmup=1, reloads=10, idle_reloads=10, starts=10, execs=10,
               gap=0.3, syscall_rounds=5, mode_reloads=8)
 QUICK = Config(rounds=3, seconds=1, warmup=1, reloads=4, idle_reloads=5, starts=5, execs=5,
                gap=0.2, syscall_rounds=3, mode_reloads=4)
