@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,13 +15,6 @@ from tests.fakes import FakeSystem
 from tests.test_supervisor import Recorder
 
 A = Address(AF_INET, "127.0.0.1", 8000)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeSystem]:
-    f = FakeSystem()
-    yield f
-    f.close()
 
 
 def make(fake: FakeSystem, **kw: float) -> Supervisor:

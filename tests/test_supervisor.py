@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,13 +26,6 @@ class Recorder(Waiter):
     def done(self, ok: bool, reason: str) -> None:
         assert self.result is None, "a waiter is told the outcome once"
         self.result = (ok, reason)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeSystem]:
-    f = FakeSystem()
-    yield f
-    f.close()
 
 
 def make(fake: FakeSystem, **kw: float) -> Supervisor:

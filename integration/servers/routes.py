@@ -60,7 +60,10 @@ class RoutesHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        status, body = respond(self.path)
+        self.reply(*respond(self.path))
+
+    def reply(self, status: int, body: bytes) -> None:
+        """A whole response; wfile is unbuffered, so it is on the wire on return."""
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

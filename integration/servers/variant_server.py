@@ -34,19 +34,16 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from urllib.parse import parse_qs, urlsplit
 
-from routes import parse_address, respond
+from routes import RoutesHandler, parse_address, respond
 
 # Set in main(): the port of the --port0 listener, 0 without one.
 extra_port = 0
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class Handler(RoutesHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
@@ -62,20 +59,12 @@ class Handler(BaseHTTPRequestHandler):
             after = partial(os.kill, os.getpid(), sig)
         else:
             status, body = respond(self.path)
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        # wfile is unbuffered (wbufsize 0): the answer is on the wire before `after` runs.
-        self.wfile.write(body)
+        self.reply(status, body)  # on the wire before `after` runs
         if after is not None:
             after()
 
     def address_string(self) -> str:
         return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 class QuietAboutClients(socketserver.ThreadingMixIn):
