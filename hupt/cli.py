@@ -348,6 +348,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if not argv:
         raise attach.AttachRefused(f"PID {pid} has an empty command line")
     _confirm_attach(server, args.yes)
+    # From here until the supervisor's handlers are in place (Supervisor.run
+    # unblocks), a stop signal must not kill hupt with the filter installed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     env = dict(_env_pair(e) for e in server.env if b"=" in e)
     become_subreaper()  # for the command started afresh if an exec'd image fails
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,

@@ -286,6 +286,10 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        # hupt attach blocks them while it takes the server over (a default
+        # SIGTERM then would leave the server with a filter nobody answers);
+        # those that came meanwhile are delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         self._sel.register(rfd, selectors.EVENT_READ, ("signal", rfd))
         try:
             if self._control_enabled:
@@ -390,7 +394,7 @@ class Supervisor:
         self._signals.append(signum)
 
     def _handle_signals(self) -> None:
-        while self._signals:
+        while self._signals and not self.detached:
             s = self._signals.pop(0)
             if s == signal.SIGHUP:
                 log.info("SIGHUP: reloading")
@@ -929,6 +933,8 @@ class Supervisor:
 
     # -- timers ------------------------------------------------------------
     def tick(self) -> None:
+        if self.detached:  # nothing is ours to watch any more; run() returns
+            return
         now = self.sys.now()
         if now >= self._next_members:
             self._next_members = now + MEMBERS_POLL

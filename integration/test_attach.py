@@ -275,6 +275,33 @@ def test_detach_is_confirmed_on_a_terminal(procs: Procs, tmp_path: Path) -> None
     assert bind_outcome(s) == "bind ENOSYS"
 
 
+def test_a_stop_signal_while_attaching_never_leaves_an_orphaned_filter(
+        procs: Procs, go_server: Path) -> None:
+    # SIGTERM at moments spread over hupt attach's start: before it touches the
+    # server it may die of it (the server untouched), after that it must detach
+    # cleanly (exit 0) rather than die with the filter installed and unanswered.
+    outcomes = set()
+    for delay in (0.05, 0.15, 0.25, 0.35, 0.45, 0.6, 0.8, 1.2):
+        port = free_port()
+        target: Target = ("127.0.0.1", port)
+        s = start_server(procs, [str(go_server), f"127.0.0.1:{port}"], target)
+        a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", str(s.pid)],
+                        name="attach")
+        time.sleep(delay)
+        a.signal(signal.SIGTERM)
+        code = a.popen.wait(20)
+        if procfs.seccomp_filters(s.pid):
+            assert code == 0 and "detached" in a.err.read_text(), a.log()
+            outcomes.add("detached")
+        else:
+            assert code == -signal.SIGTERM, a.log()
+            outcomes.add("untouched")
+        assert procfs.tracer_pid(s.pid) == 0
+        assert http_get(target)[0] == 200
+        assert s.stop() == 0
+    assert "detached" in outcomes, "some signal must have come after the attach"
+
+
 # --- refusals ----------------------------------------------------------------------------
 
 

@@ -269,6 +269,10 @@ def test_stopping_hupt_attach_detaches_and_leaves_the_server_running(
     notify_fd, exit_fd = sup._fds[1], sup._exit_fds[1]
     signal_(sup, signal.SIGTERM)
     assert sup.detached and not sup.stopping
+    sup._next_members = 0.0
+    fake.gens[1].pids = set()  # no longer watched: hupt cannot see it any more
+    sup.tick()
+    assert sup.gens[0].state is State.SERVING and sup.exit_code is None, "not taken for exited"
     assert not fake.signals, "the server is not asked to stop"
     assert "forget 1" in fake.events, "its notify fd and pidfd are closed"
     for fd in (notify_fd, exit_fd):
