@@ -68,7 +68,13 @@ from hupt.system import System
 from hupt.watch import Watcher
 
 DRAIN_POLL = 0.1
+# Membership is a /proc scan (~14 us per process on the host). SIGCHLD, the
+# attached roots' pidfds and the reaper report exits as they happen, so in
+# steady state the scan only catches processes a generation forked; while
+# anything is in motion (a reload, a drain, a stop, a revive) it runs each second
+# and at the start of a reload, so the processes paused are the current ones.
 MEMBERS_POLL = 1.0
+MEMBERS_IDLE_POLL = 10.0
 PROBE_INTERVAL = 0.2
 HISTORY = 20
 REVIVE_MAX_BACKOFF = 30.0
@@ -182,7 +188,10 @@ class Supervisor:
         self._control_enabled = control
         self._control: ControlServer | None = None
         self._peers: dict[int, Peer] = {}
+        # A scan is due at _next_members (0: at once, after SIGCHLD or a reap) or
+        # one poll interval after the last one, whichever comes first.
         self._next_members = 0.0
+        self._last_scan = -math.inf
         self._interrupts = 0
         self._stop_waiters: list[Waiter] = []
         self._notifier = notifier or Notifier({})
@@ -238,6 +247,11 @@ class Supervisor:
 
     def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False) -> None:
         w = waiter or Waiter()
+        if self.upgrade is None:
+            # The generation to pause later: its processes as they are now (in
+            # steady state the last scan may be seconds old).  This may find it
+            # gone, and hupt stopping: hence first.
+            self._refresh_members()
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
@@ -369,7 +383,7 @@ class Supervisor:
 
     def _timeout(self) -> float:
         now = self.sys.now()
-        deadlines = [self._next_members]
+        deadlines = [self._members_due()]
         up = self.upgrade
         if up is not None:
             deadlines.append(up.deadline)
@@ -936,8 +950,7 @@ class Supervisor:
         if self.detached:  # nothing is ours to watch any more; run() returns
             return
         now = self.sys.now()
-        if now >= self._next_members:
-            self._next_members = now + MEMBERS_POLL
+        if now >= self._members_due():
             self._refresh_members()
         up = self.upgrade
         if up is not None and up.phase == "confirming":
@@ -1008,11 +1021,22 @@ class Supervisor:
                 self.sys.signal(g.pids, signal.SIGKILL)
                 g.kill_at = None
 
+    def _members_due(self) -> float:
+        interval = MEMBERS_POLL if self._in_motion() else MEMBERS_IDLE_POLL
+        return min(self._next_members, self._last_scan + interval)
+
+    def _in_motion(self) -> bool:
+        """Whether anything but serving generations exists (membership then polled often)."""
+        return (self.upgrade is not None or self.stopping or self._revive_at is not None
+                or self._copies_at is not None
+                or any(g.alive and g.state is not State.SERVING for g in self.gens))
+
     def _was_execed(self, gen: Generation) -> bool:
         """Whether ``gen`` is an image exec'd into an older generation's root."""
         return any(g.replaced_by == gen.number for g in self.gens)
 
     def _refresh_members(self) -> None:
+        self._last_scan, self._next_members = self.sys.now(), math.inf
         live = [g for g in self.gens if g.alive]
         members = self.sys.members({g.number: g.pid for g in live if g.replaced_by is None})
         # Zombies count as members until reaped (a multi-threaded process shows a
@@ -1189,10 +1213,12 @@ class Supervisor:
             if msg.get("now"):
                 self._end_draining()
         elif cmd == "status":
+            self._refresh_members()  # what is there now, not at the last scan
             peer.send({"event": "result", "ok": True, "reason": "status",
                        "status": self.status()})
             peer.finish()
         elif cmd == "ping":
+            self._refresh_members()
             peer.send({"event": "result", "ok": True, "reason": "pong",
                        "generations": [_gen_info(g) for g in self.gens if g.alive]})
             peer.finish()

@@ -245,6 +245,7 @@ def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) 
     assert sup.current is sup.gens[1] and sup.gens[1].state is State.SERVING
     # A second crash right away waits longer (exponential backoff).
     fake.exit(2, 1)
+    sup._next_members = 0.0  # what its SIGCHLD does
     fake.advance(2)
     sup.tick()  # the crash is seen: next start in 1 s
     assert len(sup.gens) == 2
@@ -254,6 +255,33 @@ def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) 
     fake.advance(0.5)
     sup.tick()
     assert len(sup.gens) == 3
+
+
+def test_membership_is_polled_seldom_in_steady_state_and_often_in_motion(
+        fake: FakeSystem) -> None:
+    sup = make(fake)
+    scans: list[float] = []
+    members = fake.members
+
+    def counting(roots: dict[int, int]) -> dict[int, set[int]]:
+        scans.append(fake.clock)
+        return members(roots)
+
+    fake.members = counting  # type: ignore[method-assign]
+    for _ in range(30):
+        fake.advance(1)
+        sup.tick()
+    assert len(scans) == 3, "steady state: every 10 s (SIGCHLD and pidfds report exits)"
+    worker = fake.fork(1)
+    sup.request_reload(Recorder())
+    assert len(scans) == 4 and worker in sup.gens[0].pids, "a reload looks first"
+    for _ in range(5):
+        fake.advance(1)
+        sup.tick()
+    assert len(scans) == 9, "a reload in progress: every second"
+    sup._next_members = 0.0  # SIGCHLD
+    sup.tick()
+    assert len(scans) == 10
 
 
 def multi(fake: FakeSystem, **kw: object) -> Supervisor:
