@@ -81,10 +81,20 @@ REVIVE_MAX_BACKOFF = 30.0
 COPIES_SETTLE = 0.3
 
 
+def servers_env() -> dict[str, str]:
+    """hupt's environment minus what is hupt's alone: the service manager's
+    NOTIFY_SOCKET (hupt answers to systemd; a generation that wrote to it would
+    report READY for hupt)."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    return env
+
+
 @dataclass
 class Options:
     argv: list[str]
-    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # The servers' starting environment (hupt attach: the attached server's own).
+    env: dict[str, str] = field(default_factory=servers_env)
     ready_timeout: float = 30.0
     drain_timeout: float = 60.0
     kill_timeout: float = 10.0
@@ -160,6 +170,22 @@ class Upgrade:
 
 
 @dataclass
+class Announcing:
+    """Generation 1 serves from its first listen(), but the service manager
+    hears READY=1 only once the --ready policy is met: readiness, not liveness.
+    Nothing is rolled back here (there is nothing to roll back to); a policy
+    still unmet after the ready timeout is logged once and awaited on."""
+
+    gen: Generation
+    since: float
+    at: float | None = None  # --ready delay: when it is met
+    probe: HttpProbe | None = None  # --ready http: the probe in flight
+    next_probe: float | None = None
+    last_probe: str = ""
+    warned: bool = False
+
+
+@dataclass
 class ReloadRecord:
     at: float
     duration_ms: float
@@ -196,6 +222,7 @@ class Supervisor:
         self._stop_waiters: list[Waiter] = []
         self._notifier = notifier or Notifier({})
         self._announced_ready = False
+        self._announcing: Announcing | None = None
         self._ready_notices: dict[int, Listener] = {}  # generation -> its NOTIFY_SOCKET
         self._notified_ready: set[int] = set()
         self._hooks: list[Hook] = []
@@ -262,7 +289,8 @@ class Supervisor:
             return
         now = self.sys.now()
         up = self.upgrade = Upgrade(now, now + self.opts.ready_timeout, [w], revive=revive)
-        self._notifier.reloading("reloading")
+        if not revive:  # bringing a crashed server back is no reload to the manager
+            self._notifier.reloading("reloading")
         if self.opts.before_reload and not revive:
             hook = up.hook = self._run_hook("before-reload", self.opts.before_reload)
             up.tell(f"running --before-reload: {self.opts.before_reload}")
@@ -386,7 +414,8 @@ class Supervisor:
         deadlines = [self._members_due()]
         up = self.upgrade
         if up is not None:
-            deadlines.append(up.deadline)
+            if up.phase != "before":  # a --before-reload hook has no deadline (tick)
+                deadlines.append(up.deadline)
             if up.confirm_at is not None:
                 deadlines.append(up.confirm_at)
             if up.phase == "confirming" and up.probe is None and self.opts.ready.kind == "http":
@@ -402,6 +431,11 @@ class Supervisor:
             deadlines.append(self._revive_at)
         if self._copies_at is not None:
             deadlines.append(self._copies_at)
+        a = self._announcing
+        if a is not None:
+            if not a.warned:
+                deadlines.append(a.since + self.opts.ready_timeout)
+            deadlines += [t for t in (a.at, a.next_probe) if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -494,10 +528,9 @@ class Supervisor:
 
     # -- generations -----------------------------------------------------
     def _env(self, number: int) -> dict[str, str]:
+        """Generation ``number``'s environment, spawned or exec'd: the servers'
+        one, with --ready notify a NOTIFY_SOCKET of hupt's own."""
         env = dict(self.opts.env)
-        # hupt answers to the service manager; a generation may not (it would
-        # report READY for hupt).  With --ready notify it gets hupt's socket.
-        env.pop("NOTIFY_SOCKET", None)
         if self.opts.ready.kind == "notify":
             listener = Listener(runtime_dir(), f"{os.getpid()}.{number}.notify")
             self._ready_notices[number] = listener
@@ -505,11 +538,15 @@ class Supervisor:
             env["NOTIFY_SOCKET"] = listener.path
         return env
 
-    def _spawn(self, copies: int = 1) -> Generation:
-        number = len(self.gens) + 1
+    def _unlink_files(self) -> None:
+        """--unlink: what a generation must not find when it starts (a stale pidfile)."""
         for path in self.opts.unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def _spawn(self, copies: int = 1) -> Generation:
+        number = len(self.gens) + 1
+        self._unlink_files()
         self._gen_env[number] = self._env(number)
         try:
             pid, fd = self._start_copy(number)
@@ -576,10 +613,10 @@ class Supervisor:
             # listened (and settled): their binds are then handoffs, not EADDRINUSE.
             self._copies_at = self.sys.now() + COPIES_SETTLE
         if got.listened:
-            if gen is self.current and not self._announced_ready:
-                self._announced_ready = True
-                self._serving = set(gen.listened)
-                self._notifier.ready(f"serving: {gen}")
+            if gen is self.current:
+                self._serving = set(gen.listened)  # what a revived one must take
+                if not self._announced_ready and self._announcing is None:
+                    self._announce_when_ready(gen)
             self._check_ready(gen)
         if got.hung_up:
             self._unwatch(gen)
@@ -646,11 +683,77 @@ class Supervisor:
             # Probes reach the shared socket: only the new generation may answer them.
             old = self.current
             if old is not None and old.state is State.SERVING:
-                for p in self.sys.pause(old.number, old.pids):
-                    log.warn(f"{old}: could not stop accepting: {p}")
+                # It may accept again (a rollback): paused as one that lives on,
+                # sealed as a retiring one only once the probe has succeeded.
+                self._pause(old, old.pids, old.pids)
                 up.paused_old = old
             up.next_probe = self.sys.now()
             up.tell(f"{gen} listened; {old or 'no generation'} paused, probing {policy}")
+
+    # -- generation 1's readiness (READY=1 to the service manager) ----------
+    def _announce_when_ready(self, gen: Generation) -> None:
+        """``gen`` (the first generation) listened: apply --ready before READY=1."""
+        policy, now = self.opts.ready, self.sys.now()
+        a = self._announcing = Announcing(gen, now)
+        if policy.kind == "listen" or (policy.kind == "notify"
+                                       and gen.number in self._notified_ready):
+            self._announce(gen, "")
+        elif policy.kind == "delay":
+            a.at = now + policy.delay
+        elif policy.kind == "http":
+            a.next_probe = now
+        else:
+            log.info(f"{gen} listened; waiting for READY=1 (--ready notify)")
+
+    def _announce(self, gen: Generation, how: str) -> None:
+        a, self._announcing = self._announcing, None
+        if a is not None and a.probe is not None:
+            self._drop_probe(a.probe)
+        self._announced_ready = True
+        if how:
+            log.ok(f"{gen} is ready ({how})")
+        self._notifier.ready(f"serving: {gen}")
+
+    def _first_tick(self, now: float) -> None:
+        a = self._announcing
+        if a is None:
+            return
+        if a.gen is not self.current or not a.gen.alive:
+            self._announcing = None  # a reload or a revive announces instead
+            if a.probe is not None:
+                self._drop_probe(a.probe)
+            return
+        if a.at is not None and now >= a.at:
+            self._announce(a.gen, f"--ready {self.opts.ready}")
+            return
+        if a.next_probe is not None and a.probe is None and now >= a.next_probe:
+            target = probe_target(self.opts.ready, a.gen.listened)
+            if target is None:
+                a.last_probe, a.next_probe = "no held address to probe", now + PROBE_INTERVAL
+            else:
+                a.probe, a.next_probe = HttpProbe(target, self.opts.ready.path), None
+                if a.probe.outcome is None:
+                    self._sel.register(a.probe.fileno(), selectors.EVENT_WRITE,
+                                       ("probe", a.probe))
+                else:
+                    self._first_probe_done(a, a.probe)
+        if not a.warned and now - a.since >= self.opts.ready_timeout:
+            a.warned = True
+            why = f" (last probe: {a.last_probe})" if a.last_probe else ""
+            log.warn(f"{a.gen} serves but is not ready after {self.opts.ready_timeout:g} s: "
+                     f"--ready {self.opts.ready} not satisfied{why}; READY=1 waits for it")
+
+    def _first_probe_done(self, a: Announcing, probe: HttpProbe) -> None:
+        a.probe, a.last_probe = None, probe.detail
+        if probe.outcome:
+            self._announce(a.gen, f"ready probe answered: {probe.detail}")
+        else:
+            a.next_probe = self.sys.now() + PROBE_INTERVAL
+
+    def _drop_probe(self, probe: HttpProbe) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(probe.fileno())
+        probe.close()
 
     def _on_ready_notice(self, number: int) -> None:
         listener = self._ready_notices.get(number)
@@ -663,6 +766,9 @@ class Supervisor:
         if listener.ready_from(gen.pids | {gen.pid}):
             self._notified_ready.add(number)
             log.debug(f"{gen} sent READY=1")
+            a = self._announcing
+            if a is not None and a.gen is gen:
+                self._announce(gen, "it sent READY=1")
             up = self.upgrade
             if up is not None and up.gen is gen and up.phase == "confirming":
                 self._promote()
@@ -692,6 +798,8 @@ class Supervisor:
                 self._sel.unregister(fd)
             if up is not None and up.probe is probe:
                 self._probe_done()
+            elif self._announcing is not None and self._announcing.probe is probe:
+                self._first_probe_done(self._announcing, probe)
         elif writing and not probe.writing:
             self._sel.modify(probe.fileno(), selectors.EVENT_READ, ("probe", probe))
 
@@ -722,14 +830,15 @@ class Supervisor:
         up.tell(msg)
         if old is not None and old.state is State.SERVING:
             if up.paused_old is old:
+                for p in self.sys.seal(old.number, old.paused):
+                    log.warn(f"{old}: {p}")
                 self._start_draining(old)
             else:
                 self._drain(old)
             n = self.sys.in_flight(old.pids, old.listened)
-            up.tell(f"{old} stopped accepting; draining {n} in flight")
+            up.tell(f"{old} stopped accepting; draining {'?' if n is None else n} in flight")
         self._record(up, True, msg)
-        self._announced_ready = True
-        self._notifier.ready(f"serving: {gen}")
+        self._announce(gen, "")
         self._release_unused()
         if self.opts.after_reload and not up.revive:
             hook = self._run_hook("after-reload", self.opts.after_reload)
@@ -745,9 +854,7 @@ class Supervisor:
         self.upgrade = None
         gen = up.gen
         if up.probe is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(up.probe.fileno())
-            up.probe.close()
+            self._drop_probe(up.probe)
         if up.hook is not None and up.hook.status is None:
             up.hook.kill()
         if up.paused_old is not None and up.paused_old.state is State.SERVING:
@@ -762,7 +869,8 @@ class Supervisor:
             if gen.alive and gen.pids:
                 self._drain(gen)
         self._record(up, False, reason)
-        self._notifier.ready(f"reload failed: {reason}")
+        if not self.stopping and not up.revive:  # STOPPING=1 was said already
+            self._notifier.ready(f"reload failed: {reason}")
         for w in up.waiters:
             w.done(False, reason)
         if up.revive and self.current is None and not self.stopping:
@@ -813,11 +921,14 @@ class Supervisor:
         up = self.upgrade
         assert up is not None and up.replacing is old
         number = len(self.gens) + 1
+        self._unlink_files()
+        env = self._gen_env[number] = self._env(number)
         try:
             path = self._program()
-            self.sys.exec_in_place(old.number, number, old.pid, path, self.opts.argv,
-                                   self.opts.env)
+            self.sys.exec_in_place(old.number, number, old.pid, path, self.opts.argv, env)
         except HuptError as e:
+            self._drop_ready_notice(number)
+            del self._gen_env[number]
             self._exec_failed(old, f"{old} could not exec the program: {e}")
             return
         now = self.sys.now()
@@ -900,8 +1011,15 @@ class Supervisor:
         gen.kill_at = self.sys.now() + self.opts.kill_timeout
 
     def _end_draining(self) -> None:
-        for g in self.gens:
-            if g.state is State.DRAINING:
+        for g in list(self.gens):
+            if g.state is not State.DRAINING:
+                continue
+            up = self.upgrade
+            if up is not None and up.replacing is g:
+                # Exec mode: its drain ends by the exec it waits for, not by its end.
+                log.warn(f"{g}: draining ended on request: execing now")
+                self._exec(g)
+            else:
                 self._retire(g, "draining ended on request")
 
     # -- hooks -----------------------------------------------------------
@@ -952,6 +1070,7 @@ class Supervisor:
         now = self.sys.now()
         if now >= self._members_due():
             self._refresh_members()
+        self._first_tick(now)
         up = self.upgrade
         if up is not None and up.phase == "confirming":
             if up.confirm_at is not None and now >= up.confirm_at:
@@ -1002,6 +1121,8 @@ class Supervisor:
                     closed = self.sys.close_idle(g.pids, g.listened, self.opts.close_idle_ms)
                     if closed:
                         log.debug(f"{g}: closed {closed} idle connection(s)")
+                # Uncounted (the tables could not be read) is not drained: the
+                # drain timeout still ends it.
                 n = self.sys.in_flight(g.pids, g.listened)
                 if n == 0:
                     if execs:
@@ -1009,7 +1130,7 @@ class Supervisor:
                     else:
                         self._retire(g, "no connections in flight")
                 elif g.drain_deadline is not None and now >= g.drain_deadline:
-                    why = f"drain timeout with {n} connection(s) still open"
+                    why = f"drain timeout with {'?' if n is None else n} connection(s) still open"
                     if execs:
                         log.warn(f"{g}: {why}: execing anyway")
                         self._exec(g)
@@ -1071,6 +1192,7 @@ class Supervisor:
         gen.to(State.EXITED)
         gen.kill_at = gen.drain_deadline = None
         self._unwatch(gen)
+        self._gen_env.pop(gen.number, None)
         status = gen.exit_status
         desc = _status(status)
         up = self.upgrade

@@ -107,7 +107,13 @@ class System(Protocol):
     def resume(self, number: int) -> list[str]:
         """Undo every ``pause`` of generation ``number``; return problems."""
 
-    def in_flight(self, pids: set[int], addresses: set[Address]) -> int: ...
+    def seal(self, number: int, pids: set[int]) -> list[str]:
+        """These paused processes retire after all (a --ready http probe succeeded):
+        what ``pause`` does for retiring ones and not for ``lives_on``."""
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int | None:
+        """Accepted connections of these processes on these addresses still open;
+        None when the kernel's tables could not be read (not the same as 0)."""
 
     def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
         """Close (FIN) the idle keep-alive connections of these processes; return how many."""
@@ -387,9 +393,6 @@ class LinuxSystem:
     def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
         from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
 
-        # The no-op unlink filter is for processes on their way out: one that
-        # serves on would never unlink anything again.
-        spared = set(lives_on)
         problems: list[str] = []
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
@@ -398,9 +401,25 @@ class LinuxSystem:
                 if fds:
                     rec = accepting.pause_listeners(pid, fds)
                     self._paused.setdefault(number, []).append(rec)
-                if (self.listeners.unix_paths() and number not in self._unlink_covered
-                        and pid not in spared):
-                    accepting.inject_filter(pid, _noop_unlink_filter(), listener=False)
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {pid}: {e}")
+        return problems + self.seal(number, pids - set(lives_on))
+
+    def seal(self, number: int, pids: set[int]) -> list[str]:
+        from hupt.tracer import accepting
+
+        # A generation whose filter does not notify unlink could remove the
+        # unix socket path the next one serves, as servers do when they exit:
+        # a filter stacked on it makes unlink a no-op.  Only on processes on
+        # their way out: one that serves on would never unlink anything again.
+        if not self.listeners.unix_paths() or number in self._unlink_covered:
+            return []
+        problems: list[str] = []
+        for pid in sorted(pids):
+            try:
+                accepting.inject_filter(pid, _noop_unlink_filter(), listener=False)
             except NoSuchProcess:
                 continue
             except HuptError as e:
@@ -461,14 +480,14 @@ class LinuxSystem:
                         "backlog": backlog})
         return out
 
-    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int | None:
         from hupt.tracer import sockdiag
 
         try:
             return sockdiag.in_flight(self._sockdiag(), addresses, pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
-            return 0
+            return None
 
     def signal(self, pids: Iterable[int], sig: int) -> None:
         for pid in pids:

@@ -37,6 +37,10 @@ class FakeSystem:
         self.next_pid = 100
         self.signals: list[tuple[int, int]] = []
         self.in_flight_by_pid: dict[int, int] = {}
+        self.uncountable = False  # the kernel's socket tables cannot be read
+        self.sealed: dict[int, set[int]] = {}
+        self.execs: list[tuple[list[str], dict[str, str]]] = []  # argv, env of each exec
+        self.spawns: list[tuple[list[str], dict[str, str]]] = []  # and of each spawn
         self.reaped: list[tuple[int, int]] = []
         self.spawn_error: Exception | None = None
         self.events: list[str] = []
@@ -97,6 +101,7 @@ class FakeSystem:
               cwd: str | None = None) -> tuple[int, int]:
         if self.spawn_error is not None:
             raise self.spawn_error
+        self.spawns.append((list(argv), dict(env)))
         self.next_pid += 1
         g = self.gens.get(number)
         if g is not None and not g.hung_up:  # --multi: another copy, same notify group
@@ -128,6 +133,7 @@ class FakeSystem:
     def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
                       argv: list[str], env: dict[str, str]) -> None:
         self.events.append(f"exec {number} -> {new_number}")
+        self.execs.append((list(argv), dict(env)))
         if self.exec_error is not None:
             raise self.exec_error
         old = self.gens[number]
@@ -167,6 +173,11 @@ class FakeSystem:
         self.events.append(f"pause {number}")
         return []
 
+    def seal(self, number: int, pids: set[int]) -> list[str]:
+        self.sealed.setdefault(number, set()).update(pids)
+        self.events.append(f"seal {number}")
+        return []
+
     def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
         return 0
 
@@ -174,7 +185,9 @@ class FakeSystem:
         return [{"address": str(h.address), "inode": h.inode, "queued": 0,
                  "backlog": h.backlog} for h in self.listeners]
 
-    def in_flight(self, pids: set[int], addresses: set[Address]) -> int:
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int | None:
+        if self.uncountable:
+            return None
         return sum(self.in_flight_by_pid.get(p, 0) for p in pids)
 
     def signal(self, pids: Iterable[int], sig: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 
@@ -341,3 +342,50 @@ def test_hupt_run_still_stops_on_term(fake: FakeSystem) -> None:
     sup = make(fake)
     signal_(sup, signal.SIGTERM)
     assert sup.stopping and not sup.detached
+
+
+def test_the_exec_gets_the_environment_a_spawned_generation_gets(
+        fake: FakeSystem, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from hupt.readiness import Policy
+
+    pidfile = Path(str(tmp_path)) / "server.pid"
+    sup = make(fake, ready=Policy("notify"), unlink=[str(pidfile)])  # type: ignore[arg-type]
+    try:
+        (argv1, env1), = fake.spawns
+        pidfile.write_text("101\n")  # the running server's own pidfile
+        w = reload_to_exec(sup, fake)
+        (argv2, env2), = fake.execs
+        assert argv2 == argv1 == ["server"]
+        # --ready notify: each image is told a socket of hupt's where its READY=1 counts.
+        assert env1["NOTIFY_SOCKET"] != env2["NOTIFY_SOCKET"]
+        assert env2["NOTIFY_SOCKET"] == sup._ready_notices[2].path
+        assert not pidfile.exists(), "--unlink runs before the exec too"
+        fake.listen(2, A)
+        sup.on_notify(sup.gens[1])
+        assert w.result is None, "listening is not READY=1"
+        # A READY=1 from one of its processes (this one, standing in for it).
+        fake.gens[2].pids.add(os.getpid())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", env2["NOTIFY_SOCKET"])
+        sup._on_ready_notice(2)
+        assert w.result is not None and w.result[0], w.result
+    finally:
+        for listener in sup._ready_notices.values():
+            listener.close()
+
+
+def test_ending_the_drains_mid_reload_execs_at_once(fake: FakeSystem) -> None:
+    sup = make(fake)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 2
+    w = Recorder()
+    sup.request_reload(w)
+    sup.tick()
+    assert len(sup.gens) == 1
+    sup._end_draining()  # SIGUSR2, hupt stop --now
+    assert "exec 1 -> 2" in fake.events and not fake.signals, "not retired: it execs"
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w.result is not None and w.result[0] and sup.current is sup.gens[1]

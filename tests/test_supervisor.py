@@ -386,3 +386,114 @@ def test_a_bug_in_a_handler_does_not_take_the_supervisor_down(
     sup._step(-1)
     assert "internal error handling notify" in capsys.readouterr().err
     assert sup.current is sup.gens[0] and not sup.stopping
+
+
+class RecordingNotifier:
+    """What hupt tells its service manager (sd_notify), in order."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def ready(self, status: str) -> None:
+        self.said.append("READY")
+
+    def reloading(self, status: str) -> None:
+        self.said.append("RELOADING")
+
+    def stopping(self, status: str) -> None:
+        self.said.append("STOPPING")
+
+
+def make_notified(fake: FakeSystem, **kw: object) -> tuple[Supervisor, RecordingNotifier]:
+    n = RecordingNotifier()
+    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw),  # type: ignore[arg-type]
+                     control=False, notifier=n)  # type: ignore[arg-type]
+    sup.start()
+    return sup, n
+
+
+def test_first_generation_is_announced_ready_by_the_ready_policy(fake: FakeSystem) -> None:
+    from hupt.readiness import Policy
+
+    sup, n = make_notified(fake, ready=Policy("delay", delay=2.0))
+    sup.tick()
+    assert n.said == [], "not ready before it listened"
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    assert sup.gens[0].state is State.SERVING, "it serves at once: there is nobody else"
+    assert n.said == [], "--ready delay:2 is readiness, not the first listen()"
+    assert 1.9 < sup._timeout() <= 2.0, "the loop wakes up for it"
+    fake.advance(1.0)
+    sup.tick()
+    assert n.said == []
+    fake.advance(1.1)
+    sup.tick()
+    assert n.said == ["READY"]
+    sup.tick()
+    assert n.said == ["READY"], "said once"
+
+
+def test_first_generation_not_yet_ready_is_announced_by_the_reload_that_replaces_it(
+        fake: FakeSystem) -> None:
+    from hupt.readiness import Policy
+
+    sup, n = make_notified(fake, ready=Policy("delay", delay=5.0))
+    sup.request_reload(Recorder())  # before generation 1 has even listened
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    fake.advance(2)
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])  # its own delay would end at 7 s
+    fake.advance(3.1)
+    sup.tick()
+    assert sup.current is sup.gens[1]
+    assert n.said == ["RELOADING", "READY"], n.said
+    fake.advance(10)
+    sup.tick()
+    assert n.said == ["RELOADING", "READY"], "generation 1's delay no longer counts"
+
+
+def test_no_ready_after_stopping_and_no_reloading_for_a_revive(fake: FakeSystem) -> None:
+    sup, n = make_notified(fake, revive=True)
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    assert n.said == ["READY"]
+    fake.exit(1, 1)
+    fake.advance(2)
+    sup.tick()
+    fake.advance(0.6)
+    sup.tick()
+    assert sup.upgrade is not None and sup.upgrade.revive
+    assert n.said == ["READY"], "a revive is no reload to the service manager"
+    sup.request_stop()
+    assert n.said == ["READY", "STOPPING"], "the revive given up says no READY=1 after STOPPING"
+
+
+def test_a_generation_whose_connections_cannot_be_counted_drains_until_the_timeout(
+        fake: FakeSystem) -> None:
+    sup = make(fake, drain_timeout=10.0)
+    sup.request_reload(Recorder())
+    fake.listen(2, A)
+    old = sup.gens[0]
+    fake.uncountable = True
+    sup.on_notify(sup.gens[1])
+    fake.advance(5)
+    sup.tick()
+    assert old.state is State.DRAINING, "unknown is not 0 in flight"
+    fake.advance(5.1)
+    sup.tick()
+    assert old.state is State.RETIRING
+
+
+def test_busy_loop_free_while_a_before_reload_hook_outlives_the_ready_timeout(
+        fake: FakeSystem, tmp_path: object) -> None:
+    sup = make(fake, ready_timeout=1.0, before_reload="sleep 30")  # type: ignore[arg-type]
+    sup.request_reload(Recorder())
+    try:
+        fake.advance(5)
+        sup.tick()
+        assert sup.upgrade is not None and sup.upgrade.phase == "before"
+        assert sup._timeout() > 0.05, "the ready deadline does not count while the hook runs"
+    finally:
+        assert sup.upgrade is not None and sup.upgrade.hook is not None
+        sup.upgrade.hook.kill()
