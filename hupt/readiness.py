@@ -21,11 +21,12 @@ is a small state machine stepped whenever its socket is ready.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from hupt.address import Address
+from hupt.address import AF_INET, AF_INET6, Address
 from hupt.errors import UsageError
 
 
@@ -63,8 +64,15 @@ def parse_policy(text: str) -> Policy:
         u = urlsplit(text)
         if u.scheme != "http" or not u.hostname or not u.port:
             raise UsageError(f"--ready {text!r}: only http://HOST:PORT/PATH on a held address")
+        host = "127.0.0.1" if u.hostname == "localhost" else u.hostname
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            # Probes run in the supervisor's loop: no blocking name lookup there.
+            raise UsageError(f"--ready {text!r}: HOST must be an IP address or localhost"
+                             ) from None
         return Policy("http", path=(u.path or "/") + (f"?{u.query}" if u.query else ""),
-                      host=u.hostname, port=u.port)
+                      host=host, port=u.port)
     if text.startswith("http:"):
         path = text[5:] or "/"
         if not path.startswith("/"):
@@ -77,9 +85,14 @@ def probe_target(policy: Policy, held: set[Address]) -> Address | None:
     """The address an http probe connects to."""
     tcp = sorted((a for a in held if not a.is_unix), key=lambda a: (a.port, a.family, a.host))
     if policy.host is not None and policy.port is not None:
+        # The URL's own host, if a held listener answers there: the same
+        # address, or a wildcard one of the port (a dual-stack [::] takes v4 too).
+        family = AF_INET6 if ":" in policy.host else AF_INET
         for a in tcp:
-            if a.port == policy.port:
-                return a
+            if a.port == policy.port and (
+                    a.host == policy.host or a.host == "::"
+                    or (a.host == "0.0.0.0" and family == AF_INET)):
+                return Address(family, policy.host, a.port)
         return None
     unix = sorted(a for a in held if a.is_unix)
     return tcp[0] if tcp else (unix[0] if unix else None)

@@ -44,9 +44,10 @@ def collect(pid: int | None) -> dict[str, Any]:
     if pid is not None:
         pids = [control.find_instance(pid)]
     else:
+        # An attached server's pid names a symlink to its hupt's socket: one instance.
         pids = sorted(int(os.path.basename(p)[:-5])
                       for p in glob.glob(os.path.join(control.runtime_dir(), "*.sock"))
-                      if os.path.basename(p)[:-5].isdigit())
+                      if os.path.basename(p)[:-5].isdigit() and not os.path.islink(p))
     instances = []
     for p in pids:
         try:

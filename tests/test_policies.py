@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hupt import sdnotify, watch
-from hupt.address import AF_INET, AF_UNIX, Address
+from hupt.address import AF_INET, AF_INET6, AF_UNIX, Address
 from hupt.errors import UsageError
 from hupt.readiness import Policy, parse_policy, probe_target
 
@@ -27,7 +27,8 @@ def test_ready_policies(text: str, policy: Policy) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "delay:", "delay:-1", "delay:inf", "http:healthz",
-                                  "https://x:1/", "http://nohost/", "tcp", "delay:abc"])
+                                  "https://x:1/", "http://nohost/", "http://example.com:80/",
+                                  "tcp", "delay:abc"])
 def test_bad_ready_policies_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         parse_policy(text)
@@ -38,8 +39,19 @@ def test_probe_target_prefers_tcp_and_matches_port() -> None:
     b = Address(AF_INET, "0.0.0.0", 9000)
     u = Address(AF_UNIX, path=b"/run/app.sock")
     assert probe_target(Policy("http"), {u, a, b}) == a
-    assert probe_target(parse_policy("http://127.0.0.1:9000/"), {a, b}) == b
+    assert probe_target(parse_policy("http://127.0.0.1:9000/"), {a, b}) == Address(
+        AF_INET, "127.0.0.1", 9000)
     assert probe_target(parse_policy("http://127.0.0.1:1/"), {a, b}) is None
+    # The URL's host counts: a listener there, or a wildcard one of that port.
+    assert probe_target(parse_policy("http://127.0.0.2:8000/"), {a, b}) is None
+    assert probe_target(parse_policy("http://127.0.0.2:9000/"), {a, b}) == Address(
+        AF_INET, "127.0.0.2", 9000)
+    assert probe_target(parse_policy("http://localhost:8000/"), {a, b}) == a
+    v6 = Address(AF_INET6, "::", 8000)
+    assert probe_target(parse_policy("http://127.0.0.1:8000/"), {v6}) == a
+    assert probe_target(parse_policy("http://[::1]:8000/"), {a}) is None
+    assert probe_target(parse_policy("http://[::1]:8000/"), {v6}) == Address(
+        AF_INET6, "::1", 8000)
     assert probe_target(Policy("http"), {u}) == u
 
 
