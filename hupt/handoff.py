@@ -173,8 +173,7 @@ class Handoff:
         with procfs.Memory(n.pid) as mem:
             path = mem.read_cstring(upath, PATH_MAX)
         if not path.startswith(b"/"):
-            base = procfs.cwd(n.pid) if dirfd == AT_FDCWD else os.readlink(
-                f"/proc/{n.pid}/fd/{dirfd}")
+            base = procfs.cwd(n.pid) if dirfd == AT_FDCWD else procfs.fd_path(n.pid, dirfd)
             path = os.path.normpath(os.path.join(os.fsencode(base), path))
         if not self.notify.id_valid(n.id):
             return

@@ -300,6 +300,11 @@ def exe(pid: int) -> str:
 # --- file descriptors -----------------------------------------------------------
 
 
+def fd_path(pid: int, fd: int) -> str:
+    """What ``pid``'s descriptor ``fd`` refers to (a directory for a dirfd)."""
+    return _readlink(pid, f"fd/{fd}", "read fd link", entry=True)
+
+
 def fd_flags(pid: int, fd: int) -> int:
     """The open flags of ``fd`` in ``pid`` (O_NONBLOCK, O_CLOEXEC, access mode)."""
     data = _read(pid, f"fdinfo/{fd}", "read fdinfo", entry=True)
