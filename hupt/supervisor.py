@@ -603,11 +603,16 @@ class Supervisor:
 
     def on_notify(self, gen: Generation) -> None:
         got = self.sys.service(gen.number)
+        up = self.upgrade
         for addr in got.listened:
             gen.listens[addr] += 1
             if addr not in gen.listened:
                 gen.listened.add(addr)
                 log.debug(f"{gen} listens on {addr}")
+                if up is not None and up.gen is gen and addr in up.target:
+                    taken = len(up.target & gen.listened)
+                    up.tell(f"{gen} listens on {addr}, the held socket "
+                            f"({taken}/{len(up.target)})")
         if got.listened and gen is self.current and len(gen.copies) < self.opts.multi:
             # The first generation's other copies start once the first one has
             # listened (and settled): their binds are then handoffs, not EADDRINUSE.
