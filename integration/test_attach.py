@@ -425,3 +425,27 @@ def test_attach_to_an_unprivileged_server_sets_no_new_privs(
             assert r.returncode == 0, r.stderr
     assert load.result.failed == 0, load.result.summary()
     assert ppid(s.pid) == os.getpid()
+
+
+# A server with a notify filter of its own: another supervisor's, as far as
+# hupt can tell (no hupt control socket answers for it).
+OWN_LISTENER = '''
+import socket, sys
+from hupt.tracer import seccomp
+from hupt.tracer.abi import SYS
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+notify = seccomp.install_listener(seccomp.build_filter([SYS.bind, SYS.listen]))
+while True:
+    conn, _ = listener.accept()
+    conn.close()
+'''
+
+
+def test_refused_by_another_supervisors_filter(procs: Procs) -> None:
+    port = free_port()
+    s = procs.spawn([sys.executable, "-c", OWN_LISTENER, str(port)], name="own-listener",
+                    env=hupt_env({}))
+    wait_listening(("127.0.0.1", port), 20, proc=s)
+    eventually(lambda: procfs.seccomp_filters(s.pid) == 1, 10, "its own filter")
+    # The injected seccomp() fails with EBUSY, atomically: nothing to undo.
+    refused(s.pid, "already has a seccomp filter that notifies a supervisor")

@@ -41,7 +41,9 @@ What the kernel makes us do, and why:
   filter claimed by another supervisor makes the injected seccomp() fail
   with EBUSY, atomically.  (For a target without CAP_SYS_ADMIN the
   no_new_privs set just before stays; such a target has it already, since
-  the filter it has needed it too.)  Other filters (a systemd
+  the filter it has needed it too.  Setting it only on demand would not
+  help: the kernel checks permission, EACCES, before the listener, EBUSY.)
+  Other filters (a systemd
   SystemCallFilter=) are no reason to refuse: filters stack.
 - Only fds 0-2 survive an exec in place: a server that inherited its
   listeners as fds 3 and up (systemd socket activation, LISTEN_FDS) cannot
