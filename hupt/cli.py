@@ -130,10 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="restart a generation that exits on its own (exponential backoff, "
                           "0.5 s to 30 s); its sockets stay held so clients queue meanwhile. "
                           "With --multi, a copy that exits is started again alone")
-    run.add_argument("--close-idle", type=_millis, default=None, metavar="MS",
-                     help="while an old generation drains, close its keep-alive connections "
-                          "idle for MS milliseconds (see README: the race with a client's "
-                          "next request)")
+    _add_close_idle(run, "while an old generation drains, close its keep-alive connections "
+                         "idle for MS milliseconds (see README: the race with a client's "
+                         "next request)")
     run.add_argument("--multi", type=_count, default=1, metavar="N",
                      help="run N copies of each generation, all accepting on the same held "
                           "sockets (one accept queue, not SO_REUSEPORT); a reload replaces "
@@ -317,6 +316,14 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         drain="longest the server may take to finish its connections before it execs "
               "anyway (default: 60)",
         stop="signal that asks the server to exit (default: TERM)")
+    _add_close_idle(at, "while the server drains before its exec (accepting nothing), close "
+                        "its keep-alive connections idle for MS milliseconds, so the exec "
+                        "need not wait for the drain timeout (see README: the race with a "
+                        "client's next request)")
+
+
+def _add_close_idle(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--close-idle", type=_millis, default=None, metavar="MS", help=help)
 
 
 def _add_timeouts(p: argparse.ArgumentParser, *, ready: str, drain: str, stop: str) -> None:
@@ -356,6 +363,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
                    stop_signal=args.stop_signal, exec_mode=True, cwd=server.cwd,
+                   close_idle_ms=args.close_idle,
                    program=_attach_program(server, argv, env),
                    detach_on_stop=True, confirm_detach=not args.yes)
     sup = Supervisor(LinuxSystem(exec_mode=True), opts)

@@ -19,6 +19,7 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -449,3 +450,24 @@ def test_refused_by_another_supervisors_filter(procs: Procs) -> None:
     eventually(lambda: procfs.seccomp_filters(s.pid) == 1, 10, "its own filter")
     # The injected seccomp() fails with EBUSY, atomically: nothing to undo.
     refused(s.pid, "already has a seccomp filter that notifies a supervisor")
+
+
+def test_attach_close_idle_lets_the_exec_happen_before_the_drain_timeout(
+        go_target: tuple[Started, Target], procs: Procs) -> None:
+    # An idle keep-alive client (Go's server has no idle timeout by default)
+    # would hold the exec back for the whole drain timeout, while nothing accepts.
+    s, target = go_target
+    a = attach(procs, s.pid, "--close-idle", "300", "--drain-timeout", "30")
+    assert isinstance(target, tuple)
+    idle = socket.create_connection(target, timeout=5)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    r = hupt_cli("reload", str(s.pid))
+    assert r.returncode == 0, r.stderr + a.log()
+    assert time.monotonic() - t0 < 10, "execed once the idle connection was closed"
+    assert "drain timeout" not in a.err.read_text()
+    idle.settimeout(5)
+    assert idle.recv(100) == b"", "the idle connection was closed with a FIN"
+    idle.close()
+    assert http_get(target)[0] == 200
