@@ -105,6 +105,20 @@ class Listeners:
             self.release(a)
         return gone
 
+    def refuse_new(self) -> None:
+        """Stop every held socket taking connections, for all its holders at once.
+
+        For a stop, once no generation accepts: shutdown() of a listening socket
+        takes it out of LISTEN (TCP: the queued connections are reset, later
+        SYNs refused; unix: connect() gets ECONNREFUSED).  As a server that
+        closes its listener before draining, hupt then refuses new clients at
+        once, who would otherwise wait in a queue nobody serves until hupt
+        exits and be reset then.  Accepted connections are not touched.
+        """
+        for held in self._by_addr.values():
+            with contextlib.suppress(OSError):  # ENOTCONN: not listening after all
+                held.sock.shutdown(socket.SHUT_RD)
+
     def close_all(self) -> None:
         for a in list(self._by_addr):
             self.release(a)

@@ -320,6 +320,8 @@ class Supervisor:
         for g in self.gens:
             if g.state is State.SERVING:
                 self._drain(g)
+        # Nobody accepts any more: new clients are refused, not queued until hupt exits.
+        self.sys.listeners.refuse_new()
 
     # -- the loop --------------------------------------------------------
     def run(self) -> int:
