@@ -1204,7 +1204,7 @@ class Supervisor:
         desc = _status(status)
         up = self.upgrade
         if prev is State.STARTING and up is not None and up.gen is gen:
-            if self.current is None and self.exit_code is None:
+            if self.current is None:  # the last to die says how the server ended
                 self.exit_code = _exit_code(status, gen.retired_by_hupt)
             reason = f"{gen} exited ({desc}) before it was ready"
             if self.opts.exec_mode and not up.fresh and self._was_execed(gen):

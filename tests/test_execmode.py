@@ -144,7 +144,7 @@ def test_fresh_start_dying_too_stops_hupt_with_its_status(fake: FakeSystem) -> N
     fake.exit(3, 4)
     fake.advance(1.5)
     sup.tick()
-    assert sup.stopping and sup.exit_code == 1
+    assert sup.stopping and sup.exit_code == 4, "the fresh start's, the last to die"
     assert [g.state for g in sup.gens] == [State.EXITED] * 3
 
 
