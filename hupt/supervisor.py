@@ -1173,7 +1173,11 @@ class Supervisor:
         for pid, status in self.sys.reap():
             self._next_members = 0.0
             for g in self.gens:
-                if g.pid == pid and g.replaced_by is None:
+                # The generation ends as its last process does: its root, or a
+                # daemon of a root that exited 0 as it daemonized (hupt, a
+                # subreaper, reaps both).
+                if ((g.pid == pid and g.replaced_by is None)
+                        or pid in g.pids or pid in members.get(g.number, ())):
                     g.exit_status = status
                 if pid in g.copies and g.alive:
                     self._copy_exited(g, pid, status)

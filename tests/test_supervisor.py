@@ -497,3 +497,17 @@ def test_busy_loop_free_while_a_before_reload_hook_outlives_the_ready_timeout(
     finally:
         assert sup.upgrade is not None and sup.upgrade.hook is not None
         sup.upgrade.hook.kill()
+
+
+def test_a_daemons_crash_is_the_generations_exit_status(fake: FakeSystem) -> None:
+    sup = make(fake)
+    root = sup.gens[0].pid
+    daemon = fake.fork(1)
+    sup._refresh_members()
+    fake.exit_pid(root, 0)  # the root daemonized: exits 0, its child serves on
+    sup._refresh_members()
+    assert sup.current is sup.gens[0] and not sup.stopping
+    fake.exit_pid(daemon, 6)  # a subreaper's orphan: hupt reaps it
+    fake.advance(2)
+    sup.tick()
+    assert sup.stopping and sup.exit_code == 6
