@@ -242,10 +242,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str) -> int:
+# After a stop's result, hupt only closes its sockets and removes its pidfile.
+EXIT_WAIT = 10.0
+
+
+def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
+          *, until_exit: bool = False) -> int:
     from hupt import control
 
     hupt_pid = control.find_instance(pid)
+    exited = _exit_watch(hupt_pid) if until_exit else None
+    try:
+        code = _exchange(hupt_pid, cmd, timeout, verb)
+        if code == 0 and exited is not None and not _wait_readable(exited, EXIT_WAIT):
+            _fail(f"{verb}: hupt (pid {hupt_pid}) answered but has not exited "
+                  f"{EXIT_WAIT:g} s later")
+            return EXIT_FAILED
+        return code
+    finally:
+        if exited is not None:
+            os.close(exited)
+
+
+def _exit_watch(pid: int) -> int | None:
+    """A pidfd of hupt, taken before asking it anything (so never of a reused PID)."""
+    from hupt.tracer import pidfd
+
+    try:
+        return pidfd.pidfd_open(pid)
+    except HuptError:
+        return None  # gone already, or not ours to watch: nothing to wait for
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """A pidfd is readable once its process has exited."""
+    import select
+
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
+              verb: str) -> int:
+    from hupt import control
+
     start = time.monotonic()
     status = None
     if sys.stderr.isatty():
@@ -282,7 +321,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    return _talk(args.pid, {"cmd": "stop", "now": args.now}, None, "stop")
+    # Done means gone: a script may start another server on the port right after.
+    return _talk(args.pid, {"cmd": "stop", "now": args.now}, None, "stop", until_exit=True)
 
 
 # -- hupt attach ------------------------------------------------------------------

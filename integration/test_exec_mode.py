@@ -380,6 +380,65 @@ def test_a_failed_exec_restores_the_listeners_exactly(
     assert alive(pid) and ppid(pid) == h.pid
 
 
+# variant_server.py behind a pipe whose two ends (fds >= 3) are inheritable (no
+# FD_CLOEXEC), as a server that hands fds to the programs it runs keeps them.
+INHERITING = """
+import os, runpy, sys
+for end in os.pipe():
+    os.set_inheritable(end, True)
+sys.path.insert(0, {servers!r})
+sys.argv[0] = {variant!r}
+runpy.run_path({variant!r}, run_name="__main__")
+"""
+FD_CLOEXEC_FLAG = 0o2000000  # O_CLOEXEC in the octal "flags:" of /proc/PID/fdinfo/FD
+
+
+def _fdinfo_flags(pid: int, fd: int) -> int:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
+
+
+def _pipes(pid: int) -> list[int]:
+    return sorted(fd for fd, (what, _) in fd_table(pid).items() if what.startswith("pipe:"))
+
+
+def test_a_failed_exec_leaves_inheritable_fds_inheritable(procs: Procs, tmp_path: Path) -> None:
+    # hupt marks every fd >= 3 close-on-exec before the execve; when the execve fails,
+    # the fds that were inheritable must lose the mark again.
+    program = tmp_path / "python3"
+    real = Path(os.path.realpath(sys.executable))
+    program.symlink_to(real)
+    script = tmp_path / "inheriting.py"
+    script.write_text(INHERITING.format(servers=str(SERVERS),
+                                        variant=str(SERVERS / "variant_server.py")))
+    h, pid, target = start_exec(procs, [str(program), str(script), "127.0.0.1:{PORT}"])
+    pipes = _pipes(pid)
+    assert len(pipes) == 2 and min(pipes) >= 3, fd_table(pid)
+    assert not any(_fdinfo_flags(pid, fd) & FD_CLOEXEC_FLAG for fd in pipes), "set-up"
+    before = server_state(pid, target[1])
+    with Load(target, fresh=2, keepalive=2) as load:
+        program.unlink()
+        write_executable(program, b"\x7fELF not really\n")
+        r = h.reload()
+        one_line_error(r, "could not exec", "ENOEXEC")
+        flags = {fd: _fdinfo_flags(pid, fd) for fd in pipes}
+        assert not any(f & FD_CLOEXEC_FLAG for f in flags.values()), (
+            f"inheritable fds left close-on-exec after the failed exec: {flags}")
+        assert server_state(pid, target[1]) == before
+        time.sleep(0.5)
+        program.unlink()
+        program.symlink_to(real)
+        r = h.reload()
+        assert r.returncode == 0 and f"(pid {pid}) is ready" in r.stderr, r.stderr
+    assert load.result.failed == 0, load.result.summary()
+    assert load.result.ok > 20, load.result.summary()
+    assert alive(pid) and ppid(pid) == h.pid
+    # The new image made a pipe of its own: the old one was closed by the exec.
+    assert len(_pipes(pid)) == 2
+
+
 def test_an_image_dying_before_ready_is_started_afresh(
         procs: Procs, tmp_path: Path, go_server: Path) -> None:
     program = tmp_path / "server"

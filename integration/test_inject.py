@@ -480,6 +480,47 @@ def test_a_failed_exec_leaves_the_process_as_it_was(procs: Procs) -> None:
     assert all(ANSWER.match(ask(main)) for _ in range(4))
 
 
+def fdinfo_flags(pid: int, fd: int) -> int:
+    """The octal "flags:" line of /proc/PID/fdinfo/FD (O_CLOEXEC is 02000000 there)."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
+
+
+@pytest.mark.parametrize("program", [b"/nonexistent/program", b"not-executable"])
+def test_a_failed_exec_leaves_inheritable_fds_inheritable(
+        procs: Procs, tmp_path: Path, program: bytes) -> None:
+    # The exec marks every fd >= 3 close-on-exec first (close_range CLOEXEC); when the
+    # execve fails, the fds that were inheritable must be so again, or the process's
+    # own next fork+exec would lose them.
+    s, main, _ = start(procs, python_target("threaded_accept.py", "--inheritable"))
+    pipes = sorted(fd for fd in map(int, os.listdir(f"/proc/{s.pid}/fd"))
+                   if os.readlink(f"/proc/{s.pid}/fd/{fd}").startswith("pipe:"))
+    assert len(pipes) == 2 and min(pipes) >= 3, pipes
+    assert not any(fdinfo_flags(s.pid, fd) & O_CLOEXEC for fd in pipes), "target set-up"
+    others = [fd for fd in map(int, os.listdir(f"/proc/{s.pid}/fd")) if fd >= 3 and fd not in
+              pipes]
+    assert others and all(fdinfo_flags(s.pid, fd) & O_CLOEXEC for fd in others)
+    before = whole_view(s.pid)
+    if program == b"not-executable":
+        path = tmp_path / "program"
+        path.write_bytes(b"\x7fELF not really\n")
+        path.chmod(0o755)
+        program, want = str(path).encode(), errno.ENOEXEC
+    else:
+        want = errno.ENOENT
+    with pytest.raises(InjectionError) as failed:
+        exec_in_place(s.pid, [program], [])
+    assert failed.value.errno == want
+    flags = {fd: fdinfo_flags(s.pid, fd) for fd in pipes}
+    assert not any(f & O_CLOEXEC for f in flags.values()), (
+        f"inheritable fds left close-on-exec after the failed exec: {flags}")
+    assert all(fdinfo_flags(s.pid, fd) & O_CLOEXEC for fd in others), "and the others kept it"
+    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+    assert all(ANSWER.match(ask(main)) for _ in range(4))
+
+
 def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
     s = procs.spawn(python_target("bind_on_signal.py"))
     eventually(lambda: s.out.read_text(), lambda o: "ready" in o, 20)

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import ANY
 
 from harness import (
     SERVERS,
     HuptProcess,
     Procs,
+    alive,
     free_port,
     http_get,
     hupt_cli,
+    listener_inode,
     wait_gone,
     wait_listening,
 )
-from load import Load, Target
+from load import Load, SlowRequest, Target
 
 HEALTH = SERVERS / "health_server.py"
 
@@ -79,6 +83,124 @@ def test_status_json_describes_a_running_instance(procs: Procs) -> None:
     assert "generation 3" in r.stdout and "backlog" in r.stdout
 
 
+# The documented keys of `hupt status --json` (hupt/status.py, README) and their JSON types.
+NUMBER = (int, float)
+INSTANCE_KEYS = {"hupt_pid": int, "command": list, "mode": str, "state": str,
+                 "uptime_s": NUMBER, "generations": list, "listeners": list, "reloads": list}
+GENERATION_KEYS = {"number": int, "pid": int, "pids": list, "state": str, "age_s": NUMBER,
+                   "ready_ms": (*NUMBER, type(None)), "in_flight": (int, type(None)),
+                   "listening": list}
+LISTENER_KEYS = {"address": str, "inode": int, "queued": (int, type(None)),
+                 "backlog": (int, type(None))}
+RELOAD_KEYS = {"at": NUMBER, "duration_ms": NUMBER, "ok": bool, "reason": str,
+               "generation": (int, type(None))}
+GENERATION_STATES = {"starting", "serving", "failed", "draining", "retiring", "exited"}
+
+
+def _typed(where: str, obj: object, keys: dict[str, type | tuple[type, ...]]) -> None:
+    """Every documented key is present with its type (a bool is no number here)."""
+    assert isinstance(obj, dict), (where, obj)
+    missing = keys.keys() - obj.keys()
+    assert not missing, f"{where}: documented keys missing: {sorted(missing)} in {obj}"
+    for key, kind in keys.items():
+        value = obj[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        assert ok, f"{where}.{key} = {value!r} is not {kind}"
+
+
+def _check_schema(doc: dict[str, object]) -> None:
+    assert doc.keys() >= {"schema", "instances"} and doc["schema"] == 1, doc
+    assert isinstance(doc["instances"], list)
+    for inst in doc["instances"]:
+        _typed("instance", inst, INSTANCE_KEYS)
+        assert all(isinstance(a, str) for a in inst["command"]), inst["command"]
+        assert inst["mode"] in ("fork", "exec") and inst["uptime_s"] >= 0
+        assert inst["state"] in ("running", "reloading", "stopping"), inst["state"]
+        for g in inst["generations"]:
+            _typed("generation", g, GENERATION_KEYS)
+            assert g["state"] in GENERATION_STATES, g
+            assert all(type(p) is int for p in g["pids"]), g
+            assert all(isinstance(a, str) for a in g["listening"]), g
+            assert g["age_s"] >= 0, g
+        for listener in inst["listeners"]:
+            _typed("listener", listener, LISTENER_KEYS)
+        for r in inst["reloads"]:
+            _typed("reload", r, RELOAD_KEYS)
+            assert r["duration_ms"] >= 0, r
+
+
+def _status(h: HuptProcess) -> dict[str, object]:
+    r = hupt_cli("status", "--json", str(h.pid), timeout=20)
+    assert r.returncode == 0, r.stderr
+    doc: dict[str, object] = json.loads(r.stdout)
+    _check_schema(doc)
+    (inst,) = doc["instances"]  # type: ignore[misc]
+    assert isinstance(inst, dict)
+    return inst
+
+
+def test_status_json_while_draining_and_after_a_failed_reload(
+        procs: Procs, tmp_path: Path) -> None:
+    """Every documented key with its type; a draining generation with a connection in
+    flight shows as "draining" with in_flight >= 1; a failed reload is recorded."""
+    fail = tmp_path / "FAIL"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    cmd = ["sh", "-c", f"test -e {fail} && exit 3; exec {' '.join(health_cmd(target))}"]
+    h, _ = start(procs, "--drain-timeout", "30", cmd=cmd, target=target)
+    t_start = time.time()
+    assert h.reload().returncode == 0
+    draining = serving_pid(target)  # generation 2
+    conn = _idle_keepalive(target)  # an open keep-alive connection pins generation 2
+    r = h.reload()
+    assert r.returncode == 0, r.stderr
+    assert "draining 1 in flight" in r.stderr, r.stderr
+    serving = serving_pid(target)  # generation 3
+    assert serving != draining
+    fail.touch()  # generation 4 exits before it is ready: the reload fails
+    r = h.reload()
+    assert r.returncode == 1, r.stderr
+    assert "exit status 3" in r.stderr, r.stderr
+
+    inst = _status(h)
+    assert inst["hupt_pid"] == h.pid and inst["command"] == cmd
+    assert inst["mode"] == "fork" and inst["state"] == "running"
+    assert 0 < inst["uptime_s"] < time.time() - t_start + 30
+    gens = {g["number"]: g for g in inst["generations"]}
+    assert set(gens) == {2, 3}, inst["generations"]
+    old, new = gens[2], gens[3]
+    assert old["state"] == "draining", old
+    assert old["pid"] == draining and draining in old["pids"], old
+    assert isinstance(old["in_flight"], int) and old["in_flight"] >= 1, old
+    assert new["state"] == "serving" and new["pid"] == serving and serving in new["pids"], new
+    assert new["in_flight"] == 0, new
+    assert old["age_s"] > new["age_s"], (old, new)
+    for g in (old, new):
+        assert g["listening"] == [f"127.0.0.1:{port}"], g
+        assert g["ready_ms"] is not None and 0 < g["ready_ms"] <= g["age_s"] * 1000, g
+    (listener,) = inst["listeners"]
+    assert listener["address"] == f"127.0.0.1:{port}"
+    assert listener["inode"] == listener_inode(port), (listener, listener_inode(port))
+    assert listener["queued"] == 0 and listener["backlog"] >= 1024, listener
+    reloads = inst["reloads"]
+    assert [x["ok"] for x in reloads] == [True, True, False], reloads
+    assert [x["generation"] for x in reloads] == [2, 3, 4], reloads
+    failed = reloads[-1]
+    assert "generation 4" in failed["reason"] and "exit status 3" in failed["reason"], failed
+    assert all(t_start - 1 <= x["at"] <= time.time() + 1 for x in reloads), reloads
+    assert [x["at"] for x in reloads] == sorted(x["at"] for x in reloads), "oldest first"
+    assert all(x["duration_ms"] > 0 for x in reloads), reloads
+    assert "is ready" in reloads[0]["reason"] and "is ready" in reloads[1]["reason"], reloads
+
+    # Once its last connection closes, the draining generation exits and leaves the list.
+    conn.close()
+    assert not wait_gone({draining}, 10), h.log()
+    deadline = time.monotonic() + 10
+    while (numbers := [g["number"] for g in _status(h)["generations"]]) != [3]:
+        assert time.monotonic() < deadline, numbers
+        time.sleep(0.1)
+
+
 def test_ready_delay_waits_before_switching(procs: Procs) -> None:
     h, target = start(procs, "--ready", "delay:1.5")
     old = serving_pid(target)
@@ -128,9 +250,19 @@ def test_ready_http_rolls_back_an_unhealthy_generation(procs: Procs, tmp_path: P
         r = h.reload()
         assert r.returncode == 1, r.stderr
         assert "503" in r.stderr and "rolled back" in r.stderr, r.stderr
+        started = re.search(r"started generation (\d+) \(pid (\d+)\)", r.stderr)
+        assert started is not None, r.stderr
+        number, unhealthy = int(started[1]), int(started[2])
+        assert unhealthy != healthy
         time.sleep(1.0)
         # The old generation accepts again: it alone answers now.
         assert {serving_pid(target) for _ in range(10)} == {healthy}
+        # The unhealthy generation is stopped after the rollback.
+        assert not wait_gone({unhealthy}, 15), f"pid {unhealthy} still alive\n{h.log()}"
+        assert unhealthy not in h.descendants()
+        assert f"generation {number} (pid {unhealthy}) exited" in h.log(), h.log()
+        gens = _status(h)["generations"]
+        assert [(g["number"], g["state"]) for g in gens] == [(2, "serving")], gens
         sick.unlink()
         assert h.reload().returncode == 0
     assert load.result.failed == 0, load.result.summary()
@@ -271,10 +403,40 @@ def test_without_close_idle_an_idle_connection_pins_the_old_generation(procs: Pr
 
 
 def test_stop_command_drains_and_waits(procs: Procs) -> None:
-    h, _ = start(procs)
+    h, target = start(procs, "--drain-timeout", "30")
+    servers = h.descendants()
+    assert servers
+    slow = SlowRequest(target, 2.5).start()  # in flight when the stop is issued
+    deadline = time.monotonic() + 10
+    while (_status(h)["generations"][0]["in_flight"] or 0) < 1:
+        assert time.monotonic() < deadline, "the slow request never reached the server"
+        time.sleep(0.05)
+    t0 = time.monotonic()
     r = hupt_cli("stop", str(h.pid))
+    took = time.monotonic() - t0
+    # Checked before anything else: `hupt stop` returned only once the servers had exited.
+    left = {p for p in servers if alive(p)}
     assert r.returncode == 0, r.stderr
+    assert not left, f"server processes still alive when `hupt stop` returned: {left}"
+    status, elapsed = slow.result()
+    assert status == 200 and elapsed >= 2.4, (status, elapsed)
+    assert took >= 1.0, f"stop returned after {took:.2f}s, before the request finished"
+    assert h.popen.wait(2) == 0, h.log()
+    assert not wait_gone(servers, 0.1)
+
+
+def test_stop_command_returns_after_hupt_has_exited(procs: Procs, tmp_path: Path) -> None:
+    pidfile = tmp_path / "hupt.pid"
+    h, target = start(procs, "--pidfile", str(pidfile))
+    assert isinstance(target, tuple)
+    servers = h.descendants()
+    r = hupt_cli("stop", str(h.pid))
+    hupt_alive, port_held, pidfile_left = alive(h.pid), listener_inode(target[1]), pidfile.exists()
+    assert r.returncode == 0, r.stderr
+    assert not {p for p in servers if alive(p)}
     assert h.popen.wait(10) == 0
+    assert not hupt_alive, "hupt still running when `hupt stop` returned"
+    assert port_held is None and not pidfile_left, (port_held, pidfile_left)
 
 
 def test_sd_notify_messages(procs: Procs, tmp_path: Path) -> None:
@@ -421,3 +583,66 @@ def test_stop_now_ends_drains_at_once(procs: Procs) -> None:
     assert h.popen.wait(10) == 0
     assert time.monotonic() - t0 < 8
     conn.close()
+
+
+def _manager(path: str) -> tuple[socket.socket, Callable[[float], dict[str, str] | None]]:
+    """A stand-in for systemd: hupt's NOTIFY_SOCKET, and a read with a timeout."""
+    mgr = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    mgr.bind(path)
+
+    def next_msg(timeout: float) -> dict[str, str] | None:
+        mgr.settimeout(timeout)
+        try:
+            data = mgr.recv(4096).decode()
+        except TimeoutError:
+            return None
+        return dict(line.split("=", 1) for line in data.splitlines())
+
+    return mgr, next_msg
+
+
+def test_ready_1_for_the_first_generation_waits_for_its_notify(
+        procs: Procs, tmp_path: Path) -> None:
+    mgr, next_msg = _manager(str(tmp_path / "manager.sock"))
+    target: Target = ("127.0.0.1", free_port())
+    h, _ = start(procs, "--ready", "notify", env={"NOTIFY_SOCKET": mgr.getsockname()},
+                 cmd=health_cmd(target, "--notify-after", "1.5"), target=target)
+    # It listens (start() connected) and says READY=1 itself 1.5 s later: that
+    # is what hupt passes on, not its listen().
+    listened = time.monotonic()
+    m = next_msg(20)
+    assert m is not None and m["READY"] == "1", m
+    assert time.monotonic() - listened >= 1.0
+    assert serving_pid(target) > 0
+    assert "READY=1" in h.err.read_text()
+    h.signal(signal.SIGTERM)
+    assert h.popen.wait(10) == 0
+    mgr.close()
+
+
+def test_ready_1_for_the_first_generation_waits_for_its_health_probe(
+        procs: Procs, tmp_path: Path) -> None:
+    mgr, next_msg = _manager(str(tmp_path / "manager.sock"))
+    sick = tmp_path / "SICK"
+    sick.touch()
+    target: Target = ("127.0.0.1", free_port())
+    h, _ = start(procs, "--ready", "http:/healthz", "--ready-timeout", "2",
+                 env={"NOTIFY_SOCKET": mgr.getsockname()},
+                 cmd=health_cmd(target, "--fail-health-if", str(sick)), target=target)
+    unhealthy = serving_pid(target)
+    assert http_get(target, "/healthz")[0] == 503
+    assert next_msg(3) is None, "no READY=1 while the health check fails"
+    time.sleep(0.5)
+    assert "not ready after 2 s" in h.err.read_text(), h.log()
+    sick.unlink()
+    with Load(target, fresh=1, keepalive=1) as load:
+        r = h.reload()  # the new generation is healthy: the reload makes it ready
+    assert r.returncode == 0, r.stderr
+    assert next_msg(5) == {"RELOADING": "1", "MONOTONIC_USEC": ANY, "STATUS": "reloading"}
+    m = next_msg(5)
+    assert m is not None and m["READY"] == "1", m
+    assert serving_pid(target) != unhealthy
+    assert load.result.failed == 0, load.result.summary()
+    h.signal(signal.SIGTERM)
+    assert h.popen.wait(10) == 0
+    mgr.close()

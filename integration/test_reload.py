@@ -55,13 +55,22 @@ def server_pids(h: HuptProcess) -> set[int]:
 
 
 def wait_single_generation(h: HuptProcess, timeout: float = 30.0) -> set[int]:
-    """Wait until the old generations have exited; return the serving processes."""
+    """Wait until the old generations have exited; return the serving processes.
+
+    Fails (AssertionError) if more than one generation is still alive after
+    `timeout` s, or if no server process is left at all.
+    """
     deadline = time.monotonic() + timeout
     while True:
         pids = server_pids(h)
         gens = {_gen_marker(p) for p in pids}
-        if len(gens) <= 1 or time.monotonic() > deadline:
+        if len(gens) == 1:
             return pids
+        if time.monotonic() > deadline:
+            by_gen = {p: _gen_marker(p) for p in sorted(pids)}
+            raise AssertionError(
+                f"{len(gens)} generations still alive {timeout}s after the last reload "
+                f"(want exactly 1): {by_gen}\n{h.log()}")
         time.sleep(0.1)
 
 
@@ -127,10 +136,16 @@ def test_reloads_under_load(kind: str, procs: Procs, request: pytest.FixtureRequ
     assert len(generations) == RELOADS and not set().union(*generations) & first
     if kind != "http.server":  # http.server has no pid route: the others say who answered
         assert len(res.pids) >= RELOADS // 2, res.summary()
-    # Old generations exit once drained.
+    # Old generations exit once drained: the first one and every one reload_many
+    # started except the last, which alone serves.
     last = wait_single_generation(h)
     assert not (last & first)
     assert not wait_gone(first, 1.0)
+    old = set().union(*generations[:-1])
+    assert not (last & old), f"an old generation still serves: {last & old}"
+    still = wait_gone(old, 1.0)
+    assert not still, f"old generations' processes still alive: {sorted(still)}\n{h.log()}"
+    assert last <= generations[-1], (last, generations[-1])
     # A graceful stop ends hupt with status 0.
     h.signal(signal.SIGTERM)
     assert h.popen.wait(30) == 0, h.log()

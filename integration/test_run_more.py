@@ -450,15 +450,10 @@ def test_graceful_stop_drains_a_request_in_flight(sig: int, kind: str, procs: Pr
     # "draining" once the server was made to stop accepting.
     wait_for("generation 1 to drain", lambda: states(h) == {1: "draining"}, 5, h)
     assert "stopping: no more accepts" in h.log()
-    # The server stopped accepting: a new connection waits in the queue, unanswered.
-    probe = connect(target, 2.0)
-    try:
-        probe.sendall(request_bytes(target, "/", keep_alive=False))
-        probe.settimeout(1.0)
-        with pytest.raises(TimeoutError):
-            probe.recv(100)
-    finally:
-        probe.close()
+    # The server stopped accepting, and the listening socket takes no new
+    # connections: refused at once, not queued until hupt exits and reset then.
+    with pytest.raises(ConnectionRefusedError):
+        connect(target, 2.0).close()
     # Still draining: the request in flight (until slow_started + 3 s) holds hupt and the server.
     time.sleep(max(0.0, slow_started + 2.5 - time.monotonic()))
     assert time.monotonic() - slow_started < 2.9, "too slow to check the drain in time"
@@ -704,4 +699,65 @@ def test_two_reloads_at_once_start_one_generation(procs: Procs) -> None:
         time.sleep(0.3)
     check_load(load.result, 100)
     assert set(generations(h)) == {2}
+    stop_gracefully(h)
+
+
+# -- 13. each generation's own O_NONBLOCK on the shared listener ---------------------------
+
+O_NONBLOCK_FLAG = 0o4000  # in the octal "flags:" line of /proc/PID/fdinfo/FD
+
+
+def fdinfo_flags(pid: int, fd: int) -> int:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
+
+
+def listener_nonblocking(pid: int, inode: int) -> bool:
+    fd = socket_inodes(pid).get(inode)
+    assert fd is not None, f"pid {pid} does not hold listener inode {inode}"
+    return bool(fdinfo_flags(pid, fd) & O_NONBLOCK_FLAG)
+
+
+def test_each_generation_gets_the_blocking_mode_it_asked_for(
+        procs: Procs, tmp_path: Path) -> None:
+    """O_NONBLOCK lives on the one open file description every generation shares: at
+    each handoff hupt sets it to what the new generation's own socket had at bind()."""
+    flag = tmp_path / "NONBLOCK"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "3",
+                   cmd=variant_cmd(target, "--nonblock-if", str(flag)))
+    wait_listening(target, 20, proc=h)
+    inode = listener_inode(port)
+    assert inode is not None
+    ((first,),) = generations(h).values()
+    assert not listener_nonblocking(first, inode), "generation 1 asked for a blocking socket"
+    modes = [True, False, True, True, False, False, True]  # flips, and repeats of a mode
+    with Load(target, fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        for i, nonblock in enumerate(modes):
+            if nonblock:
+                flag.touch()
+            else:
+                flag.unlink(missing_ok=True)
+            before = max(generations(h))
+            reload_ok(h)
+            gens = generations(h)
+            assert max(gens) == before + 1, gens
+            (pid,) = gens[max(gens)]
+            assert listener_inode(port) == inode and inode in listener_inodes(pid)
+            got = listener_nonblocking(pid, inode)
+            assert got == nonblock, (
+                f"reload {i + 1}: generation {max(gens)} asked for a "
+                f"{'non-' if nonblock else ''}blocking listener; its fd has O_NONBLOCK "
+                f"{'set' if got else 'clear'}\n{h.log()}")
+            # The same open file description: hupt's own reference shows the same flag.
+            assert listener_nonblocking(h.pid, inode) == nonblock
+            time.sleep(0.3)
+    check_load(load.result, 100)
+    assert h.log().count("(non-blocking listener)") == modes.count(True), h.log()
+    assert len(load.result.pids) >= len(modes) // 2, load.result.summary()
+    assert wait_single_generation(h) == len(modes) + 1
     stop_gracefully(h)

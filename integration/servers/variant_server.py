@@ -14,6 +14,10 @@ connection):
     --port0          also listen on 127.0.0.1:0 (a port the kernel chooses), served by a
                      thread; GET /port0 answers that port
     --start-delay S  sleep S seconds before binding (a generation slow to get ready)
+    --nonblock-if PATH  the listener is made non-blocking (O_NONBLOCK) before bind() if
+                     PATH exists at start, blocking otherwise, and never changed after:
+                     each generation asks for its own mode (accept tolerates both, as
+                     socketserver ignores a failed accept after select)
 
 Routes: those of routes.py, plus /port0, /exit?code=N (answer, then _exit(N)) and
 /kill?sig=N (answer, then kill itself with signal N): a server that dies on its own.
@@ -41,6 +45,8 @@ from routes import RoutesHandler, parse_address, respond
 
 # Set in main(): the port of the --port0 listener, 0 without one.
 extra_port = 0
+# Set in main(): --nonblock-if's choice for the main listener.
+nonblocking = False
 
 
 class Handler(RoutesHandler):
@@ -78,12 +84,19 @@ class QuietAboutClients(socketserver.ThreadingMixIn):
 
 class TCPServer(QuietAboutClients, socketserver.TCPServer):
     allow_reuse_address = True
+    main_listener = True
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             # Dual stack on "::" whatever net.ipv6.bindv6only says.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if nonblocking and self.main_listener:
+            self.socket.setblocking(False)  # before bind(): what hupt's handoff mirrors
         super().server_bind()
+
+
+class Port0Server(TCPServer):
+    main_listener = False
 
 
 class TCP6Server(TCPServer):
@@ -91,7 +104,10 @@ class TCP6Server(TCPServer):
 
 
 class UnixServer(QuietAboutClients, socketserver.UnixStreamServer):
-    pass
+    def server_bind(self) -> None:
+        if nonblocking:
+            self.socket.setblocking(False)
+        super().server_bind()
 
 
 def make_server(arg: str) -> socketserver.BaseServer:
@@ -127,14 +143,16 @@ def stop_on_signals(server: socketserver.BaseServer) -> None:
 
 
 def main() -> None:
-    global extra_port
+    global extra_port, nonblocking
     parser = argparse.ArgumentParser()
     parser.add_argument("address")
     parser.add_argument("--daemonize", type=int, nargs="?", const=1, default=0, metavar="N")
     parser.add_argument("--port0", action="store_true")
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=15.0)
+    parser.add_argument("--nonblock-if", metavar="PATH")
     args = parser.parse_args()
+    nonblocking = bool(args.nonblock_if and os.path.exists(args.nonblock_if))
     Handler.timeout = args.idle_timeout
     for _ in range(args.daemonize):
         daemonize()
@@ -143,11 +161,12 @@ def main() -> None:
     stop_on_signals(server)
     extra = None
     if args.port0:
-        extra = TCPServer(("127.0.0.1", 0), Handler)
+        extra = Port0Server(("127.0.0.1", 0), Handler)
         extra_port = extra.server_address[1]
         threading.Thread(target=extra.serve_forever, args=(0.5,), daemon=True).start()
     print(f"variant_server pid={os.getpid()} listening on {args.address}"
-          + (f" and 127.0.0.1:{extra_port}" if extra else ""), file=sys.stderr, flush=True)
+          + (f" and 127.0.0.1:{extra_port}" if extra else "")
+          + (" (non-blocking listener)" if nonblocking else ""), file=sys.stderr, flush=True)
     server.serve_forever(poll_interval=0.5)
     server.server_close()
     if extra is not None:
