@@ -79,6 +79,7 @@ PROBE_INTERVAL = 0.2
 HISTORY = 20
 REVIVE_MAX_BACKOFF = 30.0
 COPIES_SETTLE = 0.3
+KEEP_EXITED = 10
 
 
 def servers_env() -> dict[str, str]:
@@ -254,7 +255,7 @@ class Supervisor:
 
     def adopt(self, pid: int) -> Generation:
         """Take over running server ``pid`` as the serving generation (hupt attach)."""
-        number = len(self.gens) + 1
+        number = self._next_number()
         got = self.sys.attach(number, pid)
         now = self.sys.now()
         gen = Generation(number, pid, now, pids={pid}, listened=set(got.listened))
@@ -529,6 +530,19 @@ class Supervisor:
         return {a for g in self.gens if g.alive for a in g.listened}
 
     # -- generations -----------------------------------------------------
+    def _next_number(self) -> int:
+        return self.gens[-1].number + 1 if self.gens else 1
+
+    def _forget_exited(self) -> None:
+        """Keep the last few exited generations (the reload history names them,
+        an exec'd image's predecessor is looked up), not every one since start:
+        a server reloaded every minute for a year would otherwise keep 500,000."""
+        exited = [g for g in self.gens if g.state is State.EXITED]
+        drop = {g.number for g in exited[:-KEEP_EXITED]}
+        if drop:
+            self.gens = [g for g in self.gens if g.number not in drop]
+            self._notified_ready -= drop
+
     def _env(self, number: int) -> dict[str, str]:
         """Generation ``number``'s environment, spawned or exec'd: the servers'
         one, with --ready notify a NOTIFY_SOCKET of hupt's own."""
@@ -547,7 +561,7 @@ class Supervisor:
                 os.unlink(path)
 
     def _spawn(self, copies: int = 1) -> Generation:
-        number = len(self.gens) + 1
+        number = self._next_number()
         self._unlink_files()
         self._gen_env[number] = self._env(number)
         try:
@@ -927,7 +941,7 @@ class Supervisor:
         """``old`` is drained: make its root execve the program again."""
         up = self.upgrade
         assert up is not None and up.replacing is old
-        number = len(self.gens) + 1
+        number = self._next_number()
         self._unlink_files()
         env = self._gen_env[number] = self._env(number)
         try:
@@ -1204,6 +1218,7 @@ class Supervisor:
         gen.kill_at = gen.drain_deadline = None
         self._unwatch(gen)
         self._gen_env.pop(gen.number, None)
+        self._forget_exited()
         status = gen.exit_status
         desc = _status(status)
         up = self.upgrade

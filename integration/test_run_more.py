@@ -761,3 +761,36 @@ def test_each_generation_gets_the_blocking_mode_it_asked_for(
     assert len(load.result.pids) >= len(modes) // 2, load.result.summary()
     assert wait_single_generation(h) == len(modes) + 1
     stop_gracefully(h)
+
+
+# -- 14. nothing of hupt's own grows with the number of reloads ------------------------------
+
+
+def hupt_fds_and_rss(pid: int) -> tuple[int, int]:
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:"))
+    return len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: Path) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h = procs.hupt("--drain-timeout", "5", "--kill-timeout", "2",
+                   cmd=[str(go_server), f"127.0.0.1:{port}"])
+    wait_listening(target, 20, proc=h)
+    with Load(target, fresh=2, keepalive=1, conn_requests=20) as load:
+        for _ in range(10):  # warm up: pyroute2 loaded, the allocator's arenas grown
+            reload_ok(h)
+        wait_single_generation(h)
+        fds0, rss0 = hupt_fds_and_rss(h.pid)
+        for _ in range(60):
+            reload_ok(h)
+        wait_single_generation(h)
+        fds1, rss1 = hupt_fds_and_rss(h.pid)
+    check_load(load.result)
+    assert fds1 == fds0, f"hupt holds {fds1 - fds0} more fds after 60 reloads"
+    # Measured here: +20 to +140 KB over 60 reloads once warm (the allocator, and
+    # the last few exited generations hupt keeps for its history); a buffer or a
+    # socket object leaked per reload shows as megabytes.
+    assert rss1 - rss0 < 1024, f"hupt's RSS grew {rss1 - rss0} KB over 60 reloads"
+    stop_gracefully(h)

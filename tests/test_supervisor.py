@@ -511,3 +511,19 @@ def test_a_daemons_crash_is_the_generations_exit_status(fake: FakeSystem) -> Non
     fake.advance(2)
     sup.tick()
     assert sup.stopping and sup.exit_code == 6
+
+
+def test_exited_generations_are_not_kept_forever(fake: FakeSystem) -> None:
+    from hupt.supervisor import KEEP_EXITED
+
+    sup = make(fake)
+    for n in range(2, 40):
+        sup.request_reload(Recorder())
+        fake.listen(n, A)
+        sup.on_notify(sup.gens[-1])
+        fake.exit(n - 1, 0)
+        fake.advance(1.1)
+        sup.tick()
+    assert sup.current is not None and sup.current.number == 39, "numbers go on"
+    assert len(sup.gens) <= KEEP_EXITED + 1
+    assert [g.number for g in sup.gens] == list(range(39 - KEEP_EXITED, 40))
