@@ -59,6 +59,9 @@ class Handoff:
     listeners: Listeners
     # Inodes of sockets bound (by CONTINUE) to an address the server chose.
     pending: dict[int, Address] = field(default_factory=dict)
+    # SO_REUSEPORT sockets bound (by CONTINUE) and not yet listening: hupt's
+    # reference, for the same address bound again before anything is held.
+    first_reuseport: dict[Address, socket.socket] = field(default_factory=dict)
     # Addresses this generation got by handoff (for status and tests).
     handed: set[Address] = field(default_factory=set)
 
@@ -111,23 +114,56 @@ class Handoff:
             if theirs is None or theirs.type != socket.SOCK_STREAM:
                 self.notify.send_continue(n.id)
                 return
-            if held is None or held.sock.family != theirs.family:
+            if held is not None and held.sock.family == theirs.family:
+                give = held.sock
+            elif (first := self._first_of_group(addr, theirs)) is not None:
+                give = first
+            else:
                 self.pending[os.fstat(theirs.fileno()).st_ino] = addr
+                if held is None and _reuseport(theirs):
+                    kept = socket.socket(fileno=os.dup(theirs.fileno()))
+                    os.set_inheritable(kept.fileno(), False)
+                    old = self.first_reuseport.pop(addr, None)
+                    if old is not None:
+                        old.close()
+                    self.first_reuseport[addr] = kept
                 self.notify.send_continue(n.id)
                 return
         flags = procfs.fd_flags(n.pid, fd)
         # O_NONBLOCK lives on the open file description, shared with every
         # holder: mirror what this generation expects (Go needs it set).
-        cur = fcntl.fcntl(held.fileno(), fcntl.F_GETFL)
+        cur = fcntl.fcntl(give.fileno(), fcntl.F_GETFL)
         want = (cur | O_NONBLOCK) if flags & O_NONBLOCK else (cur & ~O_NONBLOCK)
         if want != cur:
-            fcntl.fcntl(held.fileno(), fcntl.F_SETFL, want)
+            fcntl.fcntl(give.fileno(), fcntl.F_SETFL, want)
         if not self.notify.id_valid(n.id):
             return
-        self.notify.addfd(n.id, held.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
+        self.notify.addfd(n.id, give.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
         self.notify.send_result(n.id, 0)
         self.handed.add(addr)
-        log.debug(f"generation {self.generation}: bind {addr} -> held socket at fd {fd}")
+        what = "held socket" if held is not None and give is held.sock else "socket it bound first"
+        log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}")
+
+    def _first_of_group(self, addr: Address, theirs: socket.socket) -> socket.socket | None:
+        """The socket this generation already bound to ``addr`` with SO_REUSEPORT, if
+        ``theirs`` would join it in a reuseport group.
+
+        A group is one accept queue per socket: each would be paused and
+        closed apart at the next reload, resetting what its queue held, while
+        hupt can hand on only one.  Given the first socket instead, every
+        process of the server accepts from one queue, as every later
+        generation does from the held socket.
+        """
+        first = self.first_reuseport.get(addr)
+        if (first is None or first.family != theirs.family or not _reuseport(theirs)
+                or not _bound_to(first, addr)):
+            return None
+        return first
+
+    def close(self) -> None:
+        for sock in self.first_reuseport.values():
+            sock.close()
+        self.first_reuseport.clear()
 
     # -- listen ----------------------------------------------------------
     def _listen(self, n: Notification) -> Address | None:
@@ -156,6 +192,9 @@ class Handoff:
                 self.notify.send_result(n.id, error=e.errno or errno.EINVAL)
                 return None
         del self.pending[ino]
+        first = self.first_reuseport.pop(addr, None)
+        if first is not None:  # held now: later binds get the held socket
+            first.close()
         self.notify.send_result(n.id, 0)
         log.debug(f"generation {self.generation}: holding new listener {addr}")
         return addr
@@ -222,6 +261,13 @@ class _TheirSocket:
     def __exit__(self, *exc: object) -> None:
         if self.sock is not None:
             self.sock.close()
+
+
+def _reuseport(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    except OSError:  # unix sockets have none
+        return False
 
 
 def _bound_to(sock: socket.socket, addr: Address) -> bool:

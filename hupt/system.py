@@ -151,6 +151,7 @@ class _Notifications:
         for h in self.handoffs.values():
             h.generation = generation
             h.pending.clear()  # sockets of the program that was replaced
+            h.close()
 
     def service(self) -> Serviced:
         listened: list[Address] = []
@@ -162,11 +163,13 @@ class _Notifications:
                 self._epoll.unregister(fd)
                 del self.handoffs[fd]
                 h.notify.close()
+                h.close()
         return Serviced(listened, not self.handoffs)
 
     def close(self) -> None:
         for h in self.handoffs.values():
             h.notify.close()
+            h.close()
         self.handoffs.clear()
         self._epoll.close()
 

@@ -794,3 +794,40 @@ def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: 
     # socket object leaked per reload shows as megabytes.
     assert rss1 - rss0 < 1024, f"hupt's RSS grew {rss1 - rss0} KB over 60 reloads"
     stop_gracefully(h)
+
+
+# -- 15. a server that shards its port with SO_REUSEPORT ------------------------------------
+
+
+def test_reuseport_workers_share_one_held_socket(procs: Procs) -> None:
+    """Four workers, each binding its own SO_REUSEPORT socket before any listens:
+    one reuseport group, four accept queues, of which hupt could hand on one;
+    the others' queues would be reset as the old generation exits.  hupt gives
+    the later binds the first socket: one queue from the first generation on."""
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "3",
+                   cmd=[sys.executable, str(SERVERS / "reuseport_server.py"),
+                        f"127.0.0.1:{port}", "4"])
+    wait_listening(target, 20, proc=h)
+    inode = listener_inode(port)
+    assert inode is not None
+    wait_for("the four workers", lambda: len(h.descendants()) == 5 or None, 10, h)
+    workers = {p for p in h.descendants() if inode in listener_inodes(p)}
+    assert len(workers) == 4, "every worker listens on the one socket"
+    assert listening_sockets(port) == [inode], "one socket on the port, not a group of four"
+    with Load(target, fresh=3, keepalive=1) as load:
+        time.sleep(0.3)
+        reload_under_load(h, inode, 8)
+    check_load(load.result, 100)
+    assert len({p for p in h.descendants() if inode in listener_inodes(p)}) == 4
+    assert listening_sockets(port) == [inode]
+    stop_gracefully(h)
+
+
+def listening_sockets(port: int) -> list[int]:
+    """Inodes of the TCP sockets listening on ``port`` (any address), from sock_diag."""
+    from hupt.tracer.sockdiag import SockDiag
+
+    with SockDiag() as diag:
+        return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))
