@@ -120,12 +120,15 @@ class Handoff:
                 give = first
             else:
                 self.pending[os.fstat(theirs.fileno()).st_ino] = addr
+                # hupt's reference keeps the address bound: a bind that could
+                # not join a group must not fail because of it (the server may
+                # have closed its own socket meanwhile).
+                old = self.first_reuseport.pop(addr, None)
+                if old is not None:
+                    old.close()
                 if held is None and _reuseport(theirs):
                     kept = socket.socket(fileno=os.dup(theirs.fileno()))
                     os.set_inheritable(kept.fileno(), False)
-                    old = self.first_reuseport.pop(addr, None)
-                    if old is not None:
-                        old.close()
                     self.first_reuseport[addr] = kept
                 self.notify.send_continue(n.id)
                 return

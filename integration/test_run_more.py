@@ -831,3 +831,28 @@ def listening_sockets(port: int) -> list[int]:
 
     with SockDiag() as diag:
         return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))
+
+
+def test_a_reuseport_socket_closed_before_listening_leaves_the_port_free(
+        procs: Procs) -> None:
+    # hupt keeps a reference to a first SO_REUSEPORT socket (for the binds that
+    # would join its group); it must not keep the address from a plain bind.
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    script = f"""
+import socket, sys
+sys.path.insert(0, {str(SERVERS)!r})
+from routes import RoutesHandler
+from http.server import HTTPServer
+probe = socket.socket()
+probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+probe.bind(("127.0.0.1", {port}))
+probe.close()
+HTTPServer(("127.0.0.1", {port}), RoutesHandler).serve_forever()
+"""
+    h = procs.hupt(cmd=[sys.executable, "-c", script])
+    wait_listening(target, 20, proc=h)
+    assert http_get(target, "/")[0] == 200
+    reload_ok(h)
+    assert http_get(target, "/")[0] == 200
+    stop_gracefully(h)
