@@ -820,6 +820,7 @@ def test_reuseport_workers_share_one_held_socket(procs: Procs) -> None:
         time.sleep(0.3)
         reload_under_load(h, inode, 8)
     check_load(load.result, 100)
+    wait_single_generation(h)  # the last old workers retire
     assert len({p for p in h.descendants() if inode in listener_inodes(p)}) == 4
     assert listening_sockets(port) == [inode]
     stop_gracefully(h)
