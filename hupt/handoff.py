@@ -158,8 +158,12 @@ class Handoff:
         generation does from the held socket.
         """
         first = self.first_reuseport.get(addr)
-        if (first is None or first.family != theirs.family or not _reuseport(theirs)
-                or not _bound_to(first, addr)):
+        if first is None or first.family != theirs.family or not _reuseport(theirs):
+            return None
+        # Its own bind was let through (CONTINUE) but may not have run yet: the
+        # process that made it is runnable, not necessarily scheduled.  Unbound
+        # is therefore fine; bound elsewhere is not the same socket's business.
+        if not (_bound_to(first, addr) or _unbound(first)):
             return None
         return first
 
@@ -264,6 +268,13 @@ class _TheirSocket:
     def __exit__(self, *exc: object) -> None:
         if self.sock is not None:
             self.sock.close()
+
+
+def _unbound(sock: socket.socket) -> bool:
+    try:
+        return from_socket_name(sock.family, sock.getsockname()).port == 0
+    except OSError:
+        return False
 
 
 def _reuseport(sock: socket.socket) -> bool:

@@ -64,13 +64,14 @@ def parse_policy(text: str) -> Policy:
         u = urlsplit(text)
         if u.scheme != "http" or not u.hostname or not u.port:
             raise UsageError(f"--ready {text!r}: only http://HOST:PORT/PATH on a held address")
-        host = "127.0.0.1" if u.hostname == "localhost" else u.hostname
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            # Probes run in the supervisor's loop: no blocking name lookup there.
-            raise UsageError(f"--ready {text!r}: HOST must be an IP address or localhost"
-                             ) from None
+        host = u.hostname
+        if host != "localhost":
+            try:
+                host = str(ipaddress.ip_address(host))  # one spelling: [0::1] is ::1
+            except ValueError:
+                # Probes run in the supervisor's loop: no blocking name lookup there.
+                raise UsageError(f"--ready {text!r}: HOST must be an IP address or localhost"
+                                 ) from None
         return Policy("http", path=(u.path or "/") + (f"?{u.query}" if u.query else ""),
                       host=host, port=u.port)
     if text.startswith("http:"):
@@ -86,16 +87,26 @@ def probe_target(policy: Policy, held: set[Address]) -> Address | None:
     tcp = sorted((a for a in held if not a.is_unix), key=lambda a: (a.port, a.family, a.host))
     if policy.host is not None and policy.port is not None:
         # The URL's own host, if a held listener answers there: the same
-        # address, or a wildcard one of the port (a dual-stack [::] takes v4 too).
-        family = AF_INET6 if ":" in policy.host else AF_INET
-        for a in tcp:
-            if a.port == policy.port and (
-                    a.host == policy.host or a.host == "::"
-                    or (a.host == "0.0.0.0" and family == AF_INET)):
-                return Address(family, policy.host, a.port)
+        # address, or a wildcard one of the port (a dual-stack [::] takes v4
+        # too).  localhost is whichever loopback the server listens on.
+        hosts = ["127.0.0.1", "::1"] if policy.host == "localhost" else [policy.host]
+        for host in hosts:
+            family = AF_INET6 if ":" in host else AF_INET
+            for a in tcp:
+                if a.port == policy.port and (
+                        _same_ip(a.host, host) or a.host == "::"
+                        or (a.host == "0.0.0.0" and family == AF_INET)):
+                    return Address(family, host, a.port)
         return None
     unix = sorted(a for a in held if a.is_unix)
     return tcp[0] if tcp else (unix[0] if unix else None)
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
 
 
 def _connect_host(a: Address) -> str:

@@ -318,6 +318,7 @@ class Supervisor:
         if self.upgrade is not None:
             self._fail_upgrade("hupt is stopping")
         self._revive_at = None
+        self._drop_announcing()  # no READY=1 after STOPPING=1
         for g in self.gens:
             if g.state is State.SERVING:
                 self._drain(g)
@@ -435,7 +436,7 @@ class Supervisor:
         if self._copies_at is not None:
             deadlines.append(self._copies_at)
         a = self._announcing
-        if a is not None:
+        if a is not None and self.upgrade is None:  # _first_tick waits for the reload
             if not a.warned:
                 deadlines.append(a.since + self.opts.ready_timeout)
             deadlines += [t for t in (a.at, a.next_probe) if t is not None]
@@ -532,6 +533,12 @@ class Supervisor:
     # -- generations -----------------------------------------------------
     def _next_number(self) -> int:
         return self.gens[-1].number + 1 if self.gens else 1
+
+    def _forget(self, gen: Generation) -> None:
+        """``gen`` has exited (or its root runs a newer image): drop what was kept for it."""
+        self._gen_env.pop(gen.number, None)
+        self._drop_ready_notice(gen.number)
+        self._forget_exited()
 
     def _forget_exited(self) -> None:
         """Keep the last few exited generations (the reload history names them,
@@ -727,22 +734,30 @@ class Supervisor:
             log.info(f"{gen} listened; waiting for READY=1 (--ready notify)")
 
     def _announce(self, gen: Generation, how: str) -> None:
-        a, self._announcing = self._announcing, None
-        if a is not None and a.probe is not None:
-            self._drop_probe(a.probe)
+        self._drop_announcing()
         self._announced_ready = True
         if how:
             log.ok(f"{gen} is ready ({how})")
         self._notifier.ready(f"serving: {gen}")
 
+    def _drop_announcing(self) -> None:
+        a, self._announcing = self._announcing, None
+        if a is not None and a.probe is not None:
+            self._drop_probe(a.probe)
+
     def _first_tick(self, now: float) -> None:
         a = self._announcing
         if a is None:
             return
-        if a.gen is not self.current or not a.gen.alive:
-            self._announcing = None  # a reload or a revive announces instead
-            if a.probe is not None:
-                self._drop_probe(a.probe)
+        if a.gen is not self.current or not a.gen.alive or self.stopping:
+            self._drop_announcing()  # a reload or a revive announces instead
+            return
+        if self.upgrade is not None:
+            # The manager hears RELOADING=1 ... READY=1 of the reload; if it
+            # fails, generation 1's own readiness is awaited again after it.
+            return
+        if (self.opts.ready.kind == "notify" and a.gen.number in self._notified_ready):
+            self._announce(a.gen, "it sent READY=1")
             return
         if a.at is not None and now >= a.at:
             self._announce(a.gen, f"--ready {self.opts.ready}")
@@ -766,7 +781,8 @@ class Supervisor:
 
     def _first_probe_done(self, a: Announcing, probe: HttpProbe) -> None:
         a.probe, a.last_probe = None, probe.detail
-        if probe.outcome:
+        # During a reload the probe may have reached the new generation: not a verdict.
+        if probe.outcome and self.upgrade is None and not self.stopping:
             self._announce(a.gen, f"ready probe answered: {probe.detail}")
         else:
             a.next_probe = self.sys.now() + PROBE_INTERVAL
@@ -788,7 +804,7 @@ class Supervisor:
             self._notified_ready.add(number)
             log.debug(f"{gen} sent READY=1")
             a = self._announcing
-            if a is not None and a.gen is gen:
+            if a is not None and a.gen is gen and self.upgrade is None and not self.stopping:
                 self._announce(gen, "it sent READY=1")
             up = self.upgrade
             if up is not None and up.gen is gen and up.phase == "confirming":
@@ -971,6 +987,7 @@ class Supervisor:
             self._retire(old, f"its root process runs {gen}; retiring its other processes")
         else:
             old.to(State.EXITED)
+            self._forget(old)
         self._check_ready(gen)
 
     def _exec_failed(self, old: Generation, reason: str) -> None:
@@ -984,6 +1001,8 @@ class Supervisor:
         old.drain_deadline = None
         log.error(f"reload failed: {reason}; {old} accepts again")
         self._record(up, False, reason)
+        if not self.stopping:  # the manager waits for the end of its RELOADING=1
+            self._notifier.ready(f"reload failed: {reason}")
         for w in up.waiters:
             w.done(False, reason)
 
@@ -1217,8 +1236,7 @@ class Supervisor:
         gen.to(State.EXITED)
         gen.kill_at = gen.drain_deadline = None
         self._unwatch(gen)
-        self._gen_env.pop(gen.number, None)
-        self._forget_exited()
+        self._forget(gen)
         status = gen.exit_status
         desc = _status(status)
         up = self.upgrade
@@ -1355,8 +1373,8 @@ class Supervisor:
             self.request_reload(PeerWaiter(peer))
         elif cmd == "stop":
             peer.send({"event": "progress", "message": "stopping"})
-            if msg.get("now"):
-                self._end_draining()
+            # Stop first: a reload in progress is abandoned, so ending the drains
+            # retires everyone (an exec-mode drain would otherwise exec anew).
             self.request_stop(now=False, waiter=PeerWaiter(peer))
             if msg.get("now"):
                 self._end_draining()

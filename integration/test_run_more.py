@@ -799,16 +799,19 @@ def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: 
 # -- 15. a server that shards its port with SO_REUSEPORT ------------------------------------
 
 
-def test_reuseport_workers_share_one_held_socket(procs: Procs) -> None:
-    """Four workers, each binding its own SO_REUSEPORT socket before any listens:
-    one reuseport group, four accept queues, of which hupt could hand on one;
-    the others' queues would be reset as the old generation exits.  hupt gives
-    the later binds the first socket: one queue from the first generation on."""
+@pytest.mark.parametrize("order", ["bind-first", "bind-together"])
+def test_reuseport_workers_share_one_held_socket(order: str, procs: Procs) -> None:
+    """Four workers, each binding its own SO_REUSEPORT socket before any listens
+    (all in the master before forking, or each in its worker at the same
+    moment): one reuseport group, four accept queues, of which hupt could hand
+    on one; the others' queues would be reset as the old generation exits.
+    hupt gives the later binds the first socket: one queue from the first
+    generation on."""
     port = free_port()
     target: Target = ("127.0.0.1", port)
     h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "3",
                    cmd=[sys.executable, str(SERVERS / "reuseport_server.py"),
-                        f"127.0.0.1:{port}", "4"])
+                        f"127.0.0.1:{port}", "4", order])
     wait_listening(target, 20, proc=h)
     inode = listener_inode(port)
     assert inode is not None

@@ -47,6 +47,9 @@ def test_probe_target_prefers_tcp_and_matches_port() -> None:
     assert probe_target(parse_policy("http://127.0.0.2:9000/"), {a, b}) == Address(
         AF_INET, "127.0.0.2", 9000)
     assert probe_target(parse_policy("http://localhost:8000/"), {a, b}) == a
+    v6only = Address(AF_INET6, "::1", 3000)
+    assert probe_target(parse_policy("http://localhost:3000/"), {v6only}) == v6only
+    assert probe_target(parse_policy("http://[0::1]:3000/"), {v6only}) == v6only
     v6 = Address(AF_INET6, "::", 8000)
     assert probe_target(parse_policy("http://127.0.0.1:8000/"), {v6}) == a
     assert probe_target(parse_policy("http://[::1]:8000/"), {a}) is None

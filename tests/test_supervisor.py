@@ -527,3 +527,60 @@ def test_exited_generations_are_not_kept_forever(fake: FakeSystem) -> None:
     assert sup.current is not None and sup.current.number == 39, "numbers go on"
     assert len(sup.gens) <= KEEP_EXITED + 1
     assert [g.number for g in sup.gens] == list(range(39 - KEEP_EXITED, 40))
+
+
+def test_generation_1_is_not_announced_during_a_reload_or_after_stopping(
+        fake: FakeSystem) -> None:
+    from hupt.readiness import Policy
+
+    sup, n = make_notified(fake, ready=Policy("delay", delay=2.0))
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    sup.request_reload(Recorder())  # generation 2 never listens: the reload fails
+    fake.advance(2.5)
+    sup.tick()
+    assert n.said == ["RELOADING"], "no READY=1 of generation 1's in the middle of a reload"
+    assert sup._timeout() > 0.05, "and no busy loop meanwhile"
+    fake.advance(30)
+    sup.tick()
+    assert sup.upgrade is None and sup.current is sup.gens[0]
+    assert n.said == ["RELOADING", "READY"], n.said  # the failed reload's end
+    sup.request_stop()
+    fake.advance(5)
+    sup.tick()
+    assert n.said == ["RELOADING", "READY", "STOPPING"], n.said
+
+
+def test_a_failed_exec_ends_the_reload_for_the_service_manager(fake: FakeSystem) -> None:
+    from hupt.errors import InjectionError
+
+    n = RecordingNotifier()
+    sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),
+                     control=False, notifier=n)  # type: ignore[arg-type]
+    sup.start()
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    fake.exec_error = InjectionError("execve", 2)
+    sup.request_reload(Recorder())
+    sup.tick()
+    assert n.said == ["READY", "RELOADING", "READY"], n.said
+
+
+def test_exec_reloads_keep_no_bookkeeping_of_replaced_generations(fake: FakeSystem) -> None:
+    from hupt.supervisor import KEEP_EXITED
+
+    sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),
+                     control=False)  # type: ignore[arg-type]
+    sup.start()
+    fake.listen(1, A)
+    sup.on_notify(sup.gens[0])
+    for n in range(2, 40):
+        w = Recorder()
+        sup.request_reload(w)
+        sup.tick()
+        fake.listen(n, A)
+        sup.on_notify(sup.gens[-1])
+        assert w.result is not None and w.result[0], w.result
+    assert sup.current is not None and sup.current.number == 39
+    assert len(sup.gens) <= KEEP_EXITED + 1
+    assert set(sup._gen_env) == {39}
