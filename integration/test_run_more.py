@@ -860,3 +860,41 @@ HTTPServer(("127.0.0.1", {port}), RoutesHandler).serve_forever()
     reload_ok(h)
     assert http_get(target, "/")[0] == 200
     stop_gracefully(h)
+
+
+# -- 16. a server with two listening ports ---------------------------------------------------
+
+TWO_PORTS = """
+import sys, threading
+sys.path.insert(0, {servers!r})
+from http.server import ThreadingHTTPServer
+from routes import RoutesHandler
+servers = [ThreadingHTTPServer(("127.0.0.1", p), RoutesHandler) for p in ({a}, {b})]
+threading.Thread(target=servers[1].serve_forever, daemon=True).start()
+servers[0].serve_forever()
+"""
+
+
+def test_every_listener_of_a_two_port_server_is_handed_over(procs: Procs) -> None:
+    a, b = free_port(), free_port()
+    h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "3",
+                   cmd=[sys.executable, "-c", TWO_PORTS.format(servers=str(SERVERS), a=a, b=b)])
+    for port in (a, b):
+        wait_listening(("127.0.0.1", port), 20, proc=h)
+    inodes = {port: listener_inode(port) for port in (a, b)}
+    assert None not in inodes.values() and len(set(inodes.values())) == 2
+    with Load(("127.0.0.1", a), fresh=2, keepalive=1) as load_a, \
+            Load(("127.0.0.1", b), fresh=2, keepalive=1) as load_b:
+        time.sleep(0.3)
+        for _ in range(6):
+            r = reload_ok(h)
+            # Ready only once it listens on both: the progress names each.
+            assert r.stderr.count("the held socket (") == 2, r.stderr
+            assert {port: listener_inode(port) for port in (a, b)} == inodes
+            time.sleep(0.2)
+    check_load(load_a.result)
+    check_load(load_b.result)
+    last = wait_single_generation(h)
+    (pid,) = generations(h)[last]
+    assert set(inodes.values()) <= listener_inodes(pid)
+    stop_gracefully(h)
