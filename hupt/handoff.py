@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from hupt import log
 from hupt.address import Address, from_socket_name, parse_sockaddr
 from hupt.errors import KernelError, NoSuchProcess, NotificationGone
-from hupt.listeners import Listeners
+from hupt.listeners import Listeners, reuseport
 from hupt.tracer import pidfd, procfs
 from hupt.tracer.abi import O_CLOEXEC, O_NONBLOCK, SYS
 from hupt.tracer.notify import Notification, NotifyFd
@@ -62,6 +62,9 @@ class Handoff:
     # SO_REUSEPORT sockets bound (by CONTINUE) and not yet listening: hupt's
     # reference, for the same address bound again before anything is held.
     first_reuseport: dict[Address, socket.socket] = field(default_factory=dict)
+    # Binds of a held address so far: the n-th gets the n-th socket of its
+    # reuseport group (an attached server's), and the held one past the last.
+    binds: dict[Address, int] = field(default_factory=dict)
     # Addresses this generation got by handoff (for status and tests).
     handed: set[Address] = field(default_factory=set)
 
@@ -115,7 +118,10 @@ class Handoff:
                 self.notify.send_continue(n.id)
                 return
             if held is not None and held.sock.family == theirs.family:
-                give = held.sock
+                group = held.sockets()
+                k = self.binds.get(addr, 0)
+                self.binds[addr] = k + 1
+                give = group[k] if k < len(group) else held.sock
             elif (first := self._first_of_group(addr, theirs)) is not None:
                 give = first
             else:
@@ -126,7 +132,7 @@ class Handoff:
                 old = self.first_reuseport.pop(addr, None)
                 if old is not None:
                     old.close()
-                if held is None and _reuseport(theirs):
+                if held is None and reuseport(theirs):
                     kept = socket.socket(fileno=os.dup(theirs.fileno()))
                     os.set_inheritable(kept.fileno(), False)
                     self.first_reuseport[addr] = kept
@@ -144,7 +150,8 @@ class Handoff:
         self.notify.addfd(n.id, give.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
         self.notify.send_result(n.id, 0)
         self.handed.add(addr)
-        what = "held socket" if held is not None and give is held.sock else "socket it bound first"
+        what = ("socket it bound first" if held is None
+                else "held socket" if give is held.sock else "held socket of its reuseport group")
         log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}")
 
     def _first_of_group(self, addr: Address, theirs: socket.socket) -> socket.socket | None:
@@ -158,7 +165,7 @@ class Handoff:
         generation does from the held socket.
         """
         first = self.first_reuseport.get(addr)
-        if first is None or first.family != theirs.family or not _reuseport(theirs):
+        if first is None or first.family != theirs.family or not reuseport(theirs):
             return None
         # Its own bind was let through (CONTINUE) but may not have run yet: the
         # process that made it is runnable, not necessarily scheduled.  Unbound
@@ -182,7 +189,9 @@ class Handoff:
             ino = os.fstat(theirs.fileno()).st_ino
             held = self.listeners.by_inode(ino)
             if held is not None:
-                held.raise_backlog(backlog)
+                mine = next((g for g in held.sockets() if os.fstat(g.fileno()).st_ino == ino),
+                            held.sock)
+                held.raise_backlog(backlog, mine)
                 self.notify.send_result(n.id, 0)
                 return held.address
             addr = self.pending.get(ino)
@@ -274,13 +283,6 @@ def _unbound(sock: socket.socket) -> bool:
     try:
         return from_socket_name(sock.family, sock.getsockname()).port == 0
     except OSError:
-        return False
-
-
-def _reuseport(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-    except OSError:  # unix sockets have none
         return False
 
 

@@ -25,7 +25,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hupt.address import Address
 
@@ -43,14 +43,23 @@ class Held:
     backlog: int
     # Unix paths: (st_dev, st_ino) of the socket file when hupt took the listener.
     file_id: tuple[int, int] | None = None
+    # The other sockets of a SO_REUSEPORT group on the same address, found in
+    # a server hupt attached to (one socket per worker): each has an accept
+    # queue of its own, so each is held and handed on, none closed.
+    group: list[socket.socket] = field(default_factory=list)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def raise_backlog(self, asked: int) -> int:
-        """listen() again on the held socket; on a listening socket this only resizes the queue."""
+    def sockets(self) -> list[socket.socket]:
+        """The held socket first, then the rest of its reuseport group."""
+        return [self.sock, *self.group]
+
+    def raise_backlog(self, asked: int, sock: socket.socket | None = None) -> int:
+        """listen() again on the held socket (or one of its group); on a listening
+        socket this only resizes the queue."""
         want = max(MIN_BACKLOG, asked, self.backlog)
-        self.sock.listen(want)
+        (sock or self.sock).listen(want)
         self.backlog = want
         return want
 
@@ -70,6 +79,13 @@ class Listeners:
         self._by_inode[held.inode] = held
         return held
 
+    def add_to_group(self, address: Address, sock: socket.socket) -> Held:
+        """Hold ``sock`` too, another SO_REUSEPORT socket on held ``address``."""
+        held = self._by_addr[address]
+        held.group.append(sock)
+        self._by_inode[os.fstat(sock.fileno()).st_ino] = held
+        return held
+
     def get(self, address: Address) -> Held | None:
         return self._by_addr.get(address)
 
@@ -80,6 +96,7 @@ class Listeners:
         return set(self._by_addr)
 
     def inodes(self) -> dict[int, Address]:
+        """Every held socket's inode, reuseport group members included."""
         return {ino: h.address for ino, h in self._by_inode.items()}
 
     @property
@@ -92,8 +109,10 @@ class Listeners:
     def release(self, address: Address) -> None:
         held = self._by_addr.pop(address, None)
         if held is not None:
-            self._by_inode.pop(held.inode, None)
-            held.sock.close()
+            for ino in [i for i, h in self._by_inode.items() if h is held]:
+                del self._by_inode[ino]
+            for sock in held.sockets():
+                sock.close()
             if held.file_id is not None and _file_id(address) == held.file_id:
                 with contextlib.suppress(OSError):
                     os.unlink(address.path)
@@ -116,8 +135,9 @@ class Listeners:
         exits and be reset then.  Accepted connections are not touched.
         """
         for held in self._by_addr.values():
-            with contextlib.suppress(OSError):  # ENOTCONN: not listening after all
-                held.sock.shutdown(socket.SHUT_RD)
+            for sock in held.sockets():
+                with contextlib.suppress(OSError):  # ENOTCONN: not listening after all
+                    sock.shutdown(socket.SHUT_RD)
 
     def close_all(self) -> None:
         for a in list(self._by_addr):
@@ -128,6 +148,14 @@ class Listeners:
 
     def __len__(self) -> int:
         return len(self._by_addr)
+
+
+def reuseport(sock: socket.socket) -> bool:
+    """Whether ``sock`` has SO_REUSEPORT (it may share its address with a group)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    except OSError:  # unix sockets have none
+        return False
 
 
 def _file_id(address: Address) -> tuple[int, int] | None:

@@ -26,7 +26,7 @@ from hupt import log
 from hupt.address import Address
 from hupt.errors import HuptError, KernelError, NoSuchProcess
 from hupt.handoff import Handoff
-from hupt.listeners import Listeners
+from hupt.listeners import Listeners, reuseport
 from hupt.tracer import procfs
 from hupt.tracer.abi import SYS
 from hupt.tracer.notify import NotifyFd
@@ -151,6 +151,7 @@ class _Notifications:
         for h in self.handoffs.values():
             h.generation = generation
             h.pending.clear()  # sockets of the program that was replaced
+            h.binds.clear()
             h.close()
 
     def service(self) -> Serviced:
@@ -244,6 +245,12 @@ class LinuxSystem:
             for lst in server.listeners:
                 sock = attach.take_listener(lst)
                 try:
+                    held = self.listeners.get(lst.address)
+                    if held is not None and reuseport(sock) and reuseport(held.sock):
+                        # A server sharding its port (a socket per worker): keep
+                        # every queue of the group, not only the last one found.
+                        self.listeners.add_to_group(lst.address, sock)
+                        continue
                     self.listeners.add(lst.address, sock, lst.backlog)
                 except BaseException:
                     sock.close()

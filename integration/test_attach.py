@@ -471,3 +471,35 @@ def test_attach_close_idle_lets_the_exec_happen_before_the_drain_timeout(
     assert idle.recv(100) == b"", "the idle connection was closed with a FIN"
     idle.close()
     assert http_get(target)[0] == 200
+
+
+def test_attach_keeps_every_queue_of_a_reuseport_sharded_server(procs: Procs) -> None:
+    # Four workers, a SO_REUSEPORT socket each: four accept queues on one port.
+    # hupt holds all four and hands them to the re-exec'd image's four binds,
+    # so no queue is ever closed (closing one resets what it holds).
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = start_server(procs, [sys.executable, str(SERVERS / "reuseport_server.py"),
+                             f"127.0.0.1:{port}", "4"], target)
+    eventually(lambda: len(listening_sockets(port)) == 4, 10, "four listening sockets")
+    group = listening_sockets(port)
+    a = attach(procs, s.pid)
+    with Load(target, fresh=3, keepalive=1) as load:
+        for i in range(5):
+            r = hupt_cli("reload", str(s.pid))
+            assert r.returncode == 0, r.stderr + a.log()
+            assert listening_sockets(port) == group, f"reload {i + 1}: the group changed"
+            eventually(lambda: len(children(s.pid)) == 4, 10, "the new image's workers")
+    assert load.result.failed == 0, load.result.summary()
+    workers = children(s.pid)
+    assert {ino for w in workers for ino in socket_inodes(w)} >= set(group)
+    r = hupt_cli("stop", str(s.pid))
+    assert r.returncode == 0, r.stderr
+
+
+def listening_sockets(port: int) -> list[int]:
+    """Inodes of the TCP sockets listening on ``port``, from sock_diag."""
+    from hupt.tracer.sockdiag import SockDiag
+
+    with SockDiag() as diag:
+        return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))
