@@ -488,3 +488,11 @@ def python_child(procs: Procs, code: str, wait: float = 10.0,
             break
         time.sleep(0.01)
     raise AssertionError(f"child reported nothing\n{started.log()}")
+
+
+def listening_sockets(port: int) -> list[int]:
+    """Inodes of the TCP (IPv4) sockets listening on ``port``, from sock_diag."""
+    from hupt.tracer.sockdiag import SockDiag
+
+    with SockDiag() as diag:
+        return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))

@@ -35,6 +35,7 @@ from harness import (
     hupt_cli,
     hupt_env,
     listener_inode,
+    listening_sockets,
     socket_inodes,
     unix_cmd,
     wait_listening,
@@ -495,11 +496,3 @@ def test_attach_keeps_every_queue_of_a_reuseport_sharded_server(procs: Procs) ->
     assert {ino for w in workers for ino in socket_inodes(w)} >= set(group)
     r = hupt_cli("stop", str(s.pid))
     assert r.returncode == 0, r.stderr
-
-
-def listening_sockets(port: int) -> list[int]:
-    """Inodes of the TCP sockets listening on ``port``, from sock_diag."""
-    from hupt.tracer.sockdiag import SockDiag
-
-    with SockDiag() as diag:
-        return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))

@@ -19,29 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import SERVERS, Procs, free_port, http_get, hupt_env, wait_listening
+from harness import Procs, free_port, hupt_env, wait_listening
 from load import Load, RequestFailed, SlowRequest, Target
+from test_lifecycle import health_cmd, serving_pid
 
 pytestmark = pytest.mark.root
-
-HEALTH = SERVERS / "health_server.py"
-
-
-def health_cmd(target: Target, *extra: str) -> list[str]:
-    assert isinstance(target, tuple)
-    return [sys.executable, str(HEALTH), f"{target[0]}:{target[1]}", *extra]
-
 
 def environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         pairs = [e.decode().partition("=") for e in f.read().split(b"\0") if e]
     return {k: v for k, _, v in pairs}
-
-
-def serving_pid(target: Target) -> int:
-    status, body = http_get(target, "/")
-    assert status == 200
-    return int(body.split("pid=")[1].split()[0])
 
 
 def test_exec_ready_notify_environment_and_unlink(procs: Procs, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from harness import (
     http_get,
     listener_inode,
     listener_inodes,
+    listening_sockets,
     node_cmd,
     socket_inodes,
     threaded_cmd,
@@ -827,14 +828,6 @@ def test_reuseport_workers_share_one_held_socket(order: str, procs: Procs) -> No
     assert len({p for p in h.descendants() if inode in listener_inodes(p)}) == 4
     assert listening_sockets(port) == [inode]
     stop_gracefully(h)
-
-
-def listening_sockets(port: int) -> list[int]:
-    """Inodes of the TCP sockets listening on ``port`` (any address), from sock_diag."""
-    from hupt.tracer.sockdiag import SockDiag
-
-    with SockDiag() as diag:
-        return sorted(lst.inode for lst in diag.tcp_listeners(socket.AF_INET, port))
 
 
 def test_a_reuseport_socket_closed_before_listening_leaves_the_port_free(
