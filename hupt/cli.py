@@ -21,7 +21,7 @@ from hupt import log
 from hupt.errors import HuptError, NotUnderHupt, UsageError
 
 if TYPE_CHECKING:
-    from hupt.tracer.attach import Server
+    from hupt.system import Server
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -226,8 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "one process)")
     from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
-    from hupt.system import LinuxSystem
-    from hupt.tracer.subreaper import become_subreaper
+    from hupt.system import LinuxSystem, become_subreaper
 
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
@@ -266,10 +265,10 @@ def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
 
 def _exit_watch(pid: int) -> int | None:
     """A pidfd of hupt, taken before asking it anything (so never of a reused PID)."""
-    from hupt.tracer import pidfd
+    from hupt.system import watch_exit
 
     try:
-        return pidfd.pidfd_open(pid)
+        return watch_exit(pid)
     except HuptError:
         return None  # gone already, or not ours to watch: nothing to wait for
 
@@ -379,9 +378,7 @@ def _add_timeouts(p: argparse.ArgumentParser, *, ready: str, drain: str, stop: s
 def cmd_attach(args: argparse.Namespace) -> int:
     from hupt import control
     from hupt.supervisor import Options, Supervisor
-    from hupt.system import LinuxSystem
-    from hupt.tracer import attach
-    from hupt.tracer.subreaper import become_subreaper
+    from hupt.system import AttachRefused, LinuxSystem, become_subreaper, inspect_server
 
     pid = args.pid
     try:
@@ -389,11 +386,11 @@ def cmd_attach(args: argparse.Namespace) -> int:
     except NotUnderHupt:
         pass
     else:
-        raise attach.AttachRefused(f"PID {pid} is already under hupt (pid {owner})")
-    server = attach.inspect(pid)
+        raise AttachRefused(f"PID {pid} is already under hupt (pid {owner})")
+    server = inspect_server(pid)
     argv = [os.fsdecode(a) for a in server.argv]
     if not argv:
-        raise attach.AttachRefused(f"PID {pid} has an empty command line")
+        raise AttachRefused(f"PID {pid} has an empty command line")
     _confirm_attach(server, args.yes)
     # From here until the supervisor's handlers are in place (Supervisor.run
     # unblocks), a stop signal must not kill hupt with the filter installed.
@@ -434,7 +431,7 @@ def _attach_program(server: Server, argv: list[str], env: dict[str, str]) -> str
 
 def _confirm_attach(server: Server, yes: bool) -> None:
     from hupt.supervisor import filtered_calls
-    from hupt.tracer.attach import AttachRefused
+    from hupt.system import AttachRefused
 
     cmd = " ".join(os.fsdecode(a) for a in server.argv)
     others = len(server.processes) - 1

@@ -34,7 +34,7 @@ from typing import Any
 
 from hupt import log
 from hupt.errors import ControlError, NotUnderHupt
-from hupt.tracer import procfs
+from hupt.system import parent_of
 
 Message = dict[str, Any]
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -67,7 +67,7 @@ def find_instance(pid: int) -> int:
                 return int(target) if target.isdigit() else p
             return p
         try:
-            p = procfs.ppid_of(p)
+            p = parent_of(p)
         except Exception:
             break
     raise NotUnderHupt(f"PID {pid} is not under hupt (no hupt instance of this user among its "

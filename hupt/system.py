@@ -11,6 +11,11 @@ process outlives it: ``exec_in_place`` hands the root, its notify fds and its
 pidfd to the next generation number, and ``members`` is then asked only about
 the newest generation of a root, while the older one's leftover processes are
 followed by pid (``alive``).
+
+Nothing above this module imports ``hupt.tracer``: the few kernel facts the
+command line and the control socket need besides a ``System`` (becoming a
+subreaper, a pidfd to wait on, a parent pid, inspecting a server before
+``hupt attach``) are small functions at the end of this module.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import select
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from hupt import log
@@ -27,13 +32,15 @@ from hupt.address import Address
 from hupt.errors import HuptError, KernelError, NoSuchProcess
 from hupt.handoff import Handoff
 from hupt.listeners import Listeners, reuseport
-from hupt.tracer import procfs
+from hupt.tracer import pidfd, procfs, subreaper
 from hupt.tracer.abi import SYS
 from hupt.tracer.notify import NotifyFd
 from hupt.tracer.spawn import spawn
 
 if TYPE_CHECKING:
     from hupt.tracer.accepting import PausedListeners
+    from hupt.tracer.attach import AttachRefused as AttachRefused
+    from hupt.tracer.attach import Server as Server
     from hupt.tracer.sockdiag import SockDiag
 
 GEN_ENV = "HUPT_GEN"
@@ -175,6 +182,38 @@ class _Notifications:
         self._epoll.close()
 
 
+@dataclass(eq=False)
+class _GenRecord:
+    """What LinuxSystem keeps about one generation, under its current number.
+
+    An exec in place moves the record to the next number: the root process
+    and its filter live on, so its notify fds, its pidfd, its marker and its
+    unlink coverage go with it.
+    """
+
+    notifications: _Notifications | None = None
+    # Saved copies of its listeners, one per paused process, until ``resume``.
+    paused: list[PausedListeners] = field(default_factory=list)
+    # Its filter notifies unlink/unlinkat (spawned while hupt held a unix socket
+    # path or in exec mode, or attached to a unix server).
+    unlink_covered: bool = False
+    # The HUPT_GEN marker number its processes carry: its own number, or after
+    # an exec in place the number it was spawned as.  None: attached (no marker).
+    marker: int | None = None
+    # Attached (the root is not our child): a pidfd on the root.
+    pidfd: int | None = None
+    members: set[int] = field(default_factory=set)  # the last answer of ``members``
+
+    def close(self) -> None:
+        if self.notifications is not None:
+            self.notifications.close()
+            self.notifications = None
+        self.paused.clear()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class LinuxSystem:
     """The System on Linux.
 
@@ -191,42 +230,33 @@ class LinuxSystem:
     def __init__(self, *, exec_mode: bool = False) -> None:
         self.listeners = Listeners()
         self._exec_mode = exec_mode
-        self._notify: dict[int, _Notifications] = {}
-        self._paused: dict[int, list[PausedListeners]] = {}
-        # Generations whose filter notifies unlink/unlinkat (those spawned while
-        # hupt held a unix socket path or in exec mode, attached to a unix server).
-        self._unlink_covered: set[int] = set()
-        # The HUPT_GEN marker number each spawned generation's processes carry:
-        # its own number, or after an exec in place the number it was spawned as.
-        self._marker: dict[int, int] = {}
-        # Attached generations (roots not our children): a pidfd on the root.
-        self._pidfds: dict[int, int] = {}
-        self._members: dict[int, set[int]] = {}  # the last answer of ``members``
+        self._gens: dict[int, _GenRecord] = {}  # by generation number
         self._diag: SockDiag | None = None
         self._me = os.getpid()
 
     def now(self) -> float:
         return time.monotonic()
 
-    def _filter_calls(self, number: int, *, spawning: bool) -> list[SYS]:
+    def _filter_calls(self, *, spawning: bool) -> list[SYS]:
         syscalls = [SYS.bind, SYS.listen]
         if self.listeners.has_unix or (self._exec_mode and spawning):
             syscalls += [SYS.unlink, SYS.unlinkat]
-            self._unlink_covered.add(number)
         return syscalls
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
               cwd: str | None = None) -> tuple[int, int]:
-        syscalls = self._filter_calls(number, spawning=True)
+        syscalls = self._filter_calls(spawning=True)
         env = dict(env)
         env[GEN_ENV] = f"{self._me}.{number}"
         pid, notify = spawn(argv, env, syscalls, cwd=cwd)
         notify.enable_sync_wakeup()
-        group = self._notify.get(number)
+        rec = self._gens.setdefault(number, _GenRecord())
+        group = rec.notifications
         if group is None:  # --multi: later copies join the first one's group
-            group = self._notify[number] = _Notifications()
+            group = rec.notifications = _Notifications()
         group.add(Handoff(number, notify, self.listeners))
-        self._marker[number] = number
+        rec.marker = number
+        rec.unlink_covered |= SYS.unlink in syscalls
         if self._exec_mode and self._diag is None:
             # Counting connections imports pyroute2 (a few hundred ms).  In exec
             # mode the first count happens while the server accepts nothing:
@@ -237,7 +267,7 @@ class LinuxSystem:
         return pid, group.fileno()
 
     def attach(self, number: int, pid: int) -> Attached:
-        from hupt.tracer import attach, bpf, pidfd, seccomp
+        from hupt.tracer import attach, bpf, seccomp
 
         server = attach.inspect(pid)
         taken: list[Address] = []
@@ -261,21 +291,22 @@ class LinuxSystem:
             for a in taken:
                 self.listeners.release(a)
             raise
+        syscalls = self._filter_calls(spawning=False)
         try:
-            prog = bpf.pack(seccomp.build_filter(self._filter_calls(number, spawning=False)))
+            prog = bpf.pack(seccomp.build_filter(syscalls))
             root, others, problems = attach.filter_processes(server, prog)
         except BaseException:
             os.close(exit_fd)
-            self._unlink_covered.discard(number)
             for a in taken:
                 self.listeners.release(a)
             raise
-        group = self._notify[number] = _Notifications()
+        group = _Notifications()
         for fd in (root, *others.values()):
             notify = NotifyFd(fd)
             notify.enable_sync_wakeup()
             group.add(Handoff(number, notify, self.listeners))
-        self._pidfds[number] = exit_fd
+        self._gens[number] = _GenRecord(notifications=group, pidfd=exit_fd,
+                                        unlink_covered=SYS.unlink in syscalls)
         return Attached(group.fileno(), exit_fd, taken, problems)
 
     def find_program(self, argv: list[str], env: dict[str, str], cwd: str | None,
@@ -287,41 +318,34 @@ class LinuxSystem:
         from hupt.tracer import accepting
 
         env = dict(env)
-        marker = self._marker.get(number)
-        if marker is not None:
-            env[GEN_ENV] = f"{self._me}.{marker}"
+        rec = self._gens.get(number)
+        if rec is not None and rec.marker is not None:
+            env[GEN_ENV] = f"{self._me}.{rec.marker}"
         accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
                                 [os.fsencode(f"{k}={v}") for k, v in env.items()],
                                 path=os.fsencode(path))
+        if rec is None:
+            return
+        # The same root and filter under the next number; the marker stays (the
+        # exec'd image keeps the environment above).
+        del self._gens[number]
+        self._gens[new_number] = rec
         # The saved listener copies were close-on-exec: nothing is left to resume.
-        self._paused.pop(number, None)
-        group = self._notify.pop(number, None)
-        if group is not None:
-            group.renumber(new_number)
-            self._notify[new_number] = group
-        for table in (self._marker, self._pidfds):
-            if number in table:
-                table[new_number] = table.pop(number)
-        if number in self._unlink_covered:
-            self._unlink_covered.discard(number)
-            self._unlink_covered.add(new_number)
+        rec.paused.clear()
+        if rec.notifications is not None:
+            rec.notifications.renumber(new_number)
+        rec.members = set()  # ``members`` has not been asked about the new number yet
 
     def service(self, number: int) -> Serviced:
-        group = self._notify.get(number)
-        if group is None:
+        rec = self._gens.get(number)
+        if rec is None or rec.notifications is None:
             return Serviced([], True)
-        return group.service()
+        return rec.notifications.service()
 
     def forget(self, number: int) -> None:
-        self._unlink_covered.discard(number)
-        group = self._notify.pop(number, None)
-        if group is not None:
-            group.close()
-        self._paused.pop(number, None)
-        self._marker.pop(number, None)
-        fd = self._pidfds.pop(number, None)
-        if fd is not None:
-            os.close(fd)
+        rec = self._gens.pop(number, None)
+        if rec is not None:
+            rec.close()
 
     def reap(self) -> list[tuple[int, int]]:
         # waitid(WEXITED) and not waitpid(-1): hupt is also the ptrace tracer of
@@ -346,7 +370,7 @@ class LinuxSystem:
         for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
         by_root = {pid: n for n, pid in roots.items()}
-        by_marker = {m: n for n, m in self._marker.items()}
+        by_marker = {r.marker: n for n, r in self._gens.items() if r.marker is not None}
         out: dict[int, set[int]] = {n: set() for n in roots}
         prefix = f"{GEN_ENV}={self._me}.".encode()
         starts: list[tuple[int, int]] = []
@@ -369,7 +393,8 @@ class LinuxSystem:
             if n is not None and n in out:
                 starts.append((pid, n))
         for n, pid in roots.items():
-            fd = self._pidfds.get(n)
+            rec = self._gens.get(n)
+            fd = rec.pidfd if rec is not None else None
             # Not our child: a zombie root is its parent's to reap, and the pidfd
             # says when the whole process (every thread) has exited.
             if fd is not None and pid in parents and not _readable(fd):
@@ -384,9 +409,11 @@ class LinuxSystem:
             # A generation that seems empty may have its daemon in transit behind
             # that zombie: it keeps its last members until a scan after the reap.
             for n, pids in out.items():
-                if not pids:
-                    pids |= self._members.get(n, set())
-        self._members = out
+                rec = self._gens.get(n)
+                if not pids and rec is not None:
+                    pids |= rec.members
+        for n, rec in self._gens.items():
+            rec.members = out.get(n, set())
         return out
 
     def alive(self, pids: Iterable[int]) -> set[int]:
@@ -409,8 +436,8 @@ class LinuxSystem:
             try:
                 fds = [fd for fd, ino in procfs.socket_inodes(pid).items() if ino in inodes]
                 if fds:
-                    rec = accepting.pause_listeners(pid, fds)
-                    self._paused.setdefault(number, []).append(rec)
+                    saved = accepting.pause_listeners(pid, fds)
+                    self._gens.setdefault(number, _GenRecord()).paused.append(saved)
             except NoSuchProcess:
                 continue
             except HuptError as e:
@@ -424,7 +451,8 @@ class LinuxSystem:
         # unix socket path the next one serves, as servers do when they exit:
         # a filter stacked on it makes unlink a no-op.  Only on processes on
         # their way out: one that serves on would never unlink anything again.
-        if not self.listeners.unix_paths() or number in self._unlink_covered:
+        rec = self._gens.get(number)
+        if not self.listeners.unix_paths() or (rec is not None and rec.unlink_covered):
             return []
         problems: list[str] = []
         for pid in sorted(pids):
@@ -440,15 +468,19 @@ class LinuxSystem:
         from hupt.tracer import accepting
 
         problems: list[str] = []
-        for rec in reversed(self._paused.pop(number, [])):
+        rec = self._gens.get(number)
+        paused: list[PausedListeners] = []
+        if rec is not None:
+            paused, rec.paused = rec.paused, []
+        for saved in reversed(paused):
             try:
-                skipped = accepting.resume_listeners(rec.pid, rec)
+                skipped = accepting.resume_listeners(saved.pid, saved)
                 if skipped:
-                    problems.append(f"pid {rec.pid}: fds {skipped} were replaced meanwhile")
+                    problems.append(f"pid {saved.pid}: fds {skipped} were replaced meanwhile")
             except NoSuchProcess:
                 continue
             except HuptError as e:
-                problems.append(f"pid {rec.pid}: {e}")
+                problems.append(f"pid {saved.pid}: {e}")
         return problems
 
     def _sockdiag(self) -> SockDiag:
@@ -507,6 +539,53 @@ class LinuxSystem:
                 pass
             except PermissionError as e:
                 log.warn(f"cannot signal {pid}: {e}")
+
+
+def become_subreaper() -> None:
+    """Make hupt the child subreaper of everything it starts (for its whole life).
+
+    A server that daemonizes then stays hupt's descendant: ``members`` finds
+    it by walking down from hupt's children, and ``hupt reload PID`` finds
+    hupt by walking up from any of the server's processes.
+    """
+    subreaper.become_subreaper()
+
+
+def watch_exit(pid: int) -> int:
+    """A pidfd on ``pid``, to poll: readable once that process has exited.
+
+    Unlike the pid it never names a process that reused it.  The caller closes
+    it; HuptError if ``pid`` is gone or not ours to watch.
+    """
+    return pidfd.pidfd_open(pid)
+
+
+def parent_of(pid: int) -> int:
+    """The parent process id of ``pid``; HuptError if it cannot be read (gone)."""
+    return procfs.ppid_of(pid)
+
+
+def inspect_server(pid: int) -> Server:
+    """What ``hupt attach`` would take over in ``pid``, without changing anything:
+    its command, environment, processes and listening sockets.
+
+    Raises AttachRefused if it cannot be taken over (gone, traced by someone
+    else, no listening socket, no permission).
+    """
+    from hupt.tracer import attach
+
+    return attach.inspect(pid)
+
+
+def __getattr__(name: str) -> object:
+    # AttachRefused and Server (the type inspect_server returns) live in
+    # hupt.tracer.attach, which imports pyroute2 (a few hundred ms): loaded
+    # when first asked for, not by every importer of this module.
+    if name in ("AttachRefused", "Server"):
+        from hupt.tracer import attach
+
+        return getattr(attach, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _noop_unlink_filter() -> bytes:
