@@ -29,10 +29,16 @@ Invariant (as in tableflip): at most one generation is STARTING.
 from __future__ import annotations
 
 import enum
+import math
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hupt.address import Address
+
+if TYPE_CHECKING:
+    from hupt.sdnotify import Listener
 
 
 class State(enum.Enum):
@@ -70,6 +76,7 @@ class Generation:
     copies: list[int] = field(default_factory=list)
     ready_at: float | None = None
     drain_deadline: float | None = None
+    drain_polled_at: float = -math.inf  # its connections last counted (DRAINING)
     kill_at: float | None = None
     exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode
     # Whether hupt asked it to go (drained/stopped) rather than it dying on its own.
@@ -78,6 +85,18 @@ class Generation:
     replaced_by: int | None = None
     # Processes made to stop accepting (DRAINING); members found later are added.
     paused: set[int] = field(default_factory=set)
+    # Those of them paused to serve again (exec mode: the root, which execs).
+    lives_on: set[int] = field(default_factory=set)
+    # What hupt watches it by: the notify fd (bind/listen to answer) and, for an
+    # attached root that is not hupt's child, a pidfd.  An exec in place hands
+    # both to the next image's record.
+    notify_fd: int | None = None
+    exit_fd: int | None = None
+    # The environment it was started or exec'd with, and with --ready notify
+    # the NOTIFY_SOCKET hupt gave it and whether READY=1 came from it.
+    env: dict[str, str] | None = None
+    ready_socket: Listener | None = None
+    sent_ready: bool = False
 
     def to(self, state: State) -> None:
         if state is self.state:
@@ -92,3 +111,15 @@ class Generation:
 
     def __str__(self) -> str:
         return f"generation {self.number} (pid {self.pid})"
+
+
+def describe(code: int | None) -> str:
+    """An exit status (as the reaper reports it: -N for signal N) as a person reads it."""
+    if code is None:
+        return "status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"

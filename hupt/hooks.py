@@ -13,9 +13,15 @@ event loop reads the output pipe without blocking.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hupt.loop import Loop
 
 MAX_OUTPUT = 64 * 1024
 
@@ -84,3 +90,52 @@ class Hook:
         if self.pid and self.status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+
+class HookRunner:
+    """Runs hooks inside the supervisor's loop and says when each is done.
+
+    A hook is done once both its exit status (from the supervisor's reaper:
+    ``child_exited``) and the end of its output are in, in either order.
+    """
+
+    def __init__(self, loop: Loop, env: Callable[[], dict[str, str]]) -> None:
+        self._loop = loop
+        self._env = env
+        self._running: list[tuple[Hook, Callable[[Hook], None]]] = []
+
+    def run(self, name: str, command: str, on_done: Callable[[Hook], None]) -> Hook:
+        hook = Hook(name, command)
+        hook.start(self._env())
+        self._running.append((hook, on_done))
+        self._loop.add(hook.fd, functools.partial(self._on_output, hook))
+        return hook
+
+    def _on_output(self, hook: Hook, mask: int) -> None:
+        if not hook.read():
+            self._loop.remove(hook.fd)
+            hook.close()
+            self._maybe_done(hook)
+
+    def child_exited(self, pid: int, status: int) -> None:
+        for hook, _ in list(self._running):
+            if hook.pid == pid:
+                hook.status = status
+                self._maybe_done(hook)
+
+    def _maybe_done(self, hook: Hook) -> None:
+        if hook.status is None or hook.fd >= 0:
+            return  # wait for both its exit and the end of its output
+        for entry in self._running:
+            if entry[0] is hook:
+                self._running.remove(entry)
+                entry[1](hook)
+                return
+
+    def close(self) -> None:
+        for hook, _ in self._running:
+            if hook.fd >= 0:
+                self._loop.remove(hook.fd)
+            hook.kill()
+            hook.close()
+        self._running.clear()

@@ -16,18 +16,28 @@ http:PATH or http://HOST:PORT/PATH
 
 Probes are non-blocking and driven by the supervisor's loop: ``HttpProbe``
 is a small state machine stepped whenever its socket is ready.
+``ReadinessCheck`` applies a policy to one generation; reloads and
+generation 1's READY=1 both use it.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
+import math
+import selectors
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from hupt.address import AF_INET, AF_INET6, Address
 from hupt.errors import UsageError
+
+if TYPE_CHECKING:
+    from hupt.loop import Loop
 
 
 @dataclass(frozen=True)
@@ -173,3 +183,100 @@ class HttpProbe:
     def close(self) -> None:
         if self.outcome is None:
             self._finish(False, "abandoned")
+
+
+PROBE_INTERVAL = 0.2
+
+
+class ReadinessCheck:
+    """One generation's --ready policy, from the moment it listened until it is met.
+
+    Used for a reload's new generation (which then takes over) and for
+    generation 1 (which then is announced READY=1 to the service manager).
+    ``met`` says how it was met, once it is; ``on_met`` is called then.  A
+    "listen" policy is met at once.  ``deadline``/``tick`` drive the delay
+    and the probes; ``notified`` is READY=1 from one of the generation's
+    processes.  The caller decides what the ready timeout means.
+    """
+
+    def __init__(self, policy: Policy, held: Callable[[], set[Address]], loop: Loop,
+                 on_met: Callable[[str], None] | None = None) -> None:
+        self.policy = policy
+        self._held = held
+        self._loop = loop
+        self.on_met = on_met
+        self.met: str | None = None
+        self.last_probe = ""
+        self._probe: HttpProbe | None = None
+        now = loop.now()
+        self._at = now + policy.delay if policy.kind == "delay" else math.inf
+        self._next_probe = now if policy.kind == "http" else math.inf
+        if policy.kind == "listen":
+            self.met = "it listened"
+
+    def deadline(self) -> float:
+        if self.met is not None:
+            return math.inf
+        return min(self._at, self._next_probe if self._probe is None else math.inf)
+
+    def tick(self, now: float) -> None:
+        if self.met is not None:
+            return
+        if now >= self._at:
+            self._meet(f"--ready {self.policy}")
+        elif self._probe is None and now >= self._next_probe:
+            self._start_probe(now)
+
+    def notified(self) -> None:
+        if self.policy.kind == "notify" and self.met is None:
+            self._meet("it sent READY=1")
+
+    def retry(self) -> None:
+        """A probe's answer does not count (it may have reached another generation)."""
+        if self.policy.kind == "http":
+            self.met = None
+            self._next_probe = self._loop.now() + PROBE_INTERVAL
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._drop(self._probe, self._probe.fileno())
+
+    def _meet(self, how: str) -> None:
+        self.met = how
+        if self.on_met is not None:
+            self.on_met(how)
+
+    def _start_probe(self, now: float) -> None:
+        target = probe_target(self.policy, self._held())
+        if target is None:
+            self.last_probe, self._next_probe = "no held address to probe", now + PROBE_INTERVAL
+            return
+        probe = self._probe = HttpProbe(target, self.policy.path)
+        if probe.outcome is not None:
+            self._probe_done(probe)
+            return
+        self._loop.add(probe.fileno(), functools.partial(self._on_probe, probe),
+                       selectors.EVENT_WRITE)
+
+    def _on_probe(self, probe: HttpProbe, mask: int) -> None:
+        writing, fd = probe.writing, probe.fileno()
+        probe.step()
+        if probe.outcome is not None:
+            # Unregistered by the number it had: the probe closed its socket
+            # already, and the number may be reused by the next accept.
+            self._loop.remove(fd)
+            self._probe_done(probe)
+        elif writing and not probe.writing:
+            self._loop.modify(fd, selectors.EVENT_READ)
+
+    def _probe_done(self, probe: HttpProbe) -> None:
+        self._probe, self.last_probe = None, probe.detail
+        if probe.outcome:
+            self._meet(f"ready probe answered: {probe.detail}")
+        else:
+            self._next_probe = self._loop.now() + PROBE_INTERVAL
+
+    def _drop(self, probe: HttpProbe, fd: int) -> None:
+        self._loop.remove(fd)
+        probe.close()
+        self._probe = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import socket
 
@@ -10,7 +11,7 @@ import pytest
 
 from hupt.address import AF_INET, Address
 from hupt.errors import HuptError, InjectionError
-from hupt.generations import State
+from hupt.generations import Generation, State
 from hupt.supervisor import Options, Supervisor
 from tests.fakes import FakeSystem
 from tests.test_supervisor import Recorder
@@ -25,6 +26,25 @@ def make(fake: FakeSystem, **kw: float) -> Supervisor:
     fake.listen(1, A)
     sup.on_notify(sup.gens[0])
     return sup
+
+
+def watched_for(sup: Supervisor, fd: int) -> Generation | None:
+    """The generation whose event ``fd`` is watched for (its handler is bound to it)."""
+    handler = sup.loop.handler(fd)
+    args = getattr(handler, "args", ())
+    return args[0] if args and isinstance(args[0], Generation) else None
+
+
+def ready_path(gen: Generation) -> str:
+    assert gen.ready_socket is not None
+    return gen.ready_socket.path
+
+
+def answer(sup: Supervisor, fd: int) -> None:
+    """The terminal ``fd`` is readable: what the loop does then."""
+    handler = sup.loop.handler(fd)
+    assert handler is not None
+    handler(selectors.EVENT_READ)
 
 
 def reload_to_exec(sup: Supervisor, fake: FakeSystem) -> Recorder:
@@ -61,10 +81,11 @@ def test_reload_drains_then_execs_the_same_pid(fake: FakeSystem) -> None:
 
 def test_the_notify_fd_follows_the_exec(fake: FakeSystem) -> None:
     sup = make(fake)
-    fd = sup._fds[1]
+    fd = sup.gens[0].notify_fd
+    assert fd is not None
     reload_to_exec(sup, fake)
-    assert sup._fds == {2: fd}
-    assert sup._sel.get_key(fd).data == ("notify", sup.gens[1])
+    assert sup.gens[1].notify_fd == fd and sup.gens[0].notify_fd is None
+    assert watched_for(sup, fd) is sup.gens[1]
 
 
 def test_drain_timeout_execs_anyway(fake: FakeSystem) -> None:
@@ -232,20 +253,20 @@ def test_attach_supervises_in_exec_mode_and_sees_the_exit_on_the_pidfd(
                      control=False)
     gen = sup.adopt(4242)
     assert sup.current is gen and gen.state is State.SERVING and gen.listened == {A}
-    assert gen.pid == 4242 and 4242 in sup._aliases
+    assert gen.pid == 4242 and 4242 in sup.endpoint.aliases
     exit_r = fake.exit_fds[1][0]
-    assert sup._sel.get_key(exit_r).data == ("exit", gen)
+    assert watched_for(sup, exit_r) is gen
     reload_to_exec(sup, fake)
     new = sup.gens[1]
-    assert new.pid == 4242 and sup._exit_fds == {2: exit_r}
+    assert new.pid == 4242 and new.exit_fd == exit_r and watched_for(sup, exit_r) is new
     fake.listen(2, A)
     sup.on_notify(new)
     # The server exits on its own: hupt is not its parent, the pidfd wakes the loop.
     fake.gens[2].pids = set()
     os.write(fake.exit_fds[2][1], b"x")
-    sup._step(exit_r)  # the pidfd is readable; any fd will do for the signal pipe
+    sup.step()  # the pidfd is readable
     assert new.state is State.EXITED and sup.exit_code == 1, "status unknown, not asked to go"
-    assert not sup._exit_fds
+    assert sup.loop.handler(exit_r) is None
 
 
 # --- detaching hupt attach ------------------------------------------------------------
@@ -267,18 +288,17 @@ def signal_(sup: Supervisor, signum: int) -> None:
 def test_stopping_hupt_attach_detaches_and_leaves_the_server_running(
         fake: FakeSystem) -> None:
     sup = attached(fake)
-    notify_fd, exit_fd = sup._fds[1], sup._exit_fds[1]
+    notify_fd, exit_fd = sup.gens[0].notify_fd, sup.gens[0].exit_fd
     signal_(sup, signal.SIGTERM)
     assert sup.detached and not sup.stopping
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     fake.gens[1].pids = set()  # no longer watched: hupt cannot see it any more
     sup.tick()
     assert sup.gens[0].state is State.SERVING and sup.exit_code is None, "not taken for exited"
     assert not fake.signals, "the server is not asked to stop"
     assert "forget 1" in fake.events, "its notify fd and pidfd are closed"
     for fd in (notify_fd, exit_fd):
-        with pytest.raises(KeyError):
-            sup._sel.get_key(fd)
+        assert fd is not None and sup.loop.handler(fd) is None
     assert sup.gens[0].state is State.SERVING
 
 
@@ -310,19 +330,19 @@ def test_on_a_terminal_a_detach_is_confirmed(fake: FakeSystem,
     try:
         sup = attached(fake, confirm_detach=True)
         signal_(sup, signal.SIGINT)
-        assert not sup.detached and sup._sel.get_key(r).data == ("answer", r)
+        assert not sup.detached and sup.loop.handler(r) is not None
         assert "ENOSYS" in questions[0] and questions[0].endswith("Detach? [y/N] ")
         os.write(w, b"n\n")
-        sup._on_answer(r)
-        assert not sup.detached and sup._asking is None
+        answer(sup, r)
+        assert not sup.detached and sup.detacher.asking is None
         signal_(sup, signal.SIGTERM)
         os.write(w, b"y\n")
-        sup._on_answer(r)
+        answer(sup, r)
         assert sup.detached
         sup2 = attached(fake, confirm_detach=True)
         signal_(sup2, signal.SIGINT)
         signal_(sup2, signal.SIGINT)  # a second interrupt while asking: at once
-        assert sup2.detached and sup2._asking is None
+        assert sup2.detached and sup2.detacher.asking is None
     finally:
         os.close(r)
         os.close(w)
@@ -360,7 +380,7 @@ def test_the_exec_gets_the_environment_a_spawned_generation_gets(
         assert argv2 == argv1 == ["server"]
         # --ready notify: each image is told a socket of hupt's where its READY=1 counts.
         assert env1["NOTIFY_SOCKET"] != env2["NOTIFY_SOCKET"]
-        assert env2["NOTIFY_SOCKET"] == sup._ready_notices[2].path
+        assert env2["NOTIFY_SOCKET"] == ready_path(sup.gens[1])
         assert not pidfile.exists(), "--unlink runs before the exec too"
         fake.listen(2, A)
         sup.on_notify(sup.gens[1])
@@ -369,11 +389,10 @@ def test_the_exec_gets_the_environment_a_spawned_generation_gets(
         fake.gens[2].pids.add(os.getpid())
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(b"READY=1", env2["NOTIFY_SOCKET"])
-        sup._on_ready_notice(2)
+        sup.step()  # its NOTIFY_SOCKET is readable
         assert w.result is not None and w.result[0], w.result
     finally:
-        for listener in sup._ready_notices.values():
-            listener.close()
+        sup.fleet.close()
 
 
 def test_ending_the_drains_mid_reload_execs_at_once(fake: FakeSystem) -> None:
@@ -384,7 +403,7 @@ def test_ending_the_drains_mid_reload_execs_at_once(fake: FakeSystem) -> None:
     sup.request_reload(w)
     sup.tick()
     assert len(sup.gens) == 1
-    sup._end_draining()  # SIGUSR2, hupt stop --now
+    sup.end_draining()  # SIGUSR2, hupt stop --now
     assert "exec 1 -> 2" in fake.events and not fake.signals, "not retired: it execs"
     fake.listen(2, A)
     sup.on_notify(sup.gens[1])

@@ -9,6 +9,7 @@ import pytest
 from hupt.address import AF_INET, Address
 from hupt.generations import State
 from hupt.supervisor import Options, Supervisor, Waiter
+from hupt.upgrade import Phase
 from tests.fakes import FakeSystem
 
 A = Address(AF_INET, "127.0.0.1", 8000)
@@ -209,7 +210,7 @@ def test_no_busy_loop_after_a_retired_generation_exits(fake: FakeSystem) -> None
     assert sup.gens[0].state is State.EXITED
     fake.advance(10)  # long past the old kill deadline
     sup.tick()
-    assert sup._timeout() > 0.1
+    assert sup.loop.timeout() > 0.1
 
 
 def test_ready_delay_waits_after_listening(fake: FakeSystem) -> None:
@@ -245,7 +246,7 @@ def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) 
     assert sup.current is sup.gens[1] and sup.gens[1].state is State.SERVING
     # A second crash right away waits longer (exponential backoff).
     fake.exit(2, 1)
-    sup._next_members = 0.0  # what its SIGCHLD does
+    sup.fleet.rescan_soon()  # what its SIGCHLD does
     fake.advance(2)
     sup.tick()  # the crash is seen: next start in 1 s
     assert len(sup.gens) == 2
@@ -279,7 +280,7 @@ def test_membership_is_polled_seldom_in_steady_state_and_often_in_motion(
         fake.advance(1)
         sup.tick()
     assert len(scans) == 9, "a reload in progress: every second"
-    sup._next_members = 0.0  # SIGCHLD
+    sup.fleet.rescan_soon()  # SIGCHLD
     sup.tick()
     assert len(scans) == 10
 
@@ -299,7 +300,7 @@ def test_multi_revive_replaces_a_crashed_copy_alone(fake: FakeSystem) -> None:
     gen = sup.gens[0]
     crashed = gen.copies[1]
     fake.exit_pid(crashed, 1)
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     sup.tick()
     assert crashed not in gen.copies and len(gen.copies) == 2
     assert sup.current is gen and gen.state is State.SERVING and len(sup.gens) == 1
@@ -310,7 +311,7 @@ def test_multi_revive_replaces_a_crashed_copy_alone(fake: FakeSystem) -> None:
     # The first copy (the generation's root pid) may crash too: the rest serve on.
     fake.exit_pid(gen.pid, 1)
     fake.advance(0.1)
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     sup.tick()
     fake.advance(1.1)  # right after the last crash: twice the backoff
     sup.tick()
@@ -321,7 +322,7 @@ def test_multi_without_revive_serves_on_with_fewer_copies(fake: FakeSystem) -> N
     sup = multi(fake)
     gen = sup.gens[0]
     fake.exit_pid(gen.copies[2], 1)
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     sup.tick()
     fake.advance(5)
     sup.tick()
@@ -339,7 +340,7 @@ def test_copies_of_a_replaced_generation_are_not_revived(fake: FakeSystem) -> No
     sup.tick()
     assert sup.current is sup.gens[1] and old.state in (State.DRAINING, State.RETIRING)
     fake.exit_pid(old.copies[0], 1)
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     sup.tick()
     fake.advance(5)
     sup.tick()
@@ -351,7 +352,7 @@ def test_a_copy_exiting_0_is_not_a_crash(fake: FakeSystem) -> None:
     sup = multi(fake, revive=True)
     gen = sup.gens[0]
     fake.exit_pid(gen.copies[1], 0)
-    sup._next_members = 0.0
+    sup.fleet.rescan_soon()
     sup.tick()
     fake.advance(5)
     sup.tick()
@@ -383,7 +384,7 @@ def test_a_bug_in_a_handler_does_not_take_the_supervisor_down(
 
     fake.service = broken  # type: ignore[assignment, method-assign]
     _os.write(fake.gens[1].wfd, b"x")  # the generation's notify fd is readable
-    sup._step(-1)
+    sup.step()
     assert "internal error handling notify" in capsys.readouterr().err
     assert sup.current is sup.gens[0] and not sup.stopping
 
@@ -422,7 +423,7 @@ def test_first_generation_is_announced_ready_by_the_ready_policy(fake: FakeSyste
     sup.on_notify(sup.gens[0])
     assert sup.gens[0].state is State.SERVING, "it serves at once: there is nobody else"
     assert n.said == [], "--ready delay:2 is readiness, not the first listen()"
-    assert 1.9 < sup._timeout() <= 2.0, "the loop wakes up for it"
+    assert 1.9 < sup.loop.timeout() <= 2.0, "the loop wakes up for it"
     fake.advance(1.0)
     sup.tick()
     assert n.said == []
@@ -492,8 +493,8 @@ def test_busy_loop_free_while_a_before_reload_hook_outlives_the_ready_timeout(
     try:
         fake.advance(5)
         sup.tick()
-        assert sup.upgrade is not None and sup.upgrade.phase == "before"
-        assert sup._timeout() > 0.05, "the ready deadline does not count while the hook runs"
+        assert sup.upgrade is not None and sup.upgrade.phase is Phase.BEFORE
+        assert sup.loop.timeout() > 0.05, "the ready deadline does not count while the hook runs"
     finally:
         assert sup.upgrade is not None and sup.upgrade.hook is not None
         sup.upgrade.hook.kill()
@@ -503,11 +504,12 @@ def test_a_daemons_crash_is_the_generations_exit_status(fake: FakeSystem) -> Non
     sup = make(fake)
     root = sup.gens[0].pid
     daemon = fake.fork(1)
-    sup._refresh_members()
+    sup.settle()
     fake.exit_pid(root, 0)  # the root daemonized: exits 0, its child serves on
-    sup._refresh_members()
+    sup.settle()
     assert sup.current is sup.gens[0] and not sup.stopping
     fake.exit_pid(daemon, 6)  # a subreaper's orphan: hupt reaps it
+    sup.fleet.rescan_soon()  # its SIGCHLD
     fake.advance(2)
     sup.tick()
     assert sup.stopping and sup.exit_code == 6
@@ -540,7 +542,7 @@ def test_generation_1_is_not_announced_during_a_reload_or_after_stopping(
     fake.advance(2.5)
     sup.tick()
     assert n.said == ["RELOADING"], "no READY=1 of generation 1's in the middle of a reload"
-    assert sup._timeout() > 0.05, "and no busy loop meanwhile"
+    assert sup.loop.timeout() > 0.05, "and no busy loop meanwhile"
     fake.advance(30)
     sup.tick()
     assert sup.upgrade is None and sup.current is sup.gens[0]
@@ -583,4 +585,4 @@ def test_exec_reloads_keep_no_bookkeeping_of_replaced_generations(fake: FakeSyst
         assert w.result is not None and w.result[0], w.result
     assert sup.current is not None and sup.current.number == 39
     assert len(sup.gens) <= KEEP_EXITED + 1
-    assert set(sup._gen_env) == {39}
+    assert {g.number for g in sup.gens if g.env is not None} == {39}

@@ -1,0 +1,481 @@
+"""The fleet: every generation hupt knows, and what happens to them.
+
+A generation is started (``spawn``), taken over (``adopt``), or is a new
+image exec'd into an older generation's root (``exec_in_place``).  Each has
+one record (``hupt.generations.Generation``): its processes, addresses,
+state, and what hupt watches it by, which an exec in place hands on to the
+next image's record.
+
+Which processes belong to a generation is found by a membership scan of
+/proc, followed by a reap of hupt's exited children.  A scan is a query: it
+records facts (pids, exit statuses, a generation EXITED) and collects what
+happened as events, which are handed on (``on_events``) only once the scan
+is over and the handler or tick that asked has returned.  So code that asks
+"who is in this generation now?" never finds, half-way through, that the
+answer failed an upgrade, stopped hupt or closed the fd it was reading.
+
+Membership is a /proc scan (~14 us per process on the host).  SIGCHLD, the
+attached roots' pidfds and the reaper report exits as they happen, so in
+steady state the scan only catches processes a generation forked; while
+anything is in motion (a reload, a drain, a stop, a revive) it runs each
+second and at the start of a reload, so the processes paused are the
+current ones.
+
+Draining generations are polled: their accepted, still-open connections are
+counted in the kernel's tables; at zero (or at the drain timeout) a
+``Drained`` event says so, and whoever routes it retires the generation or,
+in exec mode, execs its root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hupt import log
+from hupt.address import Address
+from hupt.control import runtime_dir
+from hupt.errors import HuptError
+from hupt.generations import Generation, State
+from hupt.loop import Loop
+from hupt.sdnotify import Listener
+from hupt.system import System
+
+if TYPE_CHECKING:
+    from hupt.supervisor import Options
+
+DRAIN_POLL = 0.1
+MEMBERS_POLL = 1.0
+MEMBERS_IDLE_POLL = 10.0
+KEEP_EXITED = 10
+# A scan that keeps reaping (children dying as fast as it looks) gives up
+# after this many rounds and looks again one drain poll later.
+SCAN_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The generation's last process is gone (``prev``: its state until then)."""
+
+    gen: Generation
+    prev: State
+
+
+@dataclass(frozen=True)
+class CopyExited:
+    """One of a --multi generation's copies (hupt's child) exited."""
+
+    gen: Generation
+    pid: int
+    status: int
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    """A child of hupt's exited (a hook, say): every reaped pid is reported."""
+
+    pid: int
+    status: int
+
+
+@dataclass(frozen=True)
+class Drained:
+    """A draining generation has nothing left in flight, or its drain timed out."""
+
+    gen: Generation
+    why: str
+    timed_out: bool
+
+
+Event = Exited | CopyExited | ChildExited | Drained
+
+
+class Fleet:
+    def __init__(self, system: System, options: Options, loop: Loop, *,
+                 on_notify: Callable[[Generation], None],
+                 on_sent_ready: Callable[[Generation], None],
+                 on_events: Callable[[list[Event]], None],
+                 in_motion: Callable[[], bool]) -> None:
+        self.sys = system
+        self.opts = options
+        self.loop = loop
+        self._on_notify = on_notify
+        self._on_sent_ready = on_sent_ready
+        self._on_events = on_events
+        self._in_motion = in_motion
+        self.gens: list[Generation] = []
+        self.current: Generation | None = None
+        # Addresses the last serving generation listened on: what a revived one must take.
+        self.last_serving: set[Address] = set()
+        # A scan is due at _next_scan (0: at once, after SIGCHLD or an exit) or
+        # one poll interval after the last one, whichever comes first.
+        self._next_scan = 0.0
+        self._last_scan = -math.inf
+        self.detached = False  # hupt attach let go: nothing is ours to watch
+
+    # -- lookups --------------------------------------------------------------
+    def next_number(self) -> int:
+        return self.gens[-1].number + 1 if self.gens else 1
+
+    def alive(self) -> list[Generation]:
+        return [g for g in self.gens if g.alive]
+
+    def find(self, number: int) -> Generation | None:
+        return next((g for g in self.gens if g.number == number), None)
+
+    def was_execed(self, gen: Generation) -> bool:
+        """Whether ``gen`` is an image exec'd into an older generation's root."""
+        return any(g.replaced_by == gen.number for g in self.gens)
+
+    def served_pids(self) -> list[int]:
+        return sorted(p for g in self.gens if g.alive for p in g.pids)
+
+    def served_addresses(self) -> set[Address]:
+        return {a for g in self.gens if g.alive for a in g.listened}
+
+    def in_flight(self, gen: Generation) -> int | None:
+        return self.sys.in_flight(gen.pids, gen.listened)
+
+    def program(self) -> str:
+        """The file an exec runs now (raises HuptError if there is none)."""
+        o = self.opts
+        return self.sys.find_program(o.argv, o.env, o.cwd, o.program)
+
+    # -- new generations --------------------------------------------------------
+    def spawn(self, copies: int = 1) -> Generation:
+        """Start the command as a new generation (raises HuptError if it cannot start)."""
+        number = self.next_number()
+        self._unlink_files()
+        env, ready = self._env(number)
+        try:
+            pid, fd = self._start_copy(number, env)
+        except HuptError:
+            if ready is not None:
+                ready.close()
+            raise
+        gen = Generation(number, pid, self.sys.now(), pids={pid}, copies=[pid], env=env,
+                         ready_socket=ready)
+        self.gens.append(gen)
+        self._watch(gen, fd, None)
+        log.debug(f"spawned {gen}")
+        self.start_copies(gen, copies - 1)
+        return gen
+
+    def start_copies(self, gen: Generation, n: int) -> None:
+        """Start ``n`` more copies of ``gen``: their binds get its held sockets."""
+        for _ in range(n):
+            try:
+                pid, _fd = self._start_copy(gen.number, gen.env or {})  # same notify group
+            except HuptError as e:
+                log.error(f"{gen}: starting a copy: {e}")
+                return
+            gen.copies.append(pid)
+            gen.pids.add(pid)
+            log.debug(f"{gen}: copy {len(gen.copies)} is pid {pid}")
+
+    def adopt(self, pid: int) -> tuple[Generation, list[str]]:
+        """Take over running server ``pid`` as the serving generation (hupt attach)."""
+        number = self.next_number()
+        got = self.sys.attach(number, pid)
+        now = self.sys.now()
+        gen = Generation(number, pid, now, pids={pid}, listened=set(got.listened),
+                         env=dict(self.opts.env))
+        gen.to(State.SERVING)
+        gen.ready_at = now
+        self.gens.append(gen)
+        self._watch(gen, got.notify_fd, got.exit_fd)
+        self.current = gen
+        return gen, got.problems
+
+    def exec_in_place(self, old: Generation, path: str) -> Generation:
+        """Make ``old``'s root execve ``path``; the new image is a new generation
+        with the same root pid, which takes over ``old``'s watch (raises HuptError)."""
+        number = self.next_number()
+        self._unlink_files()
+        env, ready = self._env(number)
+        try:
+            self.sys.exec_in_place(old.number, number, old.pid, path, self.opts.argv, env)
+        except HuptError:
+            if ready is not None:
+                ready.close()
+            raise
+        gen = Generation(number, old.pid, self.sys.now(), pids={old.pid}, env=env,
+                         ready_socket=ready)
+        self.gens.append(gen)
+        self._watch(gen, old.notify_fd, old.exit_fd)
+        old.notify_fd = old.exit_fd = None
+        self._drop_ready_socket(old)
+        old.env = None
+        old.replaced_by = number
+        old.pids.discard(old.pid)
+        return gen
+
+    def _start_copy(self, number: int, env: dict[str, str]) -> tuple[int, int]:
+        argv = self.opts.argv
+        if self.opts.program is not None:  # argv[0] does not name it (attach)
+            argv = [self.opts.program, *argv[1:]]
+        return self.sys.spawn(number, argv, env, self.opts.cwd)
+
+    def _env(self, number: int) -> tuple[dict[str, str], Listener | None]:
+        """Generation ``number``'s environment, spawned or exec'd: the servers'
+        one, with --ready notify a NOTIFY_SOCKET of hupt's own."""
+        env = dict(self.opts.env)
+        if self.opts.ready.kind != "notify":
+            return env, None
+        directory = runtime_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        listener = Listener(directory, f"{os.getpid()}.{number}.notify")
+        env["NOTIFY_SOCKET"] = listener.path
+        return env, listener
+
+    def _unlink_files(self) -> None:
+        """--unlink: what a generation must not find when it starts (a stale pidfile)."""
+        for path in self.opts.unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- watching -------------------------------------------------------------------
+    def _watch(self, gen: Generation, notify_fd: int | None, exit_fd: int | None) -> None:
+        gen.notify_fd, gen.exit_fd = notify_fd, exit_fd
+        for fd, handler in ((notify_fd, self._notify), (exit_fd, self._on_exit)):
+            if fd is not None:
+                self.loop.remove(fd)  # an exec in place: the same fd, a new record
+                self.loop.add(fd, functools.partial(handler, gen))
+        if gen.ready_socket is not None:
+            self.loop.add(gen.ready_socket.fileno(), functools.partial(self._ready, gen))
+
+    def _notify(self, gen: Generation, mask: int) -> None:
+        self._on_notify(gen)
+
+    def _on_exit(self, gen: Generation, mask: int) -> None:
+        """An attached root's pidfd became readable: it exited (it stays readable)."""
+        if gen.exit_fd is not None:
+            # Not watched any more (it stays readable); the system closes it
+            # when the generation is forgotten.
+            self.loop.remove(gen.exit_fd)
+        self.rescan_soon()
+
+    def _ready(self, gen: Generation, mask: int) -> None:
+        listener = gen.ready_socket
+        if listener is None:
+            return
+        self.refresh()  # its processes now: a worker forked since may be the one that says it
+        if listener.ready_from(gen.pids | {gen.pid}):
+            gen.sent_ready = True
+            log.debug(f"{gen} sent READY=1")
+            self._on_sent_ready(gen)
+
+    def service(self, gen: Generation) -> tuple[list[Address], list[Address], bool]:
+        """Answer ``gen``'s filtered calls: (addresses it listened on, those new to it,
+        whether no process uses its filter any more)."""
+        got = self.sys.service(gen.number)
+        new: list[Address] = []
+        for addr in got.listened:
+            gen.listens[addr] += 1
+            if addr not in gen.listened:
+                gen.listened.add(addr)
+                new.append(addr)
+                log.debug(f"{gen} listens on {addr}")
+        return got.listened, new, got.hung_up
+
+    def unwatch(self, gen: Generation) -> None:
+        watched = False
+        for fd in (gen.notify_fd, gen.exit_fd):
+            if fd is not None:
+                self.loop.remove(fd)
+                watched = True
+        gen.notify_fd = gen.exit_fd = None
+        if watched:
+            self.sys.forget(gen.number)
+        self._drop_ready_socket(gen)
+
+    def _drop_ready_socket(self, gen: Generation) -> None:
+        listener, gen.ready_socket = gen.ready_socket, None
+        if listener is not None:
+            self.loop.remove(listener.fileno())
+            listener.close()
+
+    def bury(self, gen: Generation) -> None:
+        """``gen`` has exited: drop what was kept for it, and keep the last few only."""
+        self.unwatch(gen)
+        gen.env = None
+        # The reload history names them, an exec'd image's predecessor is looked
+        # up; but a server reloaded every minute for a year would keep 500,000.
+        exited = [g for g in self.gens if g.state is State.EXITED]
+        drop = {id(g) for g in exited[:-KEEP_EXITED]}
+        if drop:
+            self.gens = [g for g in self.gens if id(g) not in drop]
+
+    def close(self) -> None:
+        for g in self.gens:
+            self._drop_ready_socket(g)
+
+    # -- stopping them ------------------------------------------------------------------
+    def pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> None:
+        for p in self.sys.pause(gen.number, pids, lives_on):
+            log.warn(f"{gen}: could not stop accepting: {p}")
+        gen.paused |= pids
+
+    def resume(self, gen: Generation) -> list[str]:
+        problems = self.sys.resume(gen.number)
+        gen.paused = set()
+        return problems
+
+    def seal(self, gen: Generation) -> None:
+        for p in self.sys.seal(gen.number, gen.paused):
+            log.warn(f"{gen}: {p}")
+
+    def drain(self, gen: Generation, lives_on: Iterable[int] = ()) -> None:
+        """Stop ``gen`` accepting and let its in-flight connections finish."""
+        gen.lives_on = set(lives_on)
+        self.pause(gen, gen.pids, gen.lives_on)
+        self.start_draining(gen)
+
+    def start_draining(self, gen: Generation) -> None:
+        gen.to(State.DRAINING)
+        gen.drain_deadline = self.sys.now() + self.opts.drain_timeout
+        gen.drain_polled_at = -math.inf
+
+    def retire(self, gen: Generation, why: str) -> None:
+        log.info(f"retiring {gen}: {why}")
+        gen.to(State.RETIRING)
+        gen.retired_by_hupt = True
+        self.sys.signal(gen.pids, self.opts.stop_signal)
+        gen.kill_at = self.sys.now() + self.opts.kill_timeout
+
+    def kill_all(self) -> None:
+        for g in self.gens:
+            if g.alive:
+                g.retired_by_hupt = True
+                self.sys.signal(g.pids, signal.SIGKILL)
+
+    # -- the held sockets ------------------------------------------------------------------
+    def release_unused(self) -> None:
+        """Close the held sockets no live generation listens on."""
+        for a in self.sys.listeners.keep_only(self.served_addresses()):
+            log.info(f"released {a}: no generation listens on it")
+
+    def refuse_new(self) -> None:
+        self.sys.listeners.refuse_new()
+
+    def close_listeners(self) -> None:
+        self.sys.listeners.close_all()
+
+    # -- membership --------------------------------------------------------------------------
+    def rescan_soon(self) -> None:
+        """Something exited (SIGCHLD, a pidfd, a hung-up filter): scan at the next tick."""
+        self._next_scan = 0.0
+
+    def _scan_due(self) -> float:
+        interval = MEMBERS_POLL if self._in_motion() else MEMBERS_IDLE_POLL
+        return min(self._next_scan, self._last_scan + interval)
+
+    def refresh(self) -> None:
+        """Scan: every live generation's processes now.  What it finds is routed
+        once the caller has returned (``Loop.later``), never from inside."""
+        now = self.sys.now()
+        self._last_scan, self._next_scan = now, math.inf
+        events: list[Event] = []
+        # Zombies count as members until reaped (a multi-threaded process shows
+        # a zombie leader while its other threads still run): reap after each
+        # scan, and scan again while that reaped something.
+        for _ in range(SCAN_ROUNDS):
+            live = self.alive()
+            members = self.sys.members({g.number: g.pid for g in live if g.replaced_by is None})
+            reaped = self.sys.reap()
+            for pid, status in reaped:
+                self._reaped(pid, status, members, events)
+            if not reaped:
+                break
+        else:
+            self._next_scan = now + DRAIN_POLL
+        # An exec-mode generation whose root runs a newer image keeps only its
+        # other processes; they are still in the tree below that root.
+        leftovers: set[int] = set()
+        for g in live:
+            if g.replaced_by is not None:
+                g.pids = self.sys.alive(g.pids)
+                leftovers |= g.pids
+        for g in live:
+            if g.replaced_by is None:
+                g.pids = members.get(g.number, set()) - leftovers
+            if not g.pids:
+                prev = g.state
+                g.to(State.EXITED)
+                g.kill_at = g.drain_deadline = None
+                events.append(Exited(g, prev))
+        self._emit(events)
+
+    def _reaped(self, pid: int, status: int, members: dict[int, set[int]],
+                events: list[Event]) -> None:
+        for g in self.gens:
+            # The generation ends as its last process does: its root, or a
+            # daemon of a root that exited 0 as it daemonized (hupt, a
+            # subreaper, reaps both).
+            if ((g.pid == pid and g.replaced_by is None)
+                    or pid in g.pids or pid in members.get(g.number, ())):
+                g.exit_status = status
+            if pid in g.copies and g.alive:
+                events.append(CopyExited(g, pid, status))
+        events.append(ChildExited(pid, status))
+
+    def _emit(self, events: list[Event]) -> None:
+        if events:
+            self.loop.later(functools.partial(self._on_events, events))
+
+    # -- timers --------------------------------------------------------------------------------
+    def deadline(self) -> float:
+        if self.detached:
+            return math.inf
+        out = self._scan_due()
+        for g in self.gens:
+            if g.state is State.DRAINING:  # at once when it starts, then every poll
+                out = min(out, g.drain_polled_at + DRAIN_POLL)
+            elif g.state is State.RETIRING and g.kill_at is not None:
+                out = min(out, g.kill_at)
+        return out
+
+    def tick(self, now: float) -> None:
+        if self.detached:
+            return
+        if now >= self._scan_due():
+            self.refresh()
+        drained: list[Event] = []
+        for g in self.gens:
+            if g.state is State.DRAINING:
+                event = self._poll_drain(g, now)
+                if event is not None:
+                    drained.append(event)
+            elif g.state is State.RETIRING and g.kill_at is not None and now >= g.kill_at:
+                log.warn(f"{g} still running {self.opts.kill_timeout:g} s after the stop "
+                         "signal: SIGKILL")
+                self.sys.signal(g.pids, signal.SIGKILL)
+                g.kill_at = None
+        self._emit(drained)
+
+    def _poll_drain(self, g: Generation, now: float) -> Drained | None:
+        # A process forked just before the pause (or by one not yet paused)
+        # shows up in a later scan: it stops accepting too.
+        late = g.pids - g.paused
+        if late:
+            self.pause(g, late, g.lives_on & late)
+        if self.opts.close_idle_ms is not None:
+            closed = self.sys.close_idle(g.pids, g.listened, self.opts.close_idle_ms)
+            if closed:
+                log.debug(f"{g}: closed {closed} idle connection(s)")
+        # Uncounted (the tables could not be read) is not drained: the drain
+        # timeout still ends it.
+        g.drain_polled_at = now
+        n = self.in_flight(g)
+        if n == 0:
+            return Drained(g, "no connections in flight", False)
+        if g.drain_deadline is not None and now >= g.drain_deadline:
+            return Drained(g, f"drain timeout with {'?' if n is None else n} connection(s) "
+                           "still open", True)
+        return None

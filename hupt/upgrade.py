@@ -1,0 +1,136 @@
+"""The upgrade: one reload in progress, as an explicit state machine.
+
+The invariant (as in tableflip): **at most one generation is STARTING, and
+it is the upgrade's.**  A reload requested while an upgrade is in progress
+joins it and hears the same outcome; a reload while older generations still
+drain is fine (they drain on, they are no longer the upgrade's business).
+
+Phases, and the only transitions (anything else is a bug and raises)::
+
+    NEW ──► BEFORE ──────────────► LISTENING ──► CONFIRMING ──► DONE
+     │        │  --before-reload     ▲   │            │
+     │        │  succeeded           │   └──────────► DONE  (--ready listen)
+     │        ▼                      │
+     │      DRAINING ────────────────┘  (exec mode: the serving generation
+     │        │   drains, then its root execs; the new image must listen)
+     └──► any of BEFORE, DRAINING, LISTENING
+    every phase but DONE ──► FAILED
+
+NEW: requested, nothing started.  BEFORE: a --before-reload command runs
+(no deadline).  DRAINING (exec mode only): the serving generation has
+stopped accepting and finishes its connections; no deadline either, the
+drain timeout ends it.  LISTENING: the new generation must listen on every
+address in ``target`` (with --multi N, every copy) before ``deadline``.
+CONFIRMING: it did; the --ready policy (a delay, READY=1, an HTTP probe) is
+awaited until the same deadline.  DONE and FAILED are final.
+
+Every outcome goes through one ``Reloader.finish`` (hupt/reload.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hupt.address import Address
+from hupt.generations import Generation
+
+if TYPE_CHECKING:
+    from hupt.control import Peer
+    from hupt.hooks import Hook
+    from hupt.readiness import ReadinessCheck
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    BEFORE = "before"
+    DRAINING = "draining"
+    LISTENING = "listening"
+    CONFIRMING = "confirming"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.NEW: frozenset({Phase.BEFORE, Phase.DRAINING, Phase.LISTENING, Phase.FAILED}),
+    Phase.BEFORE: frozenset({Phase.DRAINING, Phase.LISTENING, Phase.FAILED}),
+    Phase.DRAINING: frozenset({Phase.LISTENING, Phase.FAILED}),
+    Phase.LISTENING: frozenset({Phase.CONFIRMING, Phase.DONE, Phase.FAILED}),
+    Phase.CONFIRMING: frozenset({Phase.DONE, Phase.FAILED}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+class TransitionRefused(RuntimeError):
+    """A phase change the table does not allow: a bug in hupt."""
+
+
+class Waiter:
+    """Someone waiting for a reload's outcome (a control client, or hupt's own log)."""
+
+    def progress(self, message: str) -> None:
+        pass
+
+    def done(self, ok: bool, reason: str) -> None:
+        pass
+
+
+class PeerWaiter(Waiter):
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def progress(self, message: str) -> None:
+        self.peer.send({"event": "progress", "message": message})
+
+    def done(self, ok: bool, reason: str) -> None:
+        self.peer.send({"event": "result", "ok": ok, "reason": reason})
+        self.peer.finish()
+
+
+@dataclass
+class Upgrade:
+    started_at: float
+    waiters: list[Waiter]
+    revive: bool = False  # bringing a dead server back: no reload to the service manager
+    fresh: bool = False  # exec mode: the command started afresh after the new image failed
+    phase: Phase = Phase.NEW
+    deadline: float = math.inf  # LISTENING and CONFIRMING end here
+    target: set[Address] = field(default_factory=set)  # what the new generation must take
+    gen: Generation | None = None  # the new generation (STARTING)
+    replacing: Generation | None = None  # DRAINING: the generation whose root will exec
+    hook: Hook | None = None  # BEFORE: the --before-reload command
+    check: ReadinessCheck | None = None  # CONFIRMING: the --ready policy
+    paused_old: Generation | None = None  # --ready http: paused while probed, may resume
+
+    def to(self, phase: Phase) -> None:
+        if phase not in ALLOWED[self.phase]:
+            raise TransitionRefused(f"upgrade: {self.phase.value} -> {phase.value}")
+        self.phase = phase
+
+    @property
+    def over(self) -> bool:
+        return self.phase in (Phase.DONE, Phase.FAILED)
+
+    @property
+    def timed(self) -> bool:
+        """Whether ``deadline`` counts now."""
+        return self.phase in (Phase.LISTENING, Phase.CONFIRMING)
+
+    def tell(self, message: str) -> None:
+        for w in self.waiters:
+            w.progress(message)
+
+    def __str__(self) -> str:
+        return str(self.gen or self.replacing or "a reload")
+
+
+@dataclass
+class ReloadRecord:
+    at: float
+    duration_ms: float
+    ok: bool
+    reason: str
+    generation: int | None
