@@ -18,12 +18,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from hupt import log
 from hupt.generations import Generation
 from hupt.loop import Loop
 from hupt.readiness import Policy, ReadinessCheck
-from hupt.sdnotify import Notifier
+
+
+class ServiceManager(Protocol):
+    """Who hears it: systemd through NOTIFY_SOCKET (hupt.sdnotify.Notifier), or no one."""
+
+    def ready(self, status: str) -> None: ...
+
+    def reloading(self, status: str) -> None: ...
+
+    def stopping(self, status: str) -> None: ...
 
 
 @dataclass
@@ -35,9 +45,9 @@ class _First:
 
 
 class Announcer:
-    def __init__(self, notifier: Notifier, policy: Policy, ready_timeout: float, loop: Loop, *,
-                 current: Callable[[], Generation | None], reloading: Callable[[], bool],
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(self, notifier: ServiceManager, policy: Policy, ready_timeout: float,
+                 loop: Loop, *, current: Callable[[], Generation | None],
+                 reloading: Callable[[], bool], stopping: Callable[[], bool]) -> None:
         self._notifier = notifier
         self._policy = policy
         self._ready_timeout = ready_timeout

@@ -139,6 +139,9 @@ class Fleet:
     def served_addresses(self) -> set[Address]:
         return {a for g in self.gens if g.alive for a in g.listened}
 
+    def still_running(self, pids: Iterable[int]) -> set[int]:
+        return self.sys.alive(pids)
+
     def in_flight(self, gen: Generation) -> int | None:
         return self.sys.in_flight(gen.pids, gen.listened)
 
@@ -358,14 +361,14 @@ class Fleet:
     # -- the held sockets ------------------------------------------------------------------
     def release_unused(self) -> None:
         """Close the held sockets no live generation listens on."""
-        for a in self.sys.listeners.keep_only(self.served_addresses()):
+        for a in self.sys.release_except(self.served_addresses()):
             log.info(f"released {a}: no generation listens on it")
 
     def refuse_new(self) -> None:
-        self.sys.listeners.refuse_new()
+        self.sys.refuse_new()
 
     def close_listeners(self) -> None:
-        self.sys.listeners.close_all()
+        self.sys.close_listeners()
 
     # -- membership --------------------------------------------------------------------------
     def rescan_soon(self) -> None:

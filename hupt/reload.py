@@ -189,7 +189,7 @@ class Reloader:
         if old.state is not State.SERVING:
             self._fail(up, f"{old} is {old.state.value}, not serving")
             return
-        if not self.fleet.sys.alive({old.pid}):
+        if not self.fleet.still_running({old.pid}):
             self._fail(up, f"exec mode reloads the process hupt started, pid {old.pid}, "
                        "which has exited (did the server daemonize?)")
             return

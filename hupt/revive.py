@@ -94,7 +94,7 @@ class Reviver:
                 or gen.state is not State.SERVING or self._stopping() or gen.retired_by_hupt):
             return
         others = [c for c in gen.copies if c != pid]
-        if not self.fleet.sys.alive(others):
+        if not self.fleet.still_running(others):
             return
         gen.copies = others
         now = self.loop.now()

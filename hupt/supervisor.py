@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hupt import log
-from hupt.announce import Announcer
+from hupt.announce import Announcer, ServiceManager
 from hupt.detach import Detacher, filtered_calls
 from hupt.endpoint import ControlEndpoint
 from hupt.fleet import KEEP_EXITED, ChildExited, CopyExited, Drained, Event, Exited, Fleet
@@ -106,7 +106,7 @@ class _FileWatch:
 
 class Supervisor:
     def __init__(self, system: System, options: Options, *, control: bool = True,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: ServiceManager | None = None) -> None:
         self.sys = system
         self.opts = options
         self.stopping = False

@@ -63,8 +63,6 @@ class Attached:
 
 
 class System(Protocol):
-    listeners: Listeners
-
     def now(self) -> float: ...
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
@@ -127,6 +125,15 @@ class System(Protocol):
 
     def listener_stats(self) -> list[dict[str, object]]:
         """Each held listener: address, inode, accept-queue length, backlog."""
+
+    def release_except(self, addresses: set[Address]) -> list[Address]:
+        """Close the held sockets of every other address; return those released."""
+
+    def refuse_new(self) -> None:
+        """hupt stops: clients connecting from now on are refused, not queued."""
+
+    def close_listeners(self) -> None:
+        """hupt exits: close every held socket (unix paths removed)."""
 
     def signal(self, pids: Iterable[int], sig: int) -> None: ...
 
@@ -499,6 +506,15 @@ class LinuxSystem:
             log.warn(f"looking for idle connections: {e}")
             return 0
         return sum(1 for c in idle if drain.close_connection(c))
+
+    def release_except(self, addresses: set[Address]) -> list[Address]:
+        return self.listeners.keep_only(addresses)
+
+    def refuse_new(self) -> None:
+        self.listeners.refuse_new()
+
+    def close_listeners(self) -> None:
+        self.listeners.close_all()
 
     def listener_stats(self) -> list[dict[str, object]]:
         diag = self._sockdiag()

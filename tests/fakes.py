@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from hupt.address import Address
 from hupt.listeners import Listeners
@@ -185,6 +186,15 @@ class FakeSystem:
         return [{"address": str(h.address), "inode": h.inode, "queued": 0,
                  "backlog": h.backlog} for h in self.listeners]
 
+    def release_except(self, addresses: set[Address]) -> list[Address]:
+        return self.listeners.keep_only(addresses)
+
+    def refuse_new(self) -> None:
+        self.listeners.refuse_new()
+
+    def close_listeners(self) -> None:
+        self.listeners.close_all()
+
     def in_flight(self, pids: set[int], addresses: set[Address]) -> int | None:
         if self.uncountable:
             return None
@@ -193,3 +203,9 @@ class FakeSystem:
     def signal(self, pids: Iterable[int], sig: int) -> None:
         for p in pids:
             self.signals.append((p, sig))
+
+
+def state_of(obj: Any) -> Any:
+    """``obj.state``, read afresh: after one assert on it, mypy would take a later
+    comparison with another state for one that can never be true."""
+    return obj.state

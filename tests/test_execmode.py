@@ -6,6 +6,7 @@ import os
 import selectors
 import signal
 import socket
+from typing import Any
 
 import pytest
 
@@ -13,15 +14,15 @@ from hupt.address import AF_INET, Address
 from hupt.errors import HuptError, InjectionError
 from hupt.generations import Generation, State
 from hupt.supervisor import Options, Supervisor
-from tests.fakes import FakeSystem
+from tests.fakes import FakeSystem, state_of
 from tests.test_supervisor import Recorder
 
 A = Address(AF_INET, "127.0.0.1", 8000)
 
 
-def make(fake: FakeSystem, **kw: float) -> Supervisor:
-    opts = Options(argv=["server"], env={}, exec_mode=True, **kw)  # type: ignore[arg-type]
-    sup = Supervisor(fake, opts, control=False)  # type: ignore[arg-type]
+def make(fake: FakeSystem, **kw: Any) -> Supervisor:
+    opts = Options(argv=["server"], env={}, exec_mode=True, **kw)
+    sup = Supervisor(fake, opts, control=False)
     sup.start()
     fake.listen(1, A)
     sup.on_notify(sup.gens[0])
@@ -70,7 +71,7 @@ def test_reload_drains_then_execs_the_same_pid(fake: FakeSystem) -> None:
     assert fake.events[-1] == "exec 1 -> 2"
     new = sup.gens[1]
     assert new.pid == old.pid and new.state is State.STARTING
-    assert old.state is State.EXITED and old.replaced_by == 2
+    assert state_of(old) is State.EXITED and old.replaced_by == 2
     assert not fake.signals, "the root process execs: nobody is signalled"
     assert w.result is None and any("execed" in m for m in w.messages)
     fake.listen(2, A)
@@ -153,7 +154,7 @@ def test_image_dying_before_ready_starts_the_command_afresh(fake: FakeSystem) ->
     assert fresh.state is State.STARTING and fresh.pid != sup.gens[0].pid
     fake.listen(3, A)
     sup.on_notify(fresh)
-    assert sup.current is fresh and fresh.state is State.SERVING
+    assert sup.current is fresh and state_of(fresh) is State.SERVING
 
 
 def test_fresh_start_dying_too_stops_hupt_with_its_status(fake: FakeSystem) -> None:
@@ -202,7 +203,7 @@ def test_workers_of_the_old_image_are_retired_after_the_exec(fake: FakeSystem) -
         fake.exit_pid(p)
     fake.advance(2)
     sup.tick()
-    assert old.state is State.EXITED and new.state is State.STARTING
+    assert state_of(old) is State.EXITED and new.state is State.STARTING
 
 
 def test_workers_forked_since_the_last_scan_are_paused_too(fake: FakeSystem) -> None:
@@ -249,7 +250,7 @@ def test_stop_while_draining_before_the_exec(fake: FakeSystem) -> None:
 
 def test_attach_supervises_in_exec_mode_and_sees_the_exit_on_the_pidfd(
         fake: FakeSystem) -> None:
-    sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),  # type: ignore[arg-type]
+    sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),
                      control=False)
     gen = sup.adopt(4242)
     assert sup.current is gen and gen.state is State.SERVING and gen.listened == {A}
@@ -272,10 +273,10 @@ def test_attach_supervises_in_exec_mode_and_sees_the_exit_on_the_pidfd(
 # --- detaching hupt attach ------------------------------------------------------------
 
 
-def attached(fake: FakeSystem, **kw: object) -> Supervisor:
-    opts = Options(argv=["server"], env={}, exec_mode=True,  # type: ignore[arg-type]
+def attached(fake: FakeSystem, **kw: Any) -> Supervisor:
+    opts = Options(argv=["server"], env={}, exec_mode=True,
                    detach_on_stop=True, **kw)
-    sup = Supervisor(fake, opts, control=False)  # type: ignore[arg-type]
+    sup = Supervisor(fake, opts, control=False)
     sup.adopt(4242)
     return sup
 
@@ -371,7 +372,7 @@ def test_the_exec_gets_the_environment_a_spawned_generation_gets(
     from hupt.readiness import Policy
 
     pidfile = Path(str(tmp_path)) / "server.pid"
-    sup = make(fake, ready=Policy("notify"), unlink=[str(pidfile)])  # type: ignore[arg-type]
+    sup = make(fake, ready=Policy("notify"), unlink=[str(pidfile)])
     try:
         (argv1, env1), = fake.spawns
         pidfile.write_text("101\n")  # the running server's own pidfile

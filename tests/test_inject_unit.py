@@ -25,6 +25,7 @@ from hupt.tracer.inject import (
 )
 from hupt.tracer.ptrace import Regs, StopKind, classify, signed, unsigned
 from hupt.tracer.seccomp import INJECTION_COOKIE
+from tests.fakes import state_of
 
 U64 = (1 << 64) - 1
 
@@ -109,7 +110,7 @@ def test_a_whole_session_and_nothing_after_it() -> None:
     life.begin_injection()
     assert life.state is State.INJECTING
     life.end_injection()
-    assert life.state is State.STOPPED
+    assert state_of(life) is State.STOPPED
     life.advance(State.RELEASING)
     life.advance(State.RELEASED)
     for state in State:
@@ -152,7 +153,8 @@ def test_every_live_state_can_be_released() -> None:
     for start in State:
         if start in (State.NEW, State.RELEASED):
             continue
-        reachable, todo = {start}, [start]
+        reachable: set[State] = {start}
+        todo: list[State] = [start]
         while todo:
             for nxt in inject._ALLOWED[todo.pop()]:
                 if nxt not in reachable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from hupt.address import AF_INET, Address
 from hupt.generations import State
 from hupt.supervisor import Options, Supervisor, Waiter
 from hupt.upgrade import Phase
-from tests.fakes import FakeSystem
+from tests.fakes import FakeSystem, state_of
 
 A = Address(AF_INET, "127.0.0.1", 8000)
 B = Address(AF_INET, "127.0.0.1", 8001)
@@ -29,8 +30,8 @@ class Recorder(Waiter):
         self.result = (ok, reason)
 
 
-def make(fake: FakeSystem, **kw: float) -> Supervisor:
-    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw), control=False)  # type: ignore[arg-type]
+def make(fake: FakeSystem, **kw: Any) -> Supervisor:
+    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw), control=False)
     sup.start()
     fake.listen(1, A)
     sup.on_notify(sup.gens[0])
@@ -75,7 +76,7 @@ def test_old_generation_retired_when_drained_then_killed_after_grace(fake: FakeS
     assert old.state is State.DRAINING and not fake.signals
     fake.in_flight_by_pid[old.pid] = 0
     sup.tick()
-    assert old.state is State.RETIRING
+    assert state_of(old) is State.RETIRING
     assert fake.signals == [(old.pid, signal.SIGTERM)]
     fake.advance(5.1)
     sup.tick()
@@ -83,7 +84,7 @@ def test_old_generation_retired_when_drained_then_killed_after_grace(fake: FakeS
     fake.exit(1, 0)
     fake.advance(2)
     sup.tick()
-    assert old.state is State.EXITED
+    assert state_of(old) is State.EXITED
 
 
 def test_drain_timeout_retires_with_connections_open(fake: FakeSystem) -> None:
@@ -98,7 +99,7 @@ def test_drain_timeout_retires_with_connections_open(fake: FakeSystem) -> None:
     assert old.state is State.DRAINING
     fake.advance(2)
     sup.tick()
-    assert old.state is State.RETIRING
+    assert state_of(old) is State.RETIRING
 
 
 def test_new_generation_exiting_fails_reload_and_old_keeps_serving(fake: FakeSystem) -> None:
@@ -172,7 +173,7 @@ def test_stop_drains_everything_and_exit_status(fake: FakeSystem) -> None:
     sup.request_stop()
     assert sup.gens[0].state is State.DRAINING and fake.gens[1].paused
     sup.tick()
-    assert sup.gens[0].state is State.RETIRING
+    assert state_of(sup.gens[0]) is State.RETIRING
     fake.reaped.append((sup.gens[0].pid, -signal.SIGTERM))  # died of the stop signal
     fake.gens[1].pids = set()
     fake.advance(2)
@@ -207,7 +208,7 @@ def test_no_busy_loop_after_a_retired_generation_exits(fake: FakeSystem) -> None
     fake.exit(1, 0)
     fake.advance(1)
     sup.tick()
-    assert sup.gens[0].state is State.EXITED
+    assert state_of(sup.gens[0]) is State.EXITED
     fake.advance(10)  # long past the old kill deadline
     sup.tick()
     assert sup.loop.timeout() > 0.1
@@ -216,7 +217,7 @@ def test_no_busy_loop_after_a_retired_generation_exits(fake: FakeSystem) -> None
 def test_ready_delay_waits_after_listening(fake: FakeSystem) -> None:
     from hupt.readiness import Policy
 
-    sup = make(fake, ready=Policy("delay", delay=2.0))  # type: ignore[arg-type]
+    sup = make(fake, ready=Policy("delay", delay=2.0))
     w = Recorder()
     sup.request_reload(w)
     fake.listen(2, A)
@@ -231,7 +232,7 @@ def test_ready_delay_waits_after_listening(fake: FakeSystem) -> None:
 
 
 def test_revive_restarts_with_backoff_and_holds_the_addresses(fake: FakeSystem) -> None:
-    sup = make(fake, revive=True)  # type: ignore[arg-type]
+    sup = make(fake, revive=True)
     fake.exit(1, 1)
     fake.advance(2)
     sup.tick()
@@ -285,9 +286,9 @@ def test_membership_is_polled_seldom_in_steady_state_and_often_in_motion(
     assert len(scans) == 10
 
 
-def multi(fake: FakeSystem, **kw: object) -> Supervisor:
+def multi(fake: FakeSystem, **kw: Any) -> Supervisor:
     """A first generation of three --multi copies, all serving."""
-    sup = make(fake, multi=3, **kw)  # type: ignore[arg-type]
+    sup = make(fake, multi=3, **kw)
     fake.advance(1)
     sup.tick()  # the other copies start once the first has listened
     gen = sup.gens[0]
@@ -405,10 +406,10 @@ class RecordingNotifier:
         self.said.append("STOPPING")
 
 
-def make_notified(fake: FakeSystem, **kw: object) -> tuple[Supervisor, RecordingNotifier]:
+def make_notified(fake: FakeSystem, **kw: Any) -> tuple[Supervisor, RecordingNotifier]:
     n = RecordingNotifier()
-    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw),  # type: ignore[arg-type]
-                     control=False, notifier=n)  # type: ignore[arg-type]
+    sup = Supervisor(fake, Options(argv=["server"], env={}, **kw),
+                     control=False, notifier=n)
     sup.start()
     return sup, n
 
@@ -483,12 +484,12 @@ def test_a_generation_whose_connections_cannot_be_counted_drains_until_the_timeo
     assert old.state is State.DRAINING, "unknown is not 0 in flight"
     fake.advance(5.1)
     sup.tick()
-    assert old.state is State.RETIRING
+    assert state_of(old) is State.RETIRING
 
 
 def test_busy_loop_free_while_a_before_reload_hook_outlives_the_ready_timeout(
         fake: FakeSystem, tmp_path: object) -> None:
-    sup = make(fake, ready_timeout=1.0, before_reload="sleep 30")  # type: ignore[arg-type]
+    sup = make(fake, ready_timeout=1.0, before_reload="sleep 30")
     sup.request_reload(Recorder())
     try:
         fake.advance(5)
@@ -558,7 +559,7 @@ def test_a_failed_exec_ends_the_reload_for_the_service_manager(fake: FakeSystem)
 
     n = RecordingNotifier()
     sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),
-                     control=False, notifier=n)  # type: ignore[arg-type]
+                     control=False, notifier=n)
     sup.start()
     fake.listen(1, A)
     sup.on_notify(sup.gens[0])
@@ -572,7 +573,7 @@ def test_exec_reloads_keep_no_bookkeeping_of_replaced_generations(fake: FakeSyst
     from hupt.supervisor import KEEP_EXITED
 
     sup = Supervisor(fake, Options(argv=["server"], env={}, exec_mode=True),
-                     control=False)  # type: ignore[arg-type]
+                     control=False)
     sup.start()
     fake.listen(1, A)
     sup.on_notify(sup.gens[0])
