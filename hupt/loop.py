@@ -65,6 +65,7 @@ class Loop:
         self._timers: list[tuple[str, Timer]] = []
         self._checks: list[Callable[[], str | None]] = []
         self._after: list[Callable[[], None]] = []
+        self._on_wake: list[tuple[str, Callable[[], None]]] = []
         self.strict = os.environ.get(STRICT_ENV) == "1" if strict is None else strict
         self.violations: list[str] = []
 
@@ -98,6 +99,12 @@ class Loop:
     def add_timer(self, name: str, timer: Timer) -> None:
         self._timers.append((name, timer))
 
+    def on_wake(self, name: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at every step, after the handlers and before the timers: for
+        input that arrives on its own (signals noted by their handler), which a
+        timer's deadline could not follow without looking like a busy loop."""
+        self._on_wake.append((name, fn))
+
     def add_check(self, check: Callable[[], str | None]) -> None:
         """``check()`` returns what is wrong, or None."""
         self._checks.append(check)
@@ -126,6 +133,9 @@ class Loop:
         for key, mask in self._sel.select(self.timeout()):
             handler: Handler = key.data
             self._guard(functools.partial(handler, mask), f"handling {_name(handler)}")
+            self.run_later()
+        for name, fn in self._on_wake:
+            self._guard(fn, f"handling {name}")
             self.run_later()
         self.tick()
 

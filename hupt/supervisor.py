@@ -132,7 +132,7 @@ class Supervisor:
         self.detacher = Detacher(self.fleet, self.announcer, loop,
                                  confirm=options.confirm_detach, reloading=self._reloading)
         self.endpoint = ControlEndpoint(loop, self)
-        loop.add_timer("signal", _Signals(self))
+        loop.on_wake("signals", self._handle_signals)
         loop.add_timer("membership and drain", self.fleet)
         loop.add_timer("reload", self.reloader)
         loop.add_timer("ready", self.announcer)
@@ -424,19 +424,6 @@ class Supervisor:
         if self.fleet.current is not None:
             env["HUPT_GENERATION"] = str(self.fleet.current.number)
         return env
-
-
-class _Signals:
-    """Signals noted by the handler, acted on as the loop's first timer."""
-
-    def __init__(self, sup: Supervisor) -> None:
-        self._sup = sup
-
-    def deadline(self) -> float:
-        return -float("inf") if self._sup._signals and not self._sup.detached else float("inf")
-
-    def tick(self, now: float) -> None:
-        self._sup._handle_signals()
 
 
 def _exit_code(status: int | None, retired_by_hupt: bool) -> int:

@@ -8,8 +8,8 @@ drain is fine (they drain on, they are no longer the upgrade's business).
 Phases, and the only transitions (anything else is a bug and raises)::
 
     NEW ──► BEFORE ──────────────► LISTENING ──► CONFIRMING ──► DONE
-     │        │  --before-reload     ▲   │            │
-     │        │  succeeded           │   └──────────► DONE  (--ready listen)
+     │        │  --before-reload     ▲
+     │        │  succeeded           │
      │        ▼                      │
      │      DRAINING ────────────────┘  (exec mode: the serving generation
      │        │   drains, then its root execs; the new image must listen)
@@ -22,7 +22,8 @@ stopped accepting and finishes its connections; no deadline either, the
 drain timeout ends it.  LISTENING: the new generation must listen on every
 address in ``target`` (with --multi N, every copy) before ``deadline``.
 CONFIRMING: it did; the --ready policy (a delay, READY=1, an HTTP probe) is
-awaited until the same deadline.  DONE and FAILED are final.
+awaited until the same deadline (the default policy, listen, is met at once).
+DONE and FAILED are final.
 
 Every outcome goes through one ``Reloader.finish`` (hupt/reload.py).
 """
@@ -57,7 +58,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.NEW: frozenset({Phase.BEFORE, Phase.DRAINING, Phase.LISTENING, Phase.FAILED}),
     Phase.BEFORE: frozenset({Phase.DRAINING, Phase.LISTENING, Phase.FAILED}),
     Phase.DRAINING: frozenset({Phase.LISTENING, Phase.FAILED}),
-    Phase.LISTENING: frozenset({Phase.CONFIRMING, Phase.DONE, Phase.FAILED}),
+    Phase.LISTENING: frozenset({Phase.CONFIRMING, Phase.FAILED}),
     Phase.CONFIRMING: frozenset({Phase.DONE, Phase.FAILED}),
     Phase.DONE: frozenset(),
     Phase.FAILED: frozenset(),
