@@ -224,9 +224,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.multi > 1 and args.exec_mode:
         raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
                          "one process)")
+    from hupt.linux import LinuxSystem
     from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
-    from hupt.system import LinuxSystem, become_subreaper
+    from hupt.system import become_subreaper
 
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
@@ -377,8 +378,9 @@ def _add_timeouts(p: argparse.ArgumentParser, *, ready: str, drain: str, stop: s
 
 def cmd_attach(args: argparse.Namespace) -> int:
     from hupt import control
+    from hupt.linux import LinuxSystem
     from hupt.supervisor import Options, Supervisor
-    from hupt.system import AttachRefused, LinuxSystem, become_subreaper, inspect_server
+    from hupt.system import AttachRefused, become_subreaper, inspect_server
 
     pid = args.pid
     try:

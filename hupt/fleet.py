@@ -48,7 +48,7 @@ from hupt.sdnotify import Listener
 from hupt.system import System
 
 if TYPE_CHECKING:
-    from hupt.supervisor import Options
+    from hupt.options import Options
 
 DRAIN_POLL = 0.1
 MEMBERS_POLL = 1.0

@@ -49,7 +49,7 @@ from hupt.upgrade import Phase, ReloadRecord, Upgrade, Waiter
 
 if TYPE_CHECKING:
     from hupt.announce import Announcer
-    from hupt.supervisor import Options
+    from hupt.options import Options
 
 HISTORY = 20
 

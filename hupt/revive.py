@@ -23,7 +23,7 @@ from hupt.generations import Generation, State, describe
 from hupt.loop import Loop
 
 if TYPE_CHECKING:
-    from hupt.supervisor import Options
+    from hupt.options import Options
 
 COPIES_SETTLE = 0.3
 LIVED = 10.0

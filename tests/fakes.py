@@ -1,6 +1,6 @@
 """A fake kernel seam for driving the supervisor's logic without root.
 
-It stands in for hupt.system.LinuxSystem only in unit tests; the real
+It stands in for hupt.linux.LinuxSystem only in unit tests; the real
 mechanism is proved against the kernel in integration/.
 """
 

@@ -1,0 +1,473 @@
+"""The System on Linux: the seam's interface (hupt/system.py) implemented with
+the modules of ``hupt.tracer``.
+
+One record per generation number (``_GenRecord``): its notify fds behind
+one pollable fd, the listener copies saved while it is paused, its
+generation marker, an attached root's pidfd, its last members.  An exec in
+place moves the record to the new number whole.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hupt import log
+from hupt.address import Address
+from hupt.errors import HuptError, KernelError, NoSuchProcess
+from hupt.handoff import Handoff
+from hupt.listeners import Listeners, reuseport
+from hupt.system import GEN_ENV, Attached, Serviced, find_program
+from hupt.tracer import pidfd, procfs
+from hupt.tracer.abi import SYS
+from hupt.tracer.notify import NotifyFd
+from hupt.tracer.spawn import spawn
+
+if TYPE_CHECKING:
+    from hupt.tracer.accepting import PausedListeners
+    from hupt.tracer.sockdiag import SockDiag
+
+
+class _Notifications:
+    """The notify fds of one generation behind one pollable fd.
+
+    A spawned generation has one notify fd; an attached server has one per
+    process that existed at attach time (a filter is per process).  They sit
+    in an epoll instance, which is readable while any of them is, so the
+    supervisor watches one fd per generation whatever the count.  A notify fd
+    whose processes are all gone reports POLLHUP for ever: it is removed and
+    closed here, and the group has hung up when none is left.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
+        self.handoffs: dict[int, Handoff] = {}
+
+    def add(self, handoff: Handoff) -> None:
+        fd = handoff.notify.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self.handoffs[fd] = handoff
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def renumber(self, generation: int) -> None:
+        for h in self.handoffs.values():
+            h.generation = generation
+            h.pending.clear()  # sockets of the program that was replaced
+            h.binds.clear()
+            h.close()
+
+    def service(self) -> Serviced:
+        listened: list[Address] = []
+        for fd, ev in self._epoll.poll(0):
+            h = self.handoffs[fd]
+            if ev & select.EPOLLIN:
+                listened += h.service()
+            elif ev & select.EPOLLHUP:
+                self._epoll.unregister(fd)
+                del self.handoffs[fd]
+                h.notify.close()
+                h.close()
+        return Serviced(listened, not self.handoffs)
+
+    def close(self) -> None:
+        for h in self.handoffs.values():
+            h.notify.close()
+            h.close()
+        self.handoffs.clear()
+        self._epoll.close()
+
+
+@dataclass(eq=False)
+class _GenRecord:
+    """What LinuxSystem keeps about one generation, under its current number.
+
+    An exec in place moves the record to the next number: the root process
+    and its filter live on, so its notify fds, its pidfd, its marker and its
+    unlink coverage go with it.
+    """
+
+    notifications: _Notifications | None = None
+    # Saved copies of its listeners, one per paused process, until ``resume``.
+    paused: list[PausedListeners] = field(default_factory=list)
+    # Its filter notifies unlink/unlinkat (spawned while hupt held a unix socket
+    # path or in exec mode, or attached to a unix server).
+    unlink_covered: bool = False
+    # The HUPT_GEN marker number its processes carry: its own number, or after
+    # an exec in place the number it was spawned as.  None: attached (no marker).
+    marker: int | None = None
+    # Attached (the root is not our child): a pidfd on the root.
+    pidfd: int | None = None
+    members: set[int] = field(default_factory=set)  # the last answer of ``members``
+
+    def close(self) -> None:
+        if self.notifications is not None:
+            self.notifications.close()
+            self.notifications = None
+        self.paused.clear()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class LinuxSystem:
+    """The System on Linux.
+
+    ``exec_mode``: generations are never started anew, so the filter they
+    start with must do for every image they will exec: a spawned one
+    notifies unlink and unlinkat from the start (the next image removes its
+    unix socket path before binding it, which must not remove the path hupt
+    holds), at the cost of a round trip to hupt for each unlink the server
+    makes.  An attached server does only if it listens on a unix socket
+    already: its filter outlives hupt attach, and every filtered call fails
+    once hupt is gone.
+    """
+
+    def __init__(self, *, exec_mode: bool = False) -> None:
+        self.listeners = Listeners()
+        self._exec_mode = exec_mode
+        self._gens: dict[int, _GenRecord] = {}  # by generation number
+        self._diag: SockDiag | None = None
+        self._me = os.getpid()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def _filter_calls(self, *, spawning: bool) -> list[SYS]:
+        syscalls = [SYS.bind, SYS.listen]
+        if self.listeners.has_unix or (self._exec_mode and spawning):
+            syscalls += [SYS.unlink, SYS.unlinkat]
+        return syscalls
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str],
+              cwd: str | None = None) -> tuple[int, int]:
+        syscalls = self._filter_calls(spawning=True)
+        env = dict(env)
+        env[GEN_ENV] = f"{self._me}.{number}"
+        pid, notify = spawn(argv, env, syscalls, cwd=cwd)
+        notify.enable_sync_wakeup()
+        rec = self._gens.setdefault(number, _GenRecord())
+        group = rec.notifications
+        if group is None:  # --multi: later copies join the first one's group
+            group = rec.notifications = _Notifications()
+        group.add(Handoff(number, notify, self.listeners))
+        rec.marker = number
+        rec.unlink_covered |= SYS.unlink in syscalls
+        if self._exec_mode and self._diag is None:
+            # Counting connections imports pyroute2 (a few hundred ms).  In exec
+            # mode the first count happens while the server accepts nothing:
+            # pay for it now, while it starts.
+            from hupt.tracer import sockdiag
+
+            self._diag = sockdiag.SockDiag()
+        return pid, group.fileno()
+
+    def attach(self, number: int, pid: int) -> Attached:
+        from hupt.tracer import attach, bpf, seccomp
+
+        server = attach.inspect(pid)
+        taken: list[Address] = []
+        try:
+            for lst in server.listeners:
+                sock = attach.take_listener(lst)
+                try:
+                    held = self.listeners.get(lst.address)
+                    if held is not None and reuseport(sock) and reuseport(held.sock):
+                        # A server sharding its port (a socket per worker): keep
+                        # every queue of the group, not only the last one found.
+                        self.listeners.add_to_group(lst.address, sock)
+                        continue
+                    self.listeners.add(lst.address, sock, lst.backlog)
+                except BaseException:
+                    sock.close()
+                    raise
+                taken.append(lst.address)
+            exit_fd = pidfd.pidfd_open(pid)
+        except BaseException:
+            for a in taken:
+                self.listeners.release(a)
+            raise
+        syscalls = self._filter_calls(spawning=False)
+        try:
+            prog = bpf.pack(seccomp.build_filter(syscalls))
+            root, others, problems = attach.filter_processes(server, prog)
+        except BaseException:
+            os.close(exit_fd)
+            for a in taken:
+                self.listeners.release(a)
+            raise
+        group = _Notifications()
+        for fd in (root, *others.values()):
+            notify = NotifyFd(fd)
+            notify.enable_sync_wakeup()
+            group.add(Handoff(number, notify, self.listeners))
+        self._gens[number] = _GenRecord(notifications=group, pidfd=exit_fd,
+                                        unlink_covered=SYS.unlink in syscalls)
+        return Attached(group.fileno(), exit_fd, taken, problems)
+
+    def find_program(self, argv: list[str], env: dict[str, str], cwd: str | None,
+                     path: str | None) -> str:
+        return find_program(path or argv[0], env.get("PATH"), cwd)
+
+    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
+                      argv: list[str], env: dict[str, str]) -> None:
+        from hupt.tracer import accepting
+
+        env = dict(env)
+        rec = self._gens.get(number)
+        if rec is not None and rec.marker is not None:
+            env[GEN_ENV] = f"{self._me}.{rec.marker}"
+        accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
+                                [os.fsencode(f"{k}={v}") for k, v in env.items()],
+                                path=os.fsencode(path))
+        if rec is None:
+            return
+        # The same root and filter under the next number; the marker stays (the
+        # exec'd image keeps the environment above).
+        del self._gens[number]
+        self._gens[new_number] = rec
+        # The saved listener copies were close-on-exec: nothing is left to resume.
+        rec.paused.clear()
+        if rec.notifications is not None:
+            rec.notifications.renumber(new_number)
+        rec.members = set()  # ``members`` has not been asked about the new number yet
+
+    def service(self, number: int) -> Serviced:
+        rec = self._gens.get(number)
+        if rec is None or rec.notifications is None:
+            return Serviced([], True)
+        return rec.notifications.service()
+
+    def forget(self, number: int) -> None:
+        rec = self._gens.pop(number, None)
+        if rec is not None:
+            rec.close()
+
+    def reap(self) -> list[tuple[int, int]]:
+        # waitid(WEXITED) and not waitpid(-1): hupt is also the ptrace tracer of
+        # its children during an injection, and waitpid(-1) would steal (and
+        # misreport) their trap stops.  CLD_TRAPPED/STOPPED entries are skipped.
+        out: list[tuple[int, int]] = []
+        while True:
+            try:
+                r = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                return out
+            if r is None or r.si_pid == 0:
+                return out
+            if r.si_code == os.CLD_EXITED:
+                out.append((r.si_pid, r.si_status))
+            elif r.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                out.append((r.si_pid, -r.si_status))
+
+    def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
+        parents = procfs.parent_map()
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        by_root = {pid: n for n, pid in roots.items()}
+        by_marker = {r.marker: n for n, r in self._gens.items() if r.marker is not None}
+        out: dict[int, set[int]] = {n: set() for n in roots}
+        prefix = f"{GEN_ENV}={self._me}.".encode()
+        starts: list[tuple[int, int]] = []
+        in_transit = False
+        pending = list(children.get(self._me, []))
+        while pending:
+            pid = pending.pop()
+            n = by_root.get(pid)
+            if n is None:
+                # An orphan that came back to us (subreaper), told by its marker.
+                m = _marker(pid, prefix)
+                if m is None:
+                    # Unreadable: a daemonizing intermediate that exited since the
+                    # scan (a zombie's environ reads empty).  Its children are on
+                    # their way to us, maybe forked after the scan's listing.
+                    in_transit = True
+                    pending.extend(children.get(pid, []))
+                    continue
+                n = by_marker.get(m)
+            if n is not None and n in out:
+                starts.append((pid, n))
+        for n, pid in roots.items():
+            rec = self._gens.get(n)
+            fd = rec.pidfd if rec is not None else None
+            # Not our child: a zombie root is its parent's to reap, and the pidfd
+            # says when the whole process (every thread) has exited.
+            if fd is not None and pid in parents and not _readable(fd):
+                starts.append((pid, n))
+        for pid, n in starts:
+            stack = [pid]
+            while stack:
+                p = stack.pop()
+                out[n].add(p)
+                stack.extend(children.get(p, []))
+        if in_transit:
+            # A generation that seems empty may have its daemon in transit behind
+            # that zombie: it keeps its last members until a scan after the reap.
+            for n, pids in out.items():
+                rec = self._gens.get(n)
+                if not pids and rec is not None:
+                    pids |= rec.members
+        for n, rec in self._gens.items():
+            rec.members = out.get(n, set())
+        return out
+
+    def alive(self, pids: Iterable[int]) -> set[int]:
+        out = set()
+        for pid in pids:
+            try:
+                state = procfs.status_fields(pid).get("State", "")
+            except HuptError:
+                continue
+            if not state.startswith(("Z", "X")):
+                out.add(pid)
+        return out
+
+    def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
+        from hupt.tracer import accepting  # ptrace machinery: only needed at a reload
+
+        problems: list[str] = []
+        inodes = self.listeners.inodes()
+        for pid in sorted(pids):
+            try:
+                fds = [fd for fd, ino in procfs.socket_inodes(pid).items() if ino in inodes]
+                if fds:
+                    saved = accepting.pause_listeners(pid, fds)
+                    self._gens.setdefault(number, _GenRecord()).paused.append(saved)
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {pid}: {e}")
+        return problems + self.seal(number, pids - set(lives_on))
+
+    def seal(self, number: int, pids: set[int]) -> list[str]:
+        from hupt.tracer import accepting
+
+        # A generation whose filter does not notify unlink could remove the
+        # unix socket path the next one serves, as servers do when they exit:
+        # a filter stacked on it makes unlink a no-op.  Only on processes on
+        # their way out: one that serves on would never unlink anything again.
+        rec = self._gens.get(number)
+        if not self.listeners.unix_paths() or (rec is not None and rec.unlink_covered):
+            return []
+        problems: list[str] = []
+        for pid in sorted(pids):
+            try:
+                accepting.inject_filter(pid, _noop_unlink_filter(), listener=False)
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {pid}: {e}")
+        return problems
+
+    def resume(self, number: int) -> list[str]:
+        from hupt.tracer import accepting
+
+        problems: list[str] = []
+        rec = self._gens.get(number)
+        paused: list[PausedListeners] = []
+        if rec is not None:
+            paused, rec.paused = rec.paused, []
+        for saved in reversed(paused):
+            try:
+                skipped = accepting.resume_listeners(saved.pid, saved)
+                if skipped:
+                    problems.append(f"pid {saved.pid}: fds {skipped} were replaced meanwhile")
+            except NoSuchProcess:
+                continue
+            except HuptError as e:
+                problems.append(f"pid {saved.pid}: {e}")
+        return problems
+
+    def _sockdiag(self) -> SockDiag:
+        from hupt.tracer import sockdiag  # pyroute2 is slow to import: not before the exec
+
+        if self._diag is None:
+            self._diag = sockdiag.SockDiag()
+        return self._diag
+
+    def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
+        from hupt import drain
+
+        try:
+            idle = drain.idle_connections(self._sockdiag(), addresses, pids, idle_ms)
+        except KernelError as e:
+            log.warn(f"looking for idle connections: {e}")
+            return 0
+        return sum(1 for c in idle if drain.close_connection(c))
+
+    def release_except(self, addresses: set[Address]) -> list[Address]:
+        return self.listeners.keep_only(addresses)
+
+    def refuse_new(self) -> None:
+        self.listeners.refuse_new()
+
+    def close_listeners(self) -> None:
+        self.listeners.close_all()
+
+    def listener_stats(self) -> list[dict[str, object]]:
+        diag = self._sockdiag()
+        out: list[dict[str, object]] = []
+        for held in self.listeners:
+            a = held.address
+            queued: int | None = None
+            backlog: int | None = held.backlog
+            try:
+                if a.is_unix:
+                    rows = [(u.inode, u.queued, u.backlog) for u in diag.unix_listeners()]
+                else:
+                    rows = [(t.inode, t.queued, t.backlog)
+                            for t in diag.tcp_listeners(a.family, a.port)]
+            except KernelError:
+                rows = []
+            for inode, q, b in rows:
+                if inode == held.inode:
+                    queued, backlog = q, b
+            out.append({"address": str(a), "inode": held.inode, "queued": queued,
+                        "backlog": backlog})
+        return out
+
+    def in_flight(self, pids: set[int], addresses: set[Address]) -> int | None:
+        from hupt.tracer import sockdiag
+
+        try:
+            return sockdiag.in_flight(self._sockdiag(), addresses, pids)
+        except KernelError as e:
+            log.warn(f"counting connections: {e}")
+            return None
+
+    def signal(self, pids: Iterable[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+            except PermissionError as e:
+                log.warn(f"cannot signal {pid}: {e}")
+
+
+def _noop_unlink_filter() -> bytes:
+    from hupt.tracer import bpf, seccomp
+
+    return bpf.pack(seccomp.build_noop_filter([SYS.unlink, SYS.unlinkat]))
+
+
+def _readable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _marker(pid: int, prefix: bytes) -> int | None:
+    try:
+        for var in procfs.environ(pid):
+            if var.startswith(prefix):
+                return int(var[len(prefix):])
+    except (HuptError, ValueError):
+        return None
+    return None

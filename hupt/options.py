@@ -1,0 +1,49 @@
+"""What ``hupt run`` and ``hupt attach`` were asked to do: one record, read by every part."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+from hupt.loop import STRICT_ENV
+from hupt.readiness import Policy
+
+
+def servers_env() -> dict[str, str]:
+    """hupt's environment minus what is hupt's alone: the service manager's
+    NOTIFY_SOCKET (hupt answers to systemd; a generation that wrote to it would
+    report READY for hupt), and hupt's own debugging switch."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop(STRICT_ENV, None)
+    return env
+
+
+@dataclass
+class Options:
+    argv: list[str]
+    # The servers' starting environment (hupt attach: the attached server's own).
+    env: dict[str, str] = field(default_factory=servers_env)
+    ready_timeout: float = 30.0
+    drain_timeout: float = 60.0
+    kill_timeout: float = 10.0
+    stop_signal: int = signal.SIGTERM
+    # Exec mode: a reload makes the server execve its program again in place.
+    exec_mode: bool = False
+    cwd: str | None = None  # where the command starts and is looked up (None: hupt's)
+    program: str | None = None  # the file to execve (None: argv[0], looked up on PATH)
+    ready: Policy = field(default_factory=lambda: Policy("listen"))
+    revive: bool = False
+    pidfile: str | None = None
+    unlink: list[str] = field(default_factory=list)
+    watch: list[str] = field(default_factory=list)
+    before_reload: str | None = None
+    after_reload: str | None = None
+    close_idle_ms: int | None = None
+    # --multi: copies of each generation sharing the held sockets (one accept queue).
+    multi: int = 1
+    # hupt attach: TERM/INT detach hupt (the server it did not start runs on)
+    # instead of stopping the server; confirm_detach asks on the terminal first.
+    detach_on_stop: bool = False
+    confirm_detach: bool = False
