@@ -77,7 +77,9 @@ class Reviver:
                  "clients queue")
 
     def first_listened(self, gen: Generation) -> None:
-        if len(gen.copies) < self.opts.multi:
+        # Copies are processes hupt started with the command: an image exec'd
+        # in place or an attached server has none, and gets none.
+        if gen.copies and len(gen.copies) < self.opts.multi:
             self.copies_at = self.loop.now() + COPIES_SETTLE
 
     def copy_exited(self, gen: Generation, pid: int, status: int) -> None:

@@ -409,3 +409,33 @@ def test_ending_the_drains_mid_reload_execs_at_once(fake: FakeSystem) -> None:
     fake.listen(2, A)
     sup.on_notify(sup.gens[1])
     assert w.result is not None and w.result[0] and sup.current is sup.gens[1]
+
+
+B = Address(AF_INET, "127.0.0.1", 8001)
+
+
+def test_a_new_address_after_an_exec_starts_no_second_copy(fake: FakeSystem) -> None:
+    sup = make(fake)
+    w = reload_to_exec(sup, fake)
+    new = sup.gens[1]
+    fake.listen(2, A)
+    sup.on_notify(new)
+    assert w.result is not None and w.result[0]
+    fake.listen(2, B)  # an admin port opened later, on a signal
+    sup.on_notify(new)
+    fake.advance(5)
+    sup.tick()
+    assert [e for e in fake.events if e.startswith("spawn")] == ["spawn 1"], fake.events
+    assert new.listened == {A, B} and len(fake.spawns) == 1
+
+
+def test_an_attached_server_listening_on_a_new_address_is_held_like_any_other(
+        fake: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    sup = attached(fake)
+    gen = sup.gens[0]
+    fake.listen(1, B)
+    sup.on_notify(gen)
+    fake.advance(5)
+    sup.tick()
+    assert gen.listened == {A, B} and not fake.spawns
+    assert "internal error" not in capsys.readouterr().err
