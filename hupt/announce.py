@@ -35,6 +35,8 @@ class ServiceManager(Protocol):
 
     def stopping(self, status: str) -> None: ...
 
+    def status(self, status: str) -> None: ...
+
 
 @dataclass
 class _First:
@@ -67,6 +69,9 @@ class Announcer:
         self._drop_first()
         self.announced = True
         self._notifier.ready(f"serving: {gen}")
+
+    def status(self, status: str) -> None:
+        self._notifier.status(status)
 
     def reload_failed(self, reason: str) -> None:
         self._notifier.ready(f"reload failed: {reason}")

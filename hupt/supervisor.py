@@ -351,12 +351,32 @@ class Supervisor:
             self.fleet.current = None
             if self.opts.revive and not gen.retired_by_hupt and not self.stopping:
                 self.reviver.generation_died(gen)
-            elif not self.stopping and self.reloader.upgrade is None:
+            elif not self.stopping and self.reloader.upgrade is None and not self._fall_back(gen):
                 self.request_stop()
         if gen.pid in self.endpoint.aliases and not any(
                 g.alive and g.pid == gen.pid for g in self.fleet.gens):
             self.endpoint.unalias(gen.pid)
         self._release_unused()
+
+    def _fall_back(self, dead: Generation) -> bool:
+        """The serving generation died on its own: a generation it replaced that
+        still drains (paused, alive, once ready) accepts again, rather than
+        nothing serving and hupt stopping."""
+        for g in reversed(self.fleet.gens):
+            if (g.state is State.DRAINING and g.ready_at is not None and g.pids
+                    and self.reloader.replacing is not g):
+                for p in self.fleet.resume(g):
+                    log.warn(f"{g}: resuming: {p}")
+                g.to(State.SERVING)
+                g.drain_deadline = None
+                self.fleet.current = g
+                self.fleet.last_serving = set(g.listened)
+                self.exit_code = None
+                log.warn(f"{dead} died while {g} was still draining: rolled back, {g} "
+                         "accepts again")
+                self.announcer.status(f"serving: {g} (rolled back: {dead} died)")
+                return True
+        return False
 
     def _upgrade_over(self, up: Upgrade, ok: bool) -> None:
         if self.reloader.upgrade is not None:

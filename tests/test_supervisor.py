@@ -405,6 +405,9 @@ class RecordingNotifier:
     def stopping(self, status: str) -> None:
         self.said.append("STOPPING")
 
+    def status(self, status: str) -> None:
+        self.said.append(f"STATUS={status}")
+
 
 def make_notified(fake: FakeSystem, **kw: Any) -> tuple[Supervisor, RecordingNotifier]:
     n = RecordingNotifier()
@@ -587,3 +590,39 @@ def test_exec_reloads_keep_no_bookkeeping_of_replaced_generations(fake: FakeSyst
     assert sup.current is not None and sup.current.number == 39
     assert len(sup.gens) <= KEEP_EXITED + 1
     assert {g.number for g in sup.gens if g.env is not None} == {39}
+
+
+def test_a_new_generation_dying_while_the_old_one_drains_rolls_back_to_it(
+        fake: FakeSystem) -> None:
+    sup = make(fake)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 1  # still draining when the new one dies
+    w = Recorder()
+    sup.request_reload(w)
+    fake.listen(2, A)
+    sup.on_notify(sup.gens[1])
+    assert w.result is not None and w.result[0] and state_of(old) is State.DRAINING
+    fake.exit(2, 1)
+    sup.fleet.rescan_soon()
+    fake.advance(0.5)
+    sup.tick()
+    assert sup.current is old and state_of(old) is State.SERVING
+    assert not sup.stopping and sup.exit_code is None
+    assert "resume 1" in fake.events
+    assert not fake.gens[1].paused, "it accepts again"
+    fake.advance(120)  # far past the drain timeout it had
+    sup.tick()
+    assert state_of(old) is State.SERVING and not fake.signals
+
+
+def test_no_roll_back_to_a_generation_that_never_served(fake: FakeSystem) -> None:
+    sup = make(fake, ready_timeout=5.0)
+    sup.request_reload(Recorder())  # generation 2 never listens: failed, drained
+    fake.in_flight_by_pid[sup.gens[1].pid] = 1
+    fake.advance(6)
+    sup.tick()
+    assert state_of(sup.gens[1]) is State.DRAINING
+    fake.exit(1, 3)  # the serving one dies
+    sup.fleet.rescan_soon()
+    sup.tick()
+    assert sup.stopping and sup.exit_code == 3
