@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         drain="longest an old generation may take to finish its in-flight connections "
               "before it is stopped anyway (default: 60)",
         stop="signal that asks a drained generation to exit (default: TERM)")
+    run.add_argument("--drain-signal", type=_signal, default=None, metavar="SIG",
+                     help="the server's own graceful-stop signal (nginx QUIT, gunicorn and "
+                          "uvicorn TERM, Go http.Server.Shutdown TERM...), sent to a "
+                          "generation as soon as it stops accepting (after a reload, at a "
+                          "stop), so it closes its keep-alive connections itself; "
+                          "--drain-timeout, --stop-signal and --kill-timeout still apply. "
+                          "Fork mode only: not with --exec (nor hupt attach) yet")
     run.add_argument("--exec", dest="exec_mode", action="store_true",
                      help="exec mode: a reload keeps the server's PID (it stops accepting, "
                           "drains, and execs its program again in place)")
@@ -224,6 +231,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.multi > 1 and args.exec_mode:
         raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
                          "one process)")
+    if args.drain_signal is not None and args.exec_mode:
+        raise UsageError("hupt run: --drain-signal and --exec do not go together yet (the "
+                         "server would exit instead of exec'ing its new code)")
     from hupt.linux import LinuxSystem
     from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
@@ -232,7 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
-                   stop_signal=args.stop_signal, exec_mode=args.exec_mode, ready=args.ready,
+                   stop_signal=args.stop_signal, drain_signal=args.drain_signal,
+                   exec_mode=args.exec_mode, ready=args.ready,
                    revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
                    watch=args.watch, before_reload=args.before_reload,
                    after_reload=args.after_reload, close_idle_ms=args.close_idle,

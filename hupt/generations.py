@@ -76,6 +76,12 @@ class Generation:
     copies: list[int] = field(default_factory=list)
     ready_at: float | None = None
     drain_deadline: float | None = None
+    drain_started_at: float | None = None  # when it last started DRAINING
+    # What holds its drain was said once (a slow drain names its connections).
+    drain_reported: bool = False
+    # --drain-signal: the signal it was sent as it started draining, and to whom.
+    drain_signal: int | None = None
+    drain_signaled: set[int] = field(default_factory=set)
     drain_polled_at: float = -math.inf  # its connections last counted (DRAINING)
     kill_at: float | None = None
     exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode

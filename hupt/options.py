@@ -29,6 +29,9 @@ class Options:
     drain_timeout: float = 60.0
     kill_timeout: float = 10.0
     stop_signal: int = signal.SIGTERM
+    # --drain-signal: the server's own graceful stop, sent as a generation starts
+    # draining (fork mode only: in exec mode the server would exit, not exec).
+    drain_signal: int | None = None
     # Exec mode: a reload makes the server execve its program again in place.
     exec_mode: bool = False
     cwd: str | None = None  # where the command starts and is looked up (None: hupt's)

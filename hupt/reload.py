@@ -243,6 +243,12 @@ class Reloader:
         self.exec(gen)
         return True
 
+    def drain_slow(self, gen: Generation, message: str) -> None:
+        """Exec mode: the drain the reload waits for is slow; its waiters hear why."""
+        up = self.upgrade
+        if up is not None and up.replacing is gen:
+            up.tell(message)
+
     def _exec_failed(self, up: Upgrade, old: Generation, reason: str) -> None:
         for p in self.fleet.resume(old):
             log.warn(f"{old}: could not accept again: {p}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hupt.fleet import signal_name
 from hupt.generations import Generation, State
 from hupt.system import System
 from hupt.upgrade import ReloadRecord
@@ -30,7 +31,13 @@ def snapshot(system: System, gens: list[Generation], *, command: list[str], exec
             "age_s": round(now - g.started_at, 3),
             "ready_ms": (round((g.ready_at - g.started_at) * 1000, 1)
                          if g.ready_at is not None else None),
-            "in_flight": system.in_flight(g.pids, g.listened) if g.state in _COUNTED else None})
+            "in_flight": system.in_flight(g.pids, g.listened) if g.state in _COUNTED else None,
+            # What holds a drain: for how long it has drained, and what it was asked.
+            "draining_s": (round(now - g.drain_started_at, 3)
+                           if g.state is State.DRAINING and g.drain_started_at is not None
+                           else None),
+            "drain_signal": (signal_name(g.drain_signal) if g.drain_signal is not None
+                             else None)})
         out.append(doc)
     return {
         "hupt_pid": os.getpid(), "command": command, "mode": "exec" if exec_mode else "fork",

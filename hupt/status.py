@@ -11,6 +11,7 @@ Fields are only ever added within a schema version::
         "generations": [
           {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",
            "age_s": 2.0, "ready_ms": 57.0, "in_flight": 0,
+           "draining_s": null, "drain_signal": null,
            "listening": ["127.0.0.1:8000"]}],
         "listeners": [
           {"address": "127.0.0.1:8000", "inode": 99, "queued": 0, "backlog": 1024}],
@@ -21,7 +22,9 @@ Fields are only ever added within a schema version::
 ``state`` of a generation is one of starting, serving, failed, draining,
 retiring, exited.  ``queued`` is the listener's accept-queue length now,
 ``in_flight`` the generation's accepted connections still open (null when
-not counted), ``reloads`` the last 20, oldest first.
+not counted), ``draining_s`` for how long a draining generation has drained
+(null unless draining), ``drain_signal`` the --drain-signal it was sent (a
+name such as "SIGTERM", or null), ``reloads`` the last 20, oldest first.
 """
 
 from __future__ import annotations
@@ -69,6 +72,28 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
+# A drain this long (seconds) with connections open is named below the table.
+SLOW_DRAIN = 5.0
+
+
+def _holdups(inst: dict[str, Any]) -> list[str]:
+    """What holds each slow drain: its open connections, and what would end it."""
+    out = []
+    for g in inst["generations"]:
+        took, n = g.get("draining_s"), g.get("in_flight")
+        if took is None or took < SLOW_DRAIN or n == 0:
+            continue
+        line = (f"generation {g['number']} has drained for {_age(took)} with "
+                f"{'?' if n is None else n} connection(s) still open")
+        if g.get("drain_signal"):
+            line += f" after {g['drain_signal']} (--drain-signal)"
+        elif inst["mode"] == "fork":
+            line += (" (keep-alive clients?): --drain-signal lets the server close them "
+                     "itself")
+        out.append(line)
+    return out
+
+
 def render(doc: dict[str, Any]) -> None:
     """Tables on a terminal (rich), plain text otherwise."""
     if not doc["instances"]:
@@ -86,9 +111,13 @@ def _render_plain(doc: dict[str, Any]) -> None:
               f"{_age(inst['uptime_s'])}): {' '.join(inst['command'])}")
         for g in inst["generations"]:
             fl = "-" if g["in_flight"] is None else g["in_flight"]
+            took = g.get("draining_s")
+            drain = f"draining {_age(took)} " if took is not None else ""
             print(f"  generation {g['number']:<3} {g['state']:<9} pid {g['pid']:<7} "
-                  f"age {_age(g['age_s']):<8} in flight {fl:<4} "
+                  f"age {_age(g['age_s']):<8} in flight {fl:<4} {drain}"
                   f"{', '.join(g['listening'])}")
+        for line in _holdups(inst):
+            print(f"  {line}")
         for listener in inst["listeners"]:
             print(f"  listener {listener['address']:<24} queued {listener['queued']:<5} "
                   f"backlog {listener['backlog']}")
@@ -108,15 +137,19 @@ def _render_rich(doc: dict[str, Any]) -> None:
     for inst in doc["instances"]:
         console.print(f"[bold]hupt {inst['hupt_pid']}[/] {inst['mode']} mode, {inst['state']}, "
                       f"up {_age(inst['uptime_s'])}: [cyan]{' '.join(inst['command'])}[/]")
-        t = Table("gen", "state", "pid", "processes", "age", "in flight", "listening",
-                  box=None, pad_edge=False)
+        t = Table("gen", "state", "pid", "processes", "age", "in flight", "draining",
+                  "listening", box=None, pad_edge=False)
         for g in inst["generations"]:
             st = g["state"]
+            took = g.get("draining_s")
             t.add_row(str(g["number"]), f"[{style.get(st, '')}]{st}[/]", str(g["pid"]),
                       str(len(g["pids"])), _age(g["age_s"]),
                       "-" if g["in_flight"] is None else str(g["in_flight"]),
+                      "-" if took is None else _age(took),
                       ", ".join(g["listening"]))
         console.print(t)
+        for line in _holdups(inst):
+            console.print(f"[yellow]{line}[/]")
         lt = Table("listener", "queued", "backlog", box=None, pad_edge=False)
         for listener in inst["listeners"]:
             lt.add_row(listener["address"], str(listener["queued"]), str(listener["backlog"]))

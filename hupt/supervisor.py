@@ -32,7 +32,16 @@ from hupt import log
 from hupt.announce import Announcer, ServiceManager
 from hupt.detach import Detacher, filtered_calls
 from hupt.endpoint import ControlEndpoint
-from hupt.fleet import KEEP_EXITED, ChildExited, CopyExited, Drained, Event, Exited, Fleet
+from hupt.fleet import (
+    KEEP_EXITED,
+    ChildExited,
+    CopyExited,
+    Drained,
+    DrainSlow,
+    Event,
+    Exited,
+    Fleet,
+)
 from hupt.generations import Generation, State, describe
 from hupt.hooks import HookRunner
 from hupt.loop import Loop
@@ -330,9 +339,19 @@ class Supervisor:
                 self.reviver.copy_exited(e.gen, e.pid, e.status)
             elif isinstance(e, ChildExited):
                 self.hooks.child_exited(e.pid, e.status)
+            elif isinstance(e, DrainSlow):
+                self._drain_slow(e.gen, e.message)
             elif (isinstance(e, Drained) and e.gen.state is State.DRAINING
                   and not self.reloader.drained(e.gen, e.why, e.timed_out)):
                 self.fleet.retire(e.gen, e.why)
+
+    def _drain_slow(self, gen: Generation, message: str) -> None:
+        """A drain is slow: whoever waits for it hears what holds it (the log has it)."""
+        if gen.state is not State.DRAINING:
+            return
+        self.reloader.drain_slow(gen, message)  # exec mode: the reload waits for it
+        for w in self._stop_waiters:
+            w.progress(message)
 
     def _exited(self, gen: Generation, prev: State) -> None:
         self.fleet.bury(gen)
