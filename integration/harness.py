@@ -22,24 +22,38 @@ Facts and choices this rests on:
   entries (kernel-facts 3): fine for tests, never for hupt itself.
 - The hupt CLI is driven as `python -m hupt run [opts] -- CMD` / `hupt reload PID`
   with the repository on PYTHONPATH, so tests run the working tree, installed or not.
+- Waiting: `wait_for` polls until something holds and fails with a message at its
+  deadline; `settle` polls and returns the last value, for a test that asserts on
+  it. Deadlines are generous: a test that needs a phase to last (a request in
+  flight, a drain) makes it last on purpose (load.HeldRequest), it never relies on
+  the machine being fast.
+
+Helpers for hupt's generations and reloads are in supervision.py; snapshots of a
+process's fds, epoll registrations and threads in snapshots.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from load import Target, connect, request
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = Path(__file__).resolve().parent / "servers"
@@ -107,6 +121,86 @@ def http_get(target: Target, path: str = "/", timeout: float = 5.0) -> tuple[int
     return response.status, response.body.decode(errors="replace")
 
 
+_OK_PID = re.compile(r"ok pid=(\d+)")
+
+
+def answer_pid(body: str) -> int:
+    """The pid in a test server's "ok pid=N ..." answer."""
+    m = _OK_PID.match(body)
+    assert m, f"not a test server's answer: {body!r}"
+    return int(m[1])
+
+
+def serving_pid(target: Target, path: str = "/") -> int:
+    """The pid of the process that answers a GET on `target` now."""
+    status, body = http_get(target, path)
+    assert status == 200, (status, body)
+    return answer_pid(body)
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], T | bool | None], timeout: float = 10.0,
+             proc: Started | None = None) -> T:
+    """Poll check() until it returns something other than None/False; return that.
+
+    Fails (AssertionError naming `what`, with `proc`'s output) after `timeout` s.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got is not None and got is not False:
+            return got  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"\n{proc.log()}" if proc is not None else ""))
+        time.sleep(0.05)
+
+
+def settle(probe: Callable[[], T], until: object, timeout: float = 10.0) -> T:
+    """Poll probe() until its value satisfies `until` (a predicate, or a value to equal).
+
+    Returns the last value either way: the caller asserts on it, so a failure shows
+    what was seen (the kernel finishes handshakes and exits asynchronously).
+    """
+    ok: Callable[[T], object] = until if callable(until) else (lambda v: v == until)
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+class Background(Generic[T]):
+    """fn() running in a thread: start it, check something meanwhile, then result()."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float = 60.0) -> T:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
@@ -123,6 +217,12 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def alive(pid: int) -> bool:
     st = _stat(pid)
     return st is not None and st[0] != "Z"
+
+
+def ppid(pid: int) -> int | None:
+    """The parent of pid, or None if it is gone."""
+    st = _stat(pid)
+    return None if st is None else st[1]
 
 
 def _all_pids() -> list[int]:
@@ -144,6 +244,23 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def children(pid: int) -> set[int]:
+    """Live (non-zombie) direct children of pid."""
+    found = set()
+    for p in _all_pids():
+        st = _stat(p)
+        if st is not None and st[0] != "Z" and st[1] == pid:
+            found.add(p)
+    return found
+
+
+def environ(pid: int) -> dict[str, str]:
+    """pid's environment as it started (/proc/PID/environ); raises OSError if gone."""
+    data = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = [e.decode(errors="replace").partition("=") for e in data.split(b"\0") if e]
+    return {k: v for k, _, v in pairs}
 
 
 def marked(marker: str) -> set[int]:
@@ -212,7 +329,21 @@ def describe(pids: Iterable[int]) -> str:
     return "\n".join(lines)
 
 
-# -- listening sockets --------------------------------------------------------------------
+# -- file descriptors and listening sockets -----------------------------------------------
+
+# In the octal "flags:" line of /proc/PID/fdinfo/FD (the open file's flags, and
+# O_CLOEXEC for the fd's close-on-exec bit).
+O_NONBLOCK_FLAG = 0o4000
+O_CLOEXEC_FLAG = 0o2000000
+
+
+def fdinfo_flags(pid: int, fd: int) -> int:
+    """The flags of pid's fd, from the octal "flags:" line of /proc/PID/fdinfo/FD."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
+
 
 
 def socket_inodes(pid: int) -> dict[int, int]:
@@ -319,6 +450,82 @@ def http_server_cmd(port: int, bind: str = "127.0.0.1", directory: Path | None =
     """Stock `python3 -m http.server` (HTTP/1.0, no /pid or /slow routes)."""
     cmd = [sys.executable, "-m", "http.server", str(port), "--bind", bind]
     return cmd + (["--directory", str(directory)] if directory is not None else [])
+
+
+def health_cmd(target: Target, *extra: str) -> list[str]:
+    """servers/health_server.py: /healthz, READY=1 on demand, crashes on request."""
+    assert isinstance(target, tuple)
+    return [sys.executable, str(SERVERS / "health_server.py"), f"{target[0]}:{target[1]}",
+            *extra]
+
+
+def variant_cmd(address: Target, *opts: str) -> list[str]:
+    """servers/variant_server.py on (host, port), or on an ADDRESS string such as "unix:@name"."""
+    if isinstance(address, tuple):
+        address = address_arg(address)
+    return [sys.executable, str(SERVERS / "variant_server.py"), address, *opts]
+
+
+def prefork_cmd(target: Target, workers: int = 2) -> list[str]:
+    """servers/prefork_server.py: a master that listens and forks `workers` acceptors."""
+    return [sys.executable, str(SERVERS / "prefork_server.py"), address_arg(target),
+            str(workers)]
+
+
+KINDS = ["http.server", "go", "node", "prefork"]
+"""The servers every mode is proven with: stock, static Go, event loop, pre-fork."""
+
+
+def kind_cmd(kind: str, target: Target, go: Path | None = None) -> list[str]:
+    """The command of a test server by kind: http.server, go, node, threaded or prefork."""
+    if kind == "http.server":
+        assert isinstance(target, tuple)
+        return http_server_cmd(target[1], bind=target[0])
+    if kind == "go":
+        assert go is not None, "the go kind needs the go_server binary"
+        return go_cmd(go, target)
+    if kind == "node":
+        return node_cmd(target)
+    if kind == "threaded":
+        return threaded_cmd(target, threads=4)
+    if kind == "prefork":
+        return prefork_cmd(target)
+    raise AssertionError(f"unknown server kind {kind!r}")
+
+
+# A stand-in for "the new version" of a server: any program put at the old one's path.
+V2_PROGRAM = '''#!{python}
+import sys
+sys.path.insert(0, {servers!r})
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from routes import parse_address
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"v2\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(parse_address(sys.argv[1])[1], Handler).serve_forever()
+'''
+
+
+def write_executable(path: Path, data: bytes) -> None:
+    """Put a new file at ``path`` in one step (the old one may be running)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+
+
+def v2_program(path: Path) -> None:
+    """Replace the program at `path` by one that answers "v2" to every GET."""
+    write_executable(path, V2_PROGRAM.format(python=sys.executable, servers=str(SERVERS)).encode())
 
 
 # -- started processes and the leftover check ---------------------------------------------
@@ -470,19 +677,34 @@ def hupt_cli(*args: str, timeout: float = 60.0,
                           stdin=subprocess.DEVNULL)
 
 
-def python_child(procs: Procs, code: str, wait: float = 10.0,
-                 **kw: object) -> tuple[Started, dict[str, object]]:
-    """Start a Python child running CHILD_PROLOGUE + ``code``; return it and its first report."""
-    import json
-    import textwrap
+def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """hupt failed with one "hupt: error:" line, last, naming every needle; no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert lines and lines[-1].startswith("hupt: error:"), r.stderr
+    assert all(n in lines[-1] for n in needles), r.stderr
 
+
+def spawn_server(procs: Procs, cmd: Sequence[str], target: Target, *, name: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Started:
+    """Start a server without hupt and wait until it listens on `target`."""
+    server = procs.spawn(cmd, name=name, env=env)
+    wait_listening(target, 20, proc=server)
+    return server
+
+
+def python_child(procs: Procs, code: str, wait: float = 10.0, *,
+                 env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> tuple[Started, dict[str, Any]]:
+    """Start a Python child running CHILD_PROLOGUE + ``code``; return it and its first report."""
     started = procs.spawn([sys.executable, "-c", CHILD_PROLOGUE + textwrap.dedent(code)],
-                          name="child", **kw)  # type: ignore[arg-type]
+                          name="child", env=env, cwd=cwd)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         line = started.out.read_text().partition("\n")
         if line[1]:
-            report: dict[str, object] = json.loads(line[0])
+            report: dict[str, Any] = json.loads(line[0])
             return started, report
         if started.poll() is not None:
             break

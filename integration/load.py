@@ -27,11 +27,19 @@ Facts and choices this rests on:
 - `slow_request` holds one request in flight for a chosen time on ANY server
   (stock http.server has no /slow route): the client trickles its request
   headers, so the server is inside the request from the first byte until the
-  blank line, like a slow upload.
+  blank line, like a slow upload. `HeldRequest` does the same until the test
+  releases it: a test that checks something "while a request is in flight"
+  holds one for as long as its checks take, on a fast machine or a loaded one,
+  instead of racing a timer.
+- `wait_accepted` tells when the server has accepted such a request's
+  connection: the server's end shows in /proc/net/tcp{,6} with an inode (a
+  connection still in the accept queue has none). Only then is the request in
+  flight for the server, and for hupt's drain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import select
@@ -506,14 +514,96 @@ class Load:
 
 # -- a request held in flight by the client ------------------------------------------------
 
+TCP_ESTABLISHED = 0x01
+
+
+def server_accepted(server_port: int, client_port: int) -> bool:
+    """Whether the server on `server_port` has accepted the connection from `client_port`.
+
+    Its end of the connection (local port server_port, remote port client_port) is in
+    /proc/net/tcp or tcp6 with a non-zero inode once a process holds it; in the accept
+    queue it has inode 0.
+    """
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/net/{name}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (int(local.rsplit(":", 1)[1], 16) == server_port
+                        and int(remote.rsplit(":", 1)[1], 16) == client_port
+                        and int(fields[3], 16) == TCP_ESTABLISHED):
+                    return int(fields[9]) != 0
+    return False
+
+
+class _InFlight:
+    """A request sent from a thread; what SlowRequest and HeldRequest share."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.client_port = 0
+        self._sent = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="in-flight", daemon=True)
+        self._outcome: tuple[int, float] | None = None
+        self._error: BaseException | None = None
+
+    def _exchange(self) -> tuple[int, float]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            self._outcome = self._exchange()
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._sent.set()
+
+    def _opened(self, conn: Connection) -> None:
+        """The request line is out: the server may now be inside the request."""
+        name = conn.sock.getsockname()
+        if isinstance(name, tuple):
+            self.client_port = name[1]
+        self._sent.set()
+
+    def _start(self) -> None:
+        """Start the thread; return once the request line is sent (or the request failed)."""
+        self._thread.start()
+        self._sent.wait(self.timeout)
+
+    def wait_accepted(self, timeout: float = 10.0) -> None:
+        """Wait until the server has accepted this request's connection (TCP targets)."""
+        if isinstance(self.target, str):
+            raise ValueError("wait_accepted needs a TCP target")
+        deadline = time.monotonic() + timeout
+        while not (self.client_port and server_accepted(self.target[1], self.client_port)):
+            if self._error is not None:
+                raise self._error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not accept the request within {timeout}s")
+            time.sleep(0.01)
+
+    def result(self) -> tuple[int, float]:
+        """(status, elapsed); re-raises the request's failure. Bounded by the request timeout."""
+        self._thread.join(self.timeout + 2.0)
+        if self._thread.is_alive():
+            raise TimeoutError("request still running past its timeout")
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
 
 def slow_request(target: Target, seconds: float = 3.0, path: str = "/",
-                 timeout: float | None = None) -> tuple[int, float]:
+                 timeout: float | None = None,
+                 on_open: Callable[[Connection], None] | None = None) -> tuple[int, float]:
     """GET `path`, trickling the request headers over `seconds`; returns (status, elapsed).
 
     The request line goes out at once, one header line every ~0.25 s, the blank line
     at `seconds`: the server holds a half-read request for that long. `timeout`
-    (default seconds + 15) bounds the whole exchange. Raises RequestFailed.
+    (default seconds + 15) bounds the whole exchange. `on_open(conn)` is called once
+    the request line is sent. Raises RequestFailed.
     """
     timeout = seconds + 15.0 if timeout is None else timeout
     started = time.monotonic()
@@ -521,6 +611,8 @@ def slow_request(target: Target, seconds: float = 3.0, path: str = "/",
     conn = Connection(target, deadline)
     try:
         conn.send(f"GET {path} HTTP/1.1\r\nHost: {host_header(target)}\r\n".encode(), deadline)
+        if on_open is not None:
+            on_open(conn)
         steps = max(1, round(seconds / 0.25))
         for i in range(steps):
             time.sleep(max(0.0, started + seconds * (i + 1) / steps - time.monotonic()))
@@ -532,32 +624,73 @@ def slow_request(target: Target, seconds: float = 3.0, path: str = "/",
         conn.close()
 
 
-class SlowRequest:
-    """slow_request in a thread: start(), do something, then result()."""
+class SlowRequest(_InFlight):
+    """slow_request in a thread: start(), do something, then result().
+
+    start() returns once the request line is sent; wait_accepted() once the server
+    has the connection.
+    """
 
     def __init__(self, target: Target, seconds: float = 3.0, path: str = "/",
                  timeout: float | None = None) -> None:
-        self.args = (target, seconds, path, seconds + 15.0 if timeout is None else timeout)
-        self._thread = threading.Thread(target=self._run, name="slow-request", daemon=True)
-        self._outcome: tuple[int, float] | None = None
-        self._error: BaseException | None = None
+        super().__init__(target, seconds + 15.0 if timeout is None else timeout)
+        self.seconds = seconds
+        self.path = path
 
-    def _run(self) -> None:
-        try:
-            self._outcome = slow_request(*self.args)
-        except BaseException as e:
-            self._error = e
+    def _exchange(self) -> tuple[int, float]:
+        return slow_request(self.target, self.seconds, self.path, self.timeout, self._opened)
 
     def start(self) -> SlowRequest:
-        self._thread.start()
+        self._start()
         return self
 
-    def result(self) -> tuple[int, float]:
-        """(status, elapsed); re-raises the request's failure. Bounded by the request timeout."""
-        self._thread.join(self.args[3] + 2.0)
-        if self._thread.is_alive():
-            raise TimeoutError("slow request still running past its timeout")
-        if self._error is not None:
-            raise self._error
-        assert self._outcome is not None
-        return self._outcome
+
+class HeldRequest(_InFlight):
+    """A GET kept in flight until release(): the server is inside it as long as the test wants.
+
+    The request line goes out at start(), then a header line every `interval` s
+    (the server sees a request still arriving, never an idle connection), and the
+    blank line that completes it only at release(). result() gives (status,
+    seconds from the request line to the response). Never released, the request
+    completes by itself after `timeout` s and result() raises AssertionError: a
+    test that forgets to release still ends.
+    """
+
+    def __init__(self, target: Target, path: str = "/", timeout: float = 60.0,
+                 interval: float = 1.0) -> None:
+        super().__init__(target, timeout + 15.0)
+        self.path = path
+        self.hold_max = timeout
+        self.interval = interval
+        self._release = threading.Event()
+        self.expired = False
+
+    def start(self) -> HeldRequest:
+        self._start()
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _exchange(self) -> tuple[int, float]:
+        started = time.monotonic()
+        deadline = started + self.timeout
+        conn = Connection(self.target, deadline)
+        try:
+            conn.send(f"GET {self.path} HTTP/1.1\r\nHost: {host_header(self.target)}\r\n"
+                      .encode(), deadline)
+            self._opened(conn)
+            hold_until = started + self.hold_max
+            while not self._release.wait(max(0.0, min(self.interval,
+                                                      hold_until - time.monotonic()))):
+                if time.monotonic() >= hold_until:
+                    self.expired = True
+                    break
+                conn.send(b"X-Held: .\r\n", deadline)
+            conn.send(b"Connection: close\r\n\r\n", deadline)
+            response = conn.read_response(deadline)
+            if self.expired:
+                raise AssertionError(f"held request never released in {self.hold_max}s")
+            return response.status, time.monotonic() - started
+        finally:
+            conn.close()

@@ -2,23 +2,23 @@
 
 For each server (stock http.server, the static Go server, node, a pre-fork
 Python server with two workers): 10 reloads under fresh-connection and
-keep-alive load with a 3-second request in flight at the first one.
-Asserted: 0 failed requests, the slow request completes with 200, the
-server's PID and parent PID never change, every reload is an exec (hupt
-reports a new generation on the same PID) and the new image serves from the
-very same listening socket.  Then the failure paths: a program replaced on
-disk is the one that runs after a reload; a missing program and one the
-kernel cannot exec leave the old image serving with its fds and epoll
-registrations exactly as they were; an image that dies before it is ready is
-replaced by a fresh start of the command while connections wait.
-
-Helpers here are shared with test_attach.py.
+keep-alive load with a request held in flight across the first one.
+Asserted: 0 failed requests, the first reload waits for the held request,
+which completes with 200, the server's PID and parent PID never change, every
+reload is an exec (hupt reports a new generation on the same PID) and the new
+image serves from the very same listening socket.  Then the failure paths: a
+program replaced on disk is the one that runs after a reload; a missing
+program and one the kernel cannot exec leave the old image serving with its
+fds and epoll registrations exactly as they were; an image that dies before it
+is ready is replaced by a fresh start of the command while connections wait.
+An exec'd image is a generation like a spawned one: the same environment,
+--ready notify, --unlink, and SIGUSR2 mid-reload execs at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -29,261 +29,37 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    KINDS,
+    O_CLOEXEC_FLAG,
     SERVERS,
     HuptProcess,
     Procs,
     alive,
+    children,
+    environ,
+    fdinfo_flags,
     free_port,
-    go_cmd,
+    health_cmd,
     http_get,
-    http_server_cmd,
+    hupt_env,
     listener_inode,
-    listener_inodes,
-    node_cmd,
+    one_line_error,
+    ppid,
+    serving_pid,
     unix_cmd,
+    v2_program,
+    wait_for,
     wait_gone,
     wait_listening,
+    write_executable,
 )
-from load import Load, SlowRequest, Target
+from load import HeldRequest, Load, RequestFailed, Target
+from snapshots import fd_table, server_state, thread_filters
+from supervision import DRAINING_FOR_EXEC, EXEC_RELOADS, NotifyManager, exec_reloads_under_load
 
-from hupt.errors import KernelError
 from hupt.tracer import procfs
 
 pytestmark = pytest.mark.root
-
-RELOADS = 10
-KINDS = ["http.server", "go", "node", "prefork"]
-READY = re.compile(r"generation (\d+) \(pid (\d+)\) is ready")
-
-# A pre-fork server: the master binds and listens, then forks WORKERS
-# processes that accept (thread per connection); the master only waits.  On
-# SIGTERM the master stops its own workers and exits.  Children it does not
-# know (workers of an image it replaced by exec) are reaped and ignored.
-PREFORK = '''
-import os, signal, socketserver, sys
-sys.path.insert(0, {servers!r})
-from routes import RoutesHandler as Handler, parse_address
-
-class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-_, address = parse_address(sys.argv[1])
-server = Server(address, Handler)
-workers = []
-for _ in range(int(sys.argv[2])):
-    pid = os.fork()
-    if pid == 0:
-        signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-        server.serve_forever()
-        os._exit(0)
-    workers.append(pid)
-
-def stop(*args):
-    for w in workers:
-        try:
-            os.kill(w, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for w in workers:
-        try:
-            os.waitpid(w, 0)
-        except ChildProcessError:
-            pass
-    os._exit(0)
-
-signal.signal(signal.SIGTERM, stop)
-while True:
-    try:
-        os.wait()
-    except ChildProcessError:
-        signal.pause()
-'''
-
-# A stand-in for "the new version": any program put at the old one's path.
-V2 = '''#!{python}
-import sys
-sys.path.insert(0, {servers!r})
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from routes import parse_address
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = b"v2\\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(parse_address(sys.argv[1])[1], Handler).serve_forever()
-'''
-
-
-# --- shared helpers ------------------------------------------------------------------------
-
-
-def prefork_cmd(tmp: Path, target: Target, workers: int = 2) -> list[str]:
-    script = tmp / "prefork.py"
-    script.write_text(PREFORK.format(servers=str(SERVERS)))
-    assert isinstance(target, tuple)
-    return [sys.executable, str(script), f"{target[0]}:{target[1]}", str(workers)]
-
-
-def server_cmd(kind: str, target: Target, tmp: Path, go: Path | None) -> list[str]:
-    assert isinstance(target, tuple)
-    if kind == "http.server":
-        return http_server_cmd(target[1], bind=target[0])
-    if kind == "go":
-        assert go is not None
-        return go_cmd(go, target)
-    if kind == "node":
-        return node_cmd(target)
-    if kind == "prefork":
-        return prefork_cmd(tmp, target)
-    raise AssertionError(kind)
-
-
-def write_executable(path: Path, data: bytes) -> None:
-    """Put a new file at ``path`` in one step (the old one may be running)."""
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_bytes(data)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
-
-
-def v2_program(path: Path) -> None:
-    write_executable(path, V2.format(python=sys.executable, servers=str(SERVERS)).encode())
-
-
-def ppid(pid: int) -> int:
-    return procfs.ppid_of(pid)
-
-
-def children(pid: int) -> set[int]:
-    return {p for p, parent in procfs.parent_map().items() if parent == pid and alive(p)}
-
-
-def fd_table(pid: int) -> dict[int, tuple[str, int]]:
-    """fd -> (what it refers to, its flags): what an exec or a resume must leave intact."""
-    out = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        fd = int(name)
-        try:
-            out[fd] = (os.readlink(f"/proc/{pid}/fd/{fd}"), procfs.fd_flags(pid, fd))
-        except (FileNotFoundError, KernelError):
-            # A client connection closed between the listing and the read:
-            # it is under load, and connections are not part of the state.
-            continue
-    return out
-
-
-def epoll_view(pid: int) -> dict[int, list[procfs.EpollEntry]]:
-    return {epfd: procfs.epoll_registrations(pid, epfd) for epfd in procfs.epoll_fds(pid)}
-
-
-def server_state(pid: int, port: int) -> tuple[object, ...]:
-    """The fds that are not client connections, and how epoll watches the listener.
-
-    Client connections come and go under load; everything else (the
-    listener's fd number and flags, epoll instances, pipes, stdio) and the
-    listener's epoll registrations (events, data) must be exactly as before.
-    """
-    listener = listener_inode(port)
-    listening = listener_inodes(pid)
-    fds = {fd: v for fd, v in fd_table(pid).items()
-           if not v[0].startswith("socket:[") or int(v[0][8:-1]) in listening}
-    regs = {epfd: [e for e in entries if e.ino == listener]
-            for epfd, entries in epoll_view(pid).items()}
-    return listener, fds, regs
-
-
-def thread_filters(pid: int) -> dict[int, tuple[int, int]]:
-    """tid -> (TracerPid, Seccomp_filters) of every thread of ``pid``.
-
-    A thread that exits during the scan (one per connection, under load) is skipped.
-    """
-    out = {}
-    for tid in procfs.threads(pid):
-        try:
-            out[tid] = (procfs.tracer_pid(tid), procfs.seccomp_filters(tid))
-        except KernelError:
-            continue
-    return out
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0, r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    assert lines and lines[-1].startswith("hupt: error:"), r.stderr
-    assert all(n in lines[-1] for n in needles), r.stderr
-
-
-def eventually(probe: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or probe}"
-        time.sleep(0.05)
-
-
-def exec_reloads(reload: Callable[[], subprocess.CompletedProcess[str]], pid: int, parent: int,
-                 port: int, n: int, log: Callable[[], str]) -> list[int]:
-    """Reload n times; each must exec in place. Returns the generation numbers reported."""
-    inode = listener_inode(port)
-    assert inode is not None and inode in listener_inodes(pid)
-    generations = []
-    for i in range(n):
-        r = reload()
-        assert r.returncode == 0, f"reload {i + 1} failed: {r.stderr}\n{log()}"
-        m = READY.search(r.stderr)
-        assert m is not None, r.stderr
-        generations.append(int(m[1]))
-        assert int(m[2]) == pid, f"reload {i + 1}: a new process serves: {r.stderr}"
-        assert "execed" in r.stderr, r.stderr
-        assert alive(pid) and ppid(pid) == parent, "the PID and its parent must stay"
-        assert listener_inode(port) == inode, "the listening socket must never be replaced"
-        assert inode in listener_inodes(pid), "the new image does not hold the listener"
-        time.sleep(0.15)
-    assert generations == sorted(set(generations)), generations
-    return generations
-
-
-def reload_under_load(kind: str, target: Target, pid: int, parent: int,
-                      reload: Callable[[], subprocess.CompletedProcess[str]],
-                      log: Callable[[], str]) -> None:
-    """RELOADS exec reloads under load, a 3-second request in flight at the first."""
-    assert isinstance(target, tuple)
-    workers = children(pid) if kind == "prefork" else set()
-    with Load(target, fresh=2, keepalive=2, conn_requests=20) as load:
-        time.sleep(0.3)
-        slow = SlowRequest(target, 3.0)
-        slow.start()
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        exec_reloads(reload, pid, parent, target[1], RELOADS, log)
-        took = time.monotonic() - t0
-        status, elapsed = slow.result()
-        time.sleep(0.3)
-    res = load.result
-    assert res.failed == 0, res.summary()
-    assert res.ok > 100, res.summary()
-    assert status == 200 and elapsed >= 2.9, (status, elapsed)
-    assert took >= 2.5, "the first reload must wait for the slow request to finish"
-    assert "drain timeout" not in log(), "every exec waited for the connections to finish"
-    if kind in ("go", "node"):
-        assert res.pids == {pid}, res.summary()
-    if kind == "prefork":
-        assert len(workers) == 2
-        assert not wait_gone(workers, 10), "the old image's workers must be retired"
-        eventually(lambda: len(children(pid)) == 2, what="the last image's workers alone")
-        assert not children(pid) & workers
-        assert len(res.pids) > 4, res.summary()
-
-
-# --- hupt run --exec ---------------------------------------------------------------------
 
 
 def start_exec(procs: Procs, cmd: list[str], *opts: str) -> tuple[HuptProcess, int, Target]:
@@ -298,17 +74,16 @@ def start_exec(procs: Procs, cmd: list[str], *opts: str) -> tuple[HuptProcess, i
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_exec_reloads_under_load(kind: str, procs: Procs, tmp_path: Path,
-                                 request: pytest.FixtureRequest) -> None:
-    go = request.getfixturevalue("go_server") if kind == "go" else None
+def test_exec_reloads_under_load(kind: str, procs: Procs,
+                                 server_cmd: Callable[[str, Target], list[str]]) -> None:
     port = free_port()
     target: Target = ("127.0.0.1", port)
     h = procs.hupt("--exec", "--drain-timeout", "20", "--kill-timeout", "5",
-                   cmd=server_cmd(kind, target, tmp_path, go))
+                   cmd=server_cmd(kind, target))
     wait_listening(target, 20, proc=h)
     (pid,) = children(h.pid)
-    reload_under_load(kind, target, pid, h.pid, h.reload, h.log)
-    assert h.log().count(f"pid {pid} execed") == RELOADS
+    exec_reloads_under_load(kind, target, pid, h.pid, h.reload, h.log)
+    assert h.log().count(f"pid {pid} execed") == EXEC_RELOADS
     h.signal(signal.SIGTERM)
     assert h.popen.wait(30) == 0, h.log()
     assert not wait_gone({pid}, 5.0)
@@ -337,6 +112,7 @@ def test_a_missing_program_fails_the_reload_and_the_server_serves_on(
     program = tmp_path / "server"
     shutil.copy(go_server, program)
     h, pid, target = start_exec(procs, [str(program), "127.0.0.1:{PORT}"])
+    assert isinstance(target, tuple)
     before = server_state(pid, target[1])
     with Load(target, fresh=2, keepalive=2) as load:
         program.unlink()
@@ -363,8 +139,9 @@ def test_a_failed_exec_restores_the_listeners_exactly(
     if kind == "node":
         cmd[1:1] = [str(SERVERS / "node_server.js")]
     h, pid, target = start_exec(procs, cmd)
+    assert isinstance(target, tuple)
     before = server_state(pid, target[1])
-    assert any(before[2].values()), "the server watches its listener with epoll"
+    assert any(before.regs.values()), "the server watches its listener with epoll"
     with Load(target, fresh=2, keepalive=2) as load:
         program.unlink()
         write_executable(program, b"\x7fELF not really\n")
@@ -390,14 +167,6 @@ sys.path.insert(0, {servers!r})
 sys.argv[0] = {variant!r}
 runpy.run_path({variant!r}, run_name="__main__")
 """
-FD_CLOEXEC_FLAG = 0o2000000  # O_CLOEXEC in the octal "flags:" of /proc/PID/fdinfo/FD
-
-
-def _fdinfo_flags(pid: int, fd: int) -> int:
-    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
 
 
 def _pipes(pid: int) -> list[int]:
@@ -414,17 +183,18 @@ def test_a_failed_exec_leaves_inheritable_fds_inheritable(procs: Procs, tmp_path
     script.write_text(INHERITING.format(servers=str(SERVERS),
                                         variant=str(SERVERS / "variant_server.py")))
     h, pid, target = start_exec(procs, [str(program), str(script), "127.0.0.1:{PORT}"])
+    assert isinstance(target, tuple)
     pipes = _pipes(pid)
     assert len(pipes) == 2 and min(pipes) >= 3, fd_table(pid)
-    assert not any(_fdinfo_flags(pid, fd) & FD_CLOEXEC_FLAG for fd in pipes), "set-up"
+    assert not any(fdinfo_flags(pid, fd) & O_CLOEXEC_FLAG for fd in pipes), "set-up"
     before = server_state(pid, target[1])
     with Load(target, fresh=2, keepalive=2) as load:
         program.unlink()
         write_executable(program, b"\x7fELF not really\n")
         r = h.reload()
         one_line_error(r, "could not exec", "ENOEXEC")
-        flags = {fd: _fdinfo_flags(pid, fd) for fd in pipes}
-        assert not any(f & FD_CLOEXEC_FLAG for f in flags.values()), (
+        flags = {fd: fdinfo_flags(pid, fd) for fd in pipes}
+        assert not any(f & O_CLOEXEC_FLAG for f in flags.values()), (
             f"inheritable fds left close-on-exec after the failed exec: {flags}")
         assert server_state(pid, target[1]) == before
         time.sleep(0.5)
@@ -447,13 +217,14 @@ def test_an_image_dying_before_ready_is_started_afresh(
     write_executable(program, (f'#!/bin/sh\nif [ -e {flag} ]; then rm {flag}; exit 3; fi\n'
                                f'exec {go_server} "$@"\n').encode())
     h, pid, target = start_exec(procs, [str(program), "127.0.0.1:{PORT}"])
+    assert isinstance(target, tuple)
     inode = listener_inode(target[1])
     with Load(target, fresh=2, keepalive=2) as load:
         flag.touch()
         r = h.reload()
         one_line_error(r, "exited (exit status 3) before it was ready",
                        "started the command afresh")
-        eventually(lambda: http_get(target)[1].startswith("ok pid="), what="a fresh server")
+        wait_for("a fresh server", lambda: http_get(target)[1].startswith("ok pid="))
         time.sleep(0.5)
     assert load.result.failed == 0, load.result.summary()
     (fresh,) = children(h.pid)
@@ -482,3 +253,66 @@ def test_unix_socket_server_keeps_its_path_across_exec_reloads(
     assert load.result.failed == 0, load.result.summary()
     assert load.result.pids == {pid}
     assert set(thread_filters(pid).values()) == {(0, 1)}, "no filter stacked by the reloads"
+
+
+# -- lifecycle options in exec mode ------------------------------------------------------------
+
+
+def test_exec_ready_notify_environment_and_unlink(procs: Procs, tmp_path: Path) -> None:
+    manager = NotifyManager(tmp_path / "manager.sock")
+    stale = tmp_path / "server.pid"
+    target: Target = ("127.0.0.1", free_port())
+    h = procs.hupt("--exec", "--ready", "notify", "--ready-timeout", "10",
+                   "--unlink", str(stale),
+                   cmd=health_cmd(target, "--notify-after", "0.8"),
+                   env={"NOTIFY_SOCKET": manager.path, "HUPT_TEST_VAR": "kept"})
+    wait_listening(target, 20, proc=h)
+    pid = serving_pid(target)
+    first = environ(pid)
+    assert first["HUPT_TEST_VAR"] == "kept"
+    assert first["NOTIFY_SOCKET"] != manager.path, "hupt's manager is hupt's"
+    with Load(target, fresh=2, keepalive=1) as load:
+        for i in range(3):
+            stale.write_text(f"{pid}\n")  # what a server's own pidfile check would find
+            t0 = time.monotonic()
+            r = h.reload()
+            took = time.monotonic() - t0
+            assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{h.log()}"
+            assert took >= 0.8, "ready only once the new image said READY=1"
+            assert serving_pid(target) == pid, "exec mode keeps the PID"
+            env = environ(pid)  # the new image's starting environment
+            assert env["HUPT_TEST_VAR"] == "kept"
+            assert env["NOTIFY_SOCKET"] not in (manager.path, first["NOTIFY_SOCKET"])
+            assert not stale.exists(), "--unlink runs before the exec too"
+    assert "started afresh" not in h.err.read_text(), h.log()
+    assert load.result.failed == 0, load.result.summary()
+    h.signal(signal.SIGTERM)
+    assert h.popen.wait(20) == 0, h.log()
+    manager.close()
+
+
+def test_sigusr2_mid_exec_reload_execs_at_once(procs: Procs) -> None:
+    target: Target = ("127.0.0.1", free_port())
+    h = procs.hupt("--exec", "--drain-timeout", "60", cmd=health_cmd(target))
+    wait_listening(target, 20, proc=h)
+    pid = serving_pid(target)
+    held = HeldRequest(target, timeout=30).start()  # pins the drain far beyond the SIGUSR2
+    held.wait_accepted()
+    reload = subprocess.Popen([sys.executable, "-m", "hupt", "reload", str(h.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=hupt_env(os.environ))
+    wait_for("the server to drain before it execs",
+             lambda: DRAINING_FOR_EXEC in h.err.read_text(), 10, h)
+    t0 = time.monotonic()
+    h.signal(signal.SIGUSR2)  # end every drain now
+    _, err = reload.communicate(timeout=20)
+    assert reload.returncode == 0, err + h.log()
+    assert time.monotonic() - t0 < 10
+    assert "execing now" in h.err.read_text()
+    assert serving_pid(target) == pid, "the server execed; it was not stopped"
+    assert h.popen.poll() is None
+    held.release()
+    with contextlib.suppress(RequestFailed):
+        held.result()  # the request in flight was given up on (cut by the exec)
+    h.signal(signal.SIGTERM)
+    assert h.popen.wait(20) == 0, h.log()

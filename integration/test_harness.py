@@ -17,6 +17,7 @@ import pytest
 from harness import (
     PT_DYNAMIC,
     PT_INTERP,
+    Background,
     Procs,
     Started,
     alive,
@@ -30,13 +31,24 @@ from harness import (
     listener_inode,
     listener_inodes,
     node_cmd,
+    settle,
     socket_inodes,
+    spawn_server,
     threaded_cmd,
     unix_cmd,
+    wait_for,
     wait_gone,
     wait_listening,
 )
-from load import Load, LoadResult, RequestFailed, SlowRequest, Target
+from load import (
+    HeldRequest,
+    Load,
+    LoadResult,
+    RequestFailed,
+    SlowRequest,
+    Target,
+    server_accepted,
+)
 
 from hupt.tracer.abi import SYS
 
@@ -67,9 +79,7 @@ def start_server(kind: str, request: pytest.FixtureRequest, procs: Procs,
     else:
         assert isinstance(target, str)
         cmd = unix_cmd(target)
-    server = procs.spawn(cmd, name=kind, env={"HUPT_TEST_TAG": kind})
-    wait_listening(target, 10.0, server)
-    return server, target
+    return spawn_server(procs, cmd, target, name=kind, env={"HUPT_TEST_TAG": kind}), target
 
 
 def run_load(load: Load, seconds: float) -> LoadResult:
@@ -330,7 +340,8 @@ def test_slow_request_holds_a_request_in_flight(procs: Procs, tmp_path: Path) ->
     wait_listening(single, 10.0, threaded)
     slow_stock = SlowRequest(stock, 3.0).start()
     slow_single = SlowRequest(single, 3.0).start()
-    time.sleep(0.5)
+    slow_stock.wait_accepted()
+    slow_single.wait_accepted()
     # The one-thread server is busy inside the slow request: nobody accepts another.
     with pytest.raises(RequestFailed) as busy:
         http_get(single, "/", timeout=1.0)
@@ -339,6 +350,52 @@ def test_slow_request_holds_a_request_in_flight(procs: Procs, tmp_path: Path) ->
         status, elapsed = slow.result()
         assert status == 200
         assert 2.9 <= elapsed < 4.0
+
+
+def test_held_request_is_in_flight_until_released(procs: Procs) -> None:
+    single = ("127.0.0.1", free_port())
+    threaded = procs.spawn(threaded_cmd(single, threads=1), name="threaded")
+    wait_listening(single, 10.0, threaded)
+    held = HeldRequest(single, interval=0.2).start()
+    try:
+        held.wait_accepted()
+        assert server_accepted(single[1], held.client_port)
+        time.sleep(1.0)  # several header lines trickled in: still one request in flight
+        with pytest.raises(RequestFailed) as busy:
+            http_get(single, "/", timeout=1.0)
+        assert busy.value.kind == "timeout"
+    finally:
+        held.release()
+    status, elapsed = held.result()
+    assert status == 200 and elapsed >= 2.0, (status, elapsed)
+    assert http_get(single, "/")[0] == 200
+
+
+def test_held_request_never_released_ends_by_itself(procs: Procs) -> None:
+    target = ("127.0.0.1", free_port())
+    server = procs.spawn(threaded_cmd(target, threads=2), name="threaded")
+    wait_listening(target, 10.0, server)
+    held = HeldRequest(target, timeout=1.0).start()
+    with pytest.raises(AssertionError, match="never released"):
+        held.result()
+
+
+def test_wait_for_and_settle() -> None:
+    values = iter(range(100))
+    assert wait_for("3", lambda: (v := next(values)) >= 3 and v, 5.0) == 3
+    with pytest.raises(AssertionError, match=r"timed out after 0\.2s waiting for nothing"):
+        wait_for("nothing", lambda: None, 0.2)
+    assert settle(lambda: 7, 7, 0.1) == 7
+    assert settle(lambda: 8, 7, 0.1) == 8  # the last value, for the caller's assertion
+    assert settle(lambda: 8, lambda v: v > 7, 0.1) == 8
+
+    def five() -> int:
+        time.sleep(0.3)
+        return 5
+
+    job = Background(five)
+    assert not job.done()
+    assert job.result(5.0) == 5 and job.done()
 
 
 # -- the harness's own process handling ---------------------------------------------------

@@ -17,24 +17,21 @@ epoll registrations, fd flags and fd table are what they were.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
 import resource
 import select
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from harness import Procs, Started, listener_inode
+from harness import Procs, Started, fdinfo_flags, listener_inode, settle
+from snapshots import thread_states, whole_view
 
 from hupt.errors import AccessDenied, InjectionError, NoSuchProcess
 from hupt.tracer import bpf, procfs, seccomp
@@ -54,28 +51,16 @@ from hupt.tracer.notify import NotifyFd
 pytestmark = pytest.mark.root
 
 TARGETS = Path(__file__).resolve().parent / "inject_targets"
-BUILD = Path(__file__).resolve().parent / ".build"
 ANSWER = re.compile(rb"^HTTP/1\.[01] 200 .*\r\n\r\nok\n$", re.S)
-T = TypeVar("T")
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 
-def eventually(probe: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0) -> T:
-    """Poll ``probe`` until ``ok`` holds; return the last value either way."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if ok(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
-
-
 def start(procs: Procs, cmd: list[str]) -> tuple[Started, int, int]:
     s = procs.spawn(cmd)
-    line = eventually(lambda: s.out.read_text(), lambda out: "\n" in out or s.poll() is not None,
-                      timeout=20)
+    line = settle(lambda: s.out.read_text(), lambda out: "\n" in out or s.poll() is not None,
+                  timeout=20)
     ports = line.split()
     assert len(ports) == 2, f"target did not start:\n{s.log()}"
     return s, int(ports[0]), int(ports[1])
@@ -123,16 +108,6 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (all threads)
 
 
-def thread_states(pid: int) -> dict[int, tuple[str, str]]:
-    """tid -> (TracerPid, SigBlk) for every live thread."""
-    out = {}
-    for tid in procfs.threads(pid):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            status = procfs.status_fields(tid)
-            out[tid] = (status["TracerPid"], status["SigBlk"])
-    return out
-
-
 def masks_unchanged(pid: int, before: dict[int, tuple[str, str]]) -> bool:
     now = thread_states(pid)
     return all(now[t] == before[t] for t in before.keys() & now.keys())
@@ -153,34 +128,8 @@ def listener_view(pid: int, port: int) -> tuple[object, ...]:
     return fds, flags, entries
 
 
-def whole_view(pid: int) -> tuple[object, ...]:
-    """Every fd with its target and flags, every epoll registration, every thread's state."""
-    fds = {fd: (os.readlink(f"/proc/{pid}/fd/{fd}"), procfs.fd_flags(pid, fd))
-           for fd in map(int, os.listdir(f"/proc/{pid}/fd"))}
-    epolls = {epfd: procfs.epoll_registrations(pid, epfd) for epfd in procfs.epoll_fds(pid)}
-    return fds, epolls, thread_states(pid)
-
-
 def maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
-
-
-@pytest.fixture(scope="session")
-def go_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail("`go` not found: the static Go target needs golang-go", pytrace=False)
-    cache = BUILD if os.access(BUILD.parent, os.W_OK) else tmp_path_factory.mktemp("go-cache")
-    binary = tmp_path_factory.mktemp("inject-go") / "goserver"
-    env = {**os.environ, "CGO_ENABLED": "0", "GOCACHE": str(cache / "gocache"),
-           "GOPATH": str(cache / "gopath"), "GOENV": "off", "GOFLAGS": "",
-           "GOTOOLCHAIN": "local", "GOPROXY": "off", "GO111MODULE": "on"}
-    built = subprocess.run([go, "build", "-trimpath", "-o", str(binary), "."],
-                           cwd=TARGETS / "goserver", env=env, capture_output=True, text=True,
-                           timeout=600)
-    if built.returncode != 0:
-        pytest.fail(f"go build failed:\n{built.stderr}", pytrace=False)
-    return binary
 
 
 def python_target(name: str, *args: str) -> list[str]:
@@ -200,7 +149,7 @@ TARGET_CMDS: dict[str, Callable[[Path], list[str]]] = {
 @pytest.fixture(params=sorted(TARGET_CMDS))
 def target_cmd(request: pytest.FixtureRequest) -> Iterator[list[str]]:
     name: str = request.param
-    go = request.getfixturevalue("go_target") if name == "go-static" else Path()
+    go = request.getfixturevalue("go_inject_target") if name == "go-static" else Path()
     yield TARGET_CMDS[name](go)
 
 
@@ -217,9 +166,9 @@ def test_pause_then_resume(procs: Procs, target_cmd: list[str]) -> None:
 
     states = thread_states(s.pid)
     assert {tracer for tracer, _ in states.values()} == {"0"}
-    assert eventually(lambda: masks_unchanged(s.pid, before_threads), bool, 2.0)
+    assert settle(lambda: masks_unchanged(s.pid, before_threads), bool, 2.0)
     waiting = [send_request(main) for _ in range(3)]
-    assert eventually(lambda: accept_queue(main), lambda n: n == 3) == 3
+    assert settle(lambda: accept_queue(main), lambda n: n == 3) == 3
     ticks = cpu_ticks(s.pid)
     time.sleep(1.0)
     assert cpu_ticks(s.pid) - ticks <= 5, "the paused target is spinning"
@@ -249,14 +198,14 @@ def test_pause_two_listeners_at_once(procs: Procs) -> None:
     resume_listeners(s.pid, paused)
     for c in waiting:
         assert ANSWER.match(read_response(c))
-    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+    assert settle(lambda: whole_view(s.pid), lambda v: v == before) == before
 
 
 def test_a_stopped_process_stays_stopped(procs: Procs) -> None:
     s, main, _ = start(procs, python_target("threaded_accept.py"))
     os.kill(s.pid, signal.SIGSTOP)
-    assert eventually(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
-                      lambda st: st == "T") == "T"
+    assert settle(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
+                  lambda st: st == "T") == "T"
     paused = pause_listeners(s.pid, listener_fds(s.pid, main))
     time.sleep(0.2)
     assert procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state == "T"
@@ -272,13 +221,13 @@ def test_a_temporary_signal_mask_survives(procs: Procs) -> None:
     # ppoll(..., {SIGUSR2}) while SIGUSR1 is blocked: /proc shows the temporary
     # mask, and after the session the program must still see SIGUSR1 blocked.
     s = procs.spawn(python_target("ppoll_waiter.py"))
-    out = eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
+    out = settle(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
     port = int(out.split()[0])
     time.sleep(0.2)
     with Tracee.seize(s.pid) as t:
         assert t.syscall(SYS.getpid) == s.pid
     socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    out = eventually(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2)
+    out = settle(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2)
     assert out.splitlines()[1].split() == [str(int(signal.SIGUSR1))]
 
 
@@ -286,29 +235,29 @@ def test_a_signal_sent_during_a_session_runs_its_handler_at_once(procs: Procs) -
     # The blocked accept() must come back with EINTR when the signal is
     # delivered after the session, as it would have without us.
     s = procs.spawn(python_target("signal_waiter.py"))
-    eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
+    settle(lambda: s.out.read_text(), lambda o: "\n" in o, 20)
     time.sleep(0.2)
     with Tracee.seize(s.pid) as t:
         t.syscall(SYS.getpid)
         os.kill(s.pid, signal.SIGUSR1)
-    out = eventually(lambda: s.out.read_text(), lambda o: "signal" in o, 2.0)
+    out = settle(lambda: s.out.read_text(), lambda o: "signal" in o, 2.0)
     assert f"signal {int(signal.SIGUSR1)}" in out
     assert "accepted" not in out
 
 
 def test_a_stop_signal_during_a_session_is_not_lost(procs: Procs) -> None:
     s = procs.spawn(python_target("signal_waiter.py"))
-    port = int(eventually(lambda: s.out.read_text(), lambda o: "\n" in o, 20).split()[0])
+    port = int(settle(lambda: s.out.read_text(), lambda o: "\n" in o, 20).split()[0])
     with Tracee.seize(s.pid) as t:
         os.kill(s.pid, signal.SIGSTOP)  # SIGSTOP cannot be blocked: it stops the injection
         assert t.syscall(SYS.getpid) == s.pid
-    state = eventually(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
-                       lambda st: st == "T")
+    state = settle(lambda: procfs.parse_stat(Path(f"/proc/{s.pid}/stat").read_bytes()).state,
+                   lambda st: st == "T")
     assert state == "T"
     assert procfs.tracer_pid(s.pid) == 0
     os.kill(s.pid, signal.SIGCONT)
     socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    assert "accepted" in eventually(lambda: s.out.read_text(), lambda o: "accepted" in o)
+    assert "accepted" in settle(lambda: s.out.read_text(), lambda o: "accepted" in o)
 
 
 def test_injection_into_each_thread_and_a_second_tracer_refused(procs: Procs) -> None:
@@ -459,13 +408,13 @@ def test_exec_in_place_from_node_keeps_pid_and_stdio(procs: Procs) -> None:
     assert procfs.fd_flags(s.pid, 1) & O_CLOEXEC  # node's stdio is close-on-exec
     exec_in_place(s.pid, [sys.executable.encode(), str(TARGETS / "signal_waiter.py").encode()],
                   [b"PATH=/usr/bin:/bin"])
-    out = eventually(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2, 20)
+    out = settle(lambda: s.out.read_text(), lambda o: o.count("\n") >= 2, 20)
     port = int(out.splitlines()[1])  # printed by the new program, on the inherited stdout
     assert procfs.cmdline(s.pid)[1].endswith(b"signal_waiter.py")
     assert set(thread_states(s.pid).values()) == {("0", "0000000000000000")}
     assert listener_inode(main) is None  # node's fds did not survive the exec
     socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    assert "accepted" in eventually(lambda: s.out.read_text(), lambda o: "accepted" in o)
+    assert "accepted" in settle(lambda: s.out.read_text(), lambda o: "accepted" in o)
     assert s.poll() is None
 
 
@@ -475,17 +424,9 @@ def test_a_failed_exec_leaves_the_process_as_it_was(procs: Procs) -> None:
     with pytest.raises(InjectionError) as failed:
         exec_in_place(s.pid, [b"/nonexistent/program"], [])
     assert failed.value.errno == errno.ENOENT
-    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+    assert settle(lambda: whole_view(s.pid), lambda v: v == before) == before
     assert maps(s.pid) == before_maps
     assert all(ANSWER.match(ask(main)) for _ in range(4))
-
-
-def fdinfo_flags(pid: int, fd: int) -> int:
-    """The octal "flags:" line of /proc/PID/fdinfo/FD (O_CLOEXEC is 02000000 there)."""
-    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    raise AssertionError(f"no flags line in /proc/{pid}/fdinfo/{fd}")
 
 
 @pytest.mark.parametrize("program", [b"/nonexistent/program", b"not-executable"])
@@ -517,15 +458,16 @@ def test_a_failed_exec_leaves_inheritable_fds_inheritable(
     assert not any(f & O_CLOEXEC for f in flags.values()), (
         f"inheritable fds left close-on-exec after the failed exec: {flags}")
     assert all(fdinfo_flags(s.pid, fd) & O_CLOEXEC for fd in others), "and the others kept it"
-    assert eventually(lambda: whole_view(s.pid), lambda v: v == before) == before
+    assert settle(lambda: whole_view(s.pid), lambda v: v == before) == before
     assert all(ANSWER.match(ask(main)) for _ in range(4))
 
 
 def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
     s = procs.spawn(python_target("bind_on_signal.py"))
-    eventually(lambda: s.out.read_text(), lambda o: "ready" in o, 20)
+    settle(lambda: s.out.read_text(), lambda o: "ready" in o, 20)
     masks = {tid: procfs.status_fields(tid)["SigBlk"] for tid in procfs.threads(s.pid)}
     fd = inject_filter(s.pid, bpf.pack(seccomp.build_filter([SYS.bind])))
+    assert fd is not None
     with NotifyFd(fd) as notify:
         tids = procfs.threads(s.pid)
         assert len(tids) == 5
@@ -540,8 +482,8 @@ def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
         n = notify.recv()
         assert n is not None and n.nr == SYS.bind and procfs.tgid_of(n.pid) == s.pid
         notify.send_continue(n.id)
-        assert "bound" in eventually(lambda: s.out.read_text(), lambda o: "bound" in o)
+        assert "bound" in settle(lambda: s.out.read_text(), lambda o: "bound" in o)
     # The listener is gone with hupt's copy: the filtered syscall fails for good.
     os.kill(s.pid, signal.SIGUSR1)
-    out = eventually(lambda: s.out.read_text(), lambda o: "bind failed" in o)
+    out = settle(lambda: s.out.read_text(), lambda o: "bind failed" in o)
     assert f"bind failed {errno.ENOSYS}" in out

@@ -9,10 +9,9 @@ import select
 import signal
 import subprocess
 import sys
-from typing import Any
 
 import pytest
-from harness import Procs, Started, python_child
+from harness import Procs, python_child
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import pidfd, procfs
@@ -40,13 +39,8 @@ hold()
 """
 
 
-def child(procs: Procs, code: str, **kw: Any) -> tuple[Started, dict[str, Any]]:
-    """Start a Python child running ``code`` and return it with the JSON it reported."""
-    return python_child(procs, code, WAIT, **kw)
-
-
 def test_getfd_is_the_same_socket(procs: Procs) -> None:
-    c, info = child(procs, SOCKET_CHILD)
+    c, info = python_child(procs, SOCKET_CHILD)
     with pidfd.PidFd(c.pid) as p:
         assert fcntl.fcntl(p.fileno(), F_GETFD) & FD_CLOEXEC
         fd = p.getfd(info["fd"])
@@ -63,7 +57,7 @@ def test_getfd_is_the_same_socket(procs: Procs) -> None:
 
 
 def test_thread_id_is_refused_and_tgid_works(procs: Procs) -> None:
-    c, info = child(procs, SOCKET_CHILD)
+    c, info = python_child(procs, SOCKET_CHILD)
     tid = info["tid"]
     with pytest.raises(KernelError) as e:
         pidfd.pidfd_open(tid)
@@ -80,7 +74,7 @@ def test_thread_id_is_refused_and_tgid_works(procs: Procs) -> None:
 
 
 def test_send_signal_and_exit_readable(procs: Procs) -> None:
-    c, _ = child(procs, "report({}); hold()")
+    c, _ = python_child(procs, "report({}); hold()")
     with pidfd.PidFd(c.pid) as p:
         assert select.select([p], [], [], 0)[0] == []
         p.send_signal(signal.SIGTERM)
@@ -103,7 +97,7 @@ def test_raw_syscall_fallback(procs: Procs, monkeypatch: pytest.MonkeyPatch) -> 
     # run against the real kernel.
     monkeypatch.delattr(os, "pidfd_open")
     monkeypatch.delattr(signal, "pidfd_send_signal")
-    c, info = child(procs, SOCKET_CHILD)
+    c, info = python_child(procs, SOCKET_CHILD)
     with pytest.raises(KernelError) as e:
         pidfd.pidfd_open(info["tid"])
     assert e.value.errno == errno.ENOENT

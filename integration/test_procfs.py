@@ -14,19 +14,13 @@ import time
 from typing import Any
 
 import pytest
-from harness import Procs, Started, python_child
+from harness import Procs, python_child
 
 from hupt.errors import KernelError, NoSuchProcess
 from hupt.tracer import procfs
 from hupt.tracer.abi import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLONESHOT, O_CLOEXEC, O_NONBLOCK
 
 WAIT = 10.0
-
-
-
-def child(procs: Procs, code: str, **kw: Any) -> tuple[Started, dict[str, Any]]:
-    """Start a Python child running ``code`` and return it with the JSON it reported."""
-    return python_child(procs, code, WAIT, **kw)
 
 
 def reaped_pid() -> int:
@@ -66,7 +60,7 @@ def test_tgid_of_threads_and_status() -> None:
 
 def test_parents_threads_and_hostile_comm(procs: Procs) -> None:
     # comm with spaces and parentheses, set on the process and on a second thread.
-    c, info = child(procs, """
+    c, info = python_child(procs, """
         import threading
         with open("/proc/self/comm", "w") as f:
             f.write("a) (b c")
@@ -110,11 +104,11 @@ def test_parent_map_survives_churn() -> None:
 
 
 def test_tracer_pid_and_seccomp_filters(procs: Procs) -> None:
-    plain, _ = child(procs, "report({}); hold()")
+    plain, _ = python_child(procs, "report({}); hold()")
     assert procfs.tracer_pid(plain.pid) == 0
     assert procfs.seccomp_filters(plain.pid) == 0
 
-    traced, _ = child(procs, """
+    traced, _ = python_child(procs, """
         import ctypes
         PTRACE_TRACEME = 0
         libc = ctypes.CDLL(None, use_errno=True)
@@ -124,7 +118,7 @@ def test_tracer_pid_and_seccomp_filters(procs: Procs) -> None:
     """)
     assert procfs.tracer_pid(traced.pid) == os.getpid()
 
-    filtered, _ = child(procs, """
+    filtered, _ = python_child(procs, """
         import ctypes
         from hupt.tracer import bpf, libc
         from hupt.tracer.abi import SOCK_FPROG, SYS, Ret, SeccompOp
@@ -141,7 +135,8 @@ def test_tracer_pid_and_seccomp_filters(procs: Procs) -> None:
 
 
 def test_environ_cmdline_cwd_exe(procs: Procs, tmp_path: Any) -> None:
-    c, _ = child(procs, "report({}); hold()", env={"HUPT_PROCFS_TEST": "x=y z"}, cwd=tmp_path)
+    c, _ = python_child(procs, "report({}); hold()", env={"HUPT_PROCFS_TEST": "x=y z"},
+                        cwd=tmp_path)
     env = procfs.environ(c.pid)
     assert b"HUPT_PROCFS_TEST=x=y z" in env
     argv = procfs.cmdline(c.pid)
@@ -155,7 +150,7 @@ def test_environ_cmdline_cwd_exe(procs: Procs, tmp_path: Any) -> None:
 
 
 def test_fd_flags_and_socket_inodes(procs: Procs) -> None:
-    c, info = child(procs, """
+    c, info = python_child(procs, """
         import socket
         a = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         b = socket.socket()
@@ -181,7 +176,7 @@ def test_fd_flags_and_socket_inodes(procs: Procs) -> None:
 
 
 def test_epoll_registrations(procs: Procs) -> None:
-    c, info = child(procs, """
+    c, info = python_child(procs, """
         import ctypes, select, socket, struct
         lst = socket.socket()
         lst.bind(("127.0.0.1", 0))
@@ -249,7 +244,7 @@ hold()
 
 
 def test_memory_read_write(procs: Procs) -> None:
-    c, info = child(procs, MEMORY_CHILD)
+    c, info = python_child(procs, MEMORY_CHILD)
     buf = info["buf"]
     with procfs.Memory(c.pid) as mem:
         assert mem.read(buf, 11) == b"hello world"
@@ -275,7 +270,7 @@ def test_memory_read_write(procs: Procs) -> None:
 
 
 def test_memory_of_dead_process(procs: Procs) -> None:
-    c, info = child(procs, MEMORY_CHILD)
+    c, info = python_child(procs, MEMORY_CHILD)
     mem = procfs.Memory(c.pid)
     try:
         c.signal(signal.SIGKILL)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 import pytest
+from harness import fdinfo_flags
 
 from hupt.address import Address, parse_sockaddr
 from hupt.errors import KernelError, NotificationGone
@@ -188,13 +189,6 @@ def status_field(pid: int, name: str) -> str:
     raise KeyError(name)
 
 
-def fd_flags(pid: int, fd: int) -> int:
-    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    raise KeyError("flags")
-
-
 def open_files() -> set[str]:
     """What this process's fds point to (the fd listing /proc/self/fd itself vanishes)."""
     found = set()
@@ -318,7 +312,7 @@ def test_bind_handoff_installs_our_listening_socket(cloexec: bool) -> None:
         assert n.nr == SYS.bind and n.args[0] == first["fd"]
         assert parse_sockaddr(read_memory(n.pid, n.args[1], n.args[2])) == Address(
             socket.AF_INET, LOCALHOST, port)
-        flags = fd_flags(n.pid, first["fd"])
+        flags = fdinfo_flags(n.pid, first["fd"])
         assert bool(flags & O_CLOEXEC) == cloexec
         assert c.nfd.id_valid(n.id)
         assert c.nfd.addfd(n.id, held.fileno(), first["fd"], cloexec=bool(flags & O_CLOEXEC)) \

@@ -13,17 +13,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from harness import Procs, Started
+from harness import Procs, Started, settle
 
 from hupt.address import Address
 from hupt.tracer.abi import AF_INET, AF_INET6, AF_UNIX, TcpState
 from hupt.tracer.sockdiag import SockDiag, in_flight, kernel_dev
 
 WAIT = 10.0
-T = TypeVar("T")
 
 # A server that accepts on every listener it is given and keeps what it accepts:
 # a client's b"close" makes it close that connection; a client's EOF does not
@@ -99,16 +98,6 @@ def server(procs: Procs, spec: list[Any], *, backlog: int = 128,
     pytest.fail(f"server did not start\n{s.log()}")
 
 
-def eventually(fn: Callable[[], T], want: T, timeout: float = WAIT) -> T:
-    """Poll fn() until it returns want (the kernel finishes handshakes asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def diag() -> Iterator[SockDiag]:
     with SockDiag() as d:
@@ -148,7 +137,7 @@ def test_listener_queue_grows_and_backlog(diag: SockDiag, stack: ExitStack,
     assert entry in diag.tcp_listeners(family)  # unfiltered too
 
     clients = [connect(stack, family, (host, port)) for _ in range(3)]
-    assert eventually(lambda: diag.tcp_listeners(family, port)[0].queued, 3) == 3
+    assert settle(lambda: diag.tcp_listeners(family, port)[0].queued, 3) == 3
     # Waiting in the accept queue: full sockets, but no process holds them.
     queued = diag.tcp_connections(family, port)
     assert len(queued) == 3
@@ -195,7 +184,7 @@ def test_connection_fields_and_states(diag: SockDiag, stack: ExitStack) -> None:
         return next((c for c in diag.tcp_connections(AF_INET, port) if c.inode == ino(srv)),
                     None)
 
-    assert eventually(lambda: mine().rqueue, 10) == 10
+    assert settle(lambda: mine().rqueue, 10) == 10
     c = mine()
     assert (c.family, c.local_host, c.local_port) == (AF_INET, "127.0.0.1", port)
     assert (c.remote_host, c.remote_port) == ("127.0.0.1", client.getsockname()[1])
@@ -206,7 +195,7 @@ def test_connection_fields_and_states(diag: SockDiag, stack: ExitStack) -> None:
     assert mine().last_data_recv_ms >= 250  # the clock the retirement policy reads
 
     client.shutdown(socket.SHUT_WR)  # the client is done sending; the server still holds it
-    assert eventually(lambda: mine().state, TcpState.CLOSE_WAIT) == TcpState.CLOSE_WAIT
+    assert settle(lambda: mine().state, TcpState.CLOSE_WAIT) == TcpState.CLOSE_WAIT
     assert in_flight(diag, [Address(AF_INET, "127.0.0.1", port)], [os.getpid()]) == 1
 
     # Server half-closed, still reading: FIN_WAIT2 once the client ACKs, still in flight.
@@ -214,7 +203,7 @@ def test_connection_fields_and_states(diag: SockDiag, stack: ExitStack) -> None:
     srv2, _ = lst.accept()
     stack.enter_context(srv2)
     srv2.shutdown(socket.SHUT_WR)
-    state = eventually(lambda: next(c.state for c in diag.tcp_connections(AF_INET, port)
+    state = settle(lambda: next(c.state for c in diag.tcp_connections(AF_INET, port)
                                     if c.inode == ino(srv2)), TcpState.FIN_WAIT2)
     assert state == TcpState.FIN_WAIT2
     assert in_flight(diag, [Address(AF_INET, "127.0.0.1", port)], [os.getpid()]) == 2
@@ -233,7 +222,7 @@ def test_in_flight_counts_right_pids_and_addresses(procs: Procs, diag: SockDiag,
     def count(addrs: list[Address], pids: list[int]) -> int:
         return in_flight(diag, addrs, pids)
 
-    assert eventually(lambda: count([a4, a6], [srv.pid]), 5) == 5
+    assert settle(lambda: count([a4, a6], [srv.pid]), 5) == 5
     assert count([a4], [srv.pid]) == 3
     assert count([a6], [srv.pid]) == 2
     assert count([Address(AF_INET, "0.0.0.0", port)], [srv.pid]) == 3
@@ -251,9 +240,9 @@ def test_in_flight_counts_right_pids_and_addresses(procs: Procs, diag: SockDiag,
     assert count([], [srv.pid]) == 0
 
     v4[0].sendall(b"close")  # the server closes it: no longer in flight
-    assert eventually(lambda: count([a4], [srv.pid]), 2) == 2
+    assert settle(lambda: count([a4], [srv.pid]), 2) == 2
     v6[0].shutdown(socket.SHUT_WR)  # EOF: the server keeps it (CLOSE_WAIT), still in flight
-    assert eventually(
+    assert settle(
         lambda: sum(c.state == TcpState.CLOSE_WAIT for c in diag.tcp_connections(AF_INET6, port)),
         1) == 1
     assert count([a6], [srv.pid]) == 2
@@ -267,7 +256,7 @@ def test_ipv4_clients_of_a_v6_socket_are_mapped(procs: Procs, diag: SockDiag,
     for _ in range(2):
         connect(stack, AF_INET, ("127.0.0.1", port))
     mapped = Address(AF_INET6, "::ffff:127.0.0.1", port)
-    assert eventually(lambda: in_flight(diag, [mapped], [srv.pid]), 2) == 2
+    assert settle(lambda: in_flight(diag, [mapped], [srv.pid]), 2) == 2
     conns = diag.tcp_connections(AF_INET6, port)
     assert {c.local_host for c in conns} == {"::ffff:127.0.0.1"}
     assert {c.remote_host for c in conns} == {"::ffff:127.0.0.1"}
@@ -330,7 +319,7 @@ def test_unix_connections_and_in_flight(procs: Procs, diag: SockDiag, stack: Exi
     abstract_client = connect(stack, AF_UNIX, abstract)
     addrs = [Address(AF_UNIX, path=p) for p in (rel, os.fsencode(absolute),
                                                  os.fsencode(abstract))]
-    assert eventually(lambda: in_flight(diag, addrs, [srv.pid]), 4) == 4
+    assert settle(lambda: in_flight(diag, addrs, [srv.pid]), 4) == 4
 
     conns = diag.unix_connections(rel)
     assert {c.peer_inode for c in conns} == {ino(c) for c in rel_clients}
@@ -342,7 +331,7 @@ def test_unix_connections_and_in_flight(procs: Procs, diag: SockDiag, stack: Exi
     assert in_flight(diag, addrs, [os.getpid()]) == 0  # we hold the client ends only
 
     rel_clients[0].sendall(b"close")
-    assert eventually(lambda: in_flight(diag, addrs, [srv.pid]), 3) == 3
+    assert settle(lambda: in_flight(diag, addrs, [srv.pid]), 3) == 3
 
     # The file gone, the relative name still matches by suffix.
     os.unlink(short_tmp / "rel.sock")
@@ -385,7 +374,7 @@ def test_in_flight_speed_1000_connections(procs: Procs, diag: SockDiag,
     for _ in range(n):
         connect(stack, AF_INET, ("127.0.0.1", port))
     addr = [Address(AF_INET, "127.0.0.1", port)]
-    assert eventually(lambda: in_flight(diag, addr, [srv.pid]), n, timeout=30) == n
+    assert settle(lambda: in_flight(diag, addr, [srv.pid]), n, timeout=30) == n
 
     def timed(fn: Callable[[], object], rounds: int = 15) -> float:
         times = []

@@ -1,7 +1,7 @@
 """A small threaded HTTP server for hupt's lifecycle tests.
 
     health_server.py HOST:PORT [--fail-health-if PATH] [--notify-after S]
-                              [--no-notify-if PATH] [--ignore-term]
+                              [--notify-when PATH] [--no-notify-if PATH] [--ignore-term]
 
 /          "ok pid=<pid>"
 /healthz   200, or 503 while the file given by --fail-health-if exists
@@ -11,7 +11,9 @@
            finish, then exits with status N: a crash between requests
 
 --notify-after S: send READY=1 to $NOTIFY_SOCKET S seconds after listening,
-unless the file given by --no-notify-if exists at start.
+unless the file given by --no-notify-if exists at start.  --notify-when PATH:
+send it once PATH exists (the test decides when the server is ready).  Either
+way the server accepts only once it has sent READY=1 (connections queue).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("address")
     ap.add_argument("--fail-health-if")
     ap.add_argument("--notify-after", type=float)
+    ap.add_argument("--notify-when")
     ap.add_argument("--no-notify-if")
     ap.add_argument("--ignore-term", action="store_true",
                     help="ignore SIGTERM (exit 0 on SIGUSR1 instead)")
@@ -92,9 +95,11 @@ def main() -> None:
 
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer((host, int(port)), Handler)
-    if args.notify_after is not None and not (args.no_notify_if
-                                              and os.path.exists(args.no_notify_if)):
-        time.sleep(args.notify_after)
+    notify = args.notify_after is not None or args.notify_when is not None
+    if notify and not (args.no_notify_if and os.path.exists(args.no_notify_if)):
+        time.sleep(args.notify_after or 0.0)
+        while args.notify_when is not None and not os.path.exists(args.notify_when):
+            time.sleep(0.02)
         target = os.environ["NOTIFY_SOCKET"]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(b"READY=1\nSTATUS=serving", target)

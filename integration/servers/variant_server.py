@@ -14,6 +14,8 @@ connection):
     --port0          also listen on 127.0.0.1:0 (a port the kernel chooses), served by a
                      thread; GET /port0 answers that port
     --start-delay S  sleep S seconds before binding (a generation slow to get ready)
+    --wait-while PATH  before binding, wait as long as PATH exists (a generation that
+                     gets ready when the test says so)
     --nonblock-if PATH  the listener is made non-blocking (O_NONBLOCK) before bind() if
                      PATH exists at start, blocking otherwise, and never changed after:
                      each generation asks for its own mode (accept tolerates both, as
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--daemonize", type=int, nargs="?", const=1, default=0, metavar="N")
     parser.add_argument("--port0", action="store_true")
     parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument("--wait-while", metavar="PATH")
     parser.add_argument("--idle-timeout", type=float, default=15.0)
     parser.add_argument("--nonblock-if", metavar="PATH")
     args = parser.parse_args()
@@ -157,6 +160,8 @@ def main() -> None:
     for _ in range(args.daemonize):
         daemonize()
     time.sleep(args.start_delay)
+    while args.wait_while and os.path.exists(args.wait_while):
+        time.sleep(0.02)
     server = make_server(args.address)
     stop_on_signals(server)
     extra = None

@@ -1,0 +1,89 @@
+"""Unix stream sockets under hupt run: a path, an abstract name, a path relative to the cwd.
+
+Servers unlink their socket path before binding (and at exit), as gunicorn
+does: hupt answers the unlink of a held path with 0 and leaves the file, so
+every generation binds the very socket file of the first; once no generation
+serves it, hupt removes the path itself. Asserted under load: 0 failed
+requests, the same listening socket (inode) in every generation, the same
+socket file on disk. Exec mode and hupt attach have their unix socket tests
+in test_exec_mode.py and test_attach.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from harness import Procs, listener_inode, unix_cmd, variant_cmd, wait_listening
+from load import Load, Target
+from supervision import (
+    check_load,
+    held_by_hupt,
+    ping,
+    reload_many,
+    stop_gracefully,
+    wait_single_generation,
+)
+
+
+def test_unix_socket_server_reloads(procs: Procs, short_tmp: Path) -> None:
+    path = str(short_tmp / "app.sock")
+    h = procs.hupt("--drain-timeout", "20", cmd=unix_cmd(path))
+    wait_listening(path, 20, proc=h)
+    with Load(path, fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        reload_many(h, 8, path, pause=0.15)
+        time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary()
+    assert len(load.result.pids) >= 4
+    assert os.path.exists(path), "the server's unlink of a held path must not remove it"
+
+
+def test_abstract_unix_socket_reloads(procs: Procs) -> None:
+    name = f"hupt-test-{uuid.uuid4().hex[:12]}"
+    target: Target = "\0" + name
+    h = procs.hupt("--drain-timeout", "20", "--kill-timeout", "5",
+                   cmd=variant_cmd(f"unix:@{name}"))
+    wait_listening(target, 20, proc=h)
+    inode = listener_inode("@" + name)
+    assert inode is not None and held_by_hupt(h) == {inode}
+    with Load(target, fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        numbers = [n for n, _ in reload_many(h, 5, "@" + name)]
+        time.sleep(0.3)
+    check_load(load.result)
+    assert len(load.result.pids) >= 4, load.result.summary()
+    assert numbers == [2, 3, 4, 5, 6]
+    assert ping(h)[6]["listening"] == [f"unix:@{name}"]
+    wait_single_generation(h)
+    assert listener_inode("@" + name) == inode
+    stop_gracefully(h)
+
+
+def test_unix_path_relative_to_cwd_reloads(procs: Procs, short_tmp: Path) -> None:
+    path = short_tmp / "app.sock"
+    # The server binds (and unlinks) "app.sock" as given: against its cwd.
+    h = procs.hupt("--drain-timeout", "20", "--kill-timeout", "5",
+                   cmd=unix_cmd("app.sock"), cwd=short_tmp)
+    wait_listening(str(path), 20, proc=h)
+    held = held_by_hupt(h)
+    assert len(held) == 1
+    inode = next(iter(held))
+    file_inode = path.stat().st_ino
+    # hupt resolved the relative name against the server's cwd.
+    assert [g["listening"] for g in ping(h).values()] == [[f"unix:{path}"]]
+    with Load(str(path), fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        reload_many(h, 5, None, inode=inode)  # the kernel lists the name as bound: app.sock
+        time.sleep(0.3)
+    check_load(load.result)
+    assert len(load.result.pids) >= 4, load.result.summary()
+    # Every generation unlinked "app.sock" before binding: the path must be the original file.
+    assert path.is_socket() and path.stat().st_ino == file_inode
+    wait_single_generation(h)
+    assert path.stat().st_ino == file_inode, "a retired generation's unlink removed the path"
+    stop_gracefully(h)
+    # Once no generation serves it, the path goes, as the server's own unlink at exit would.
+    assert not path.exists(), "a dead socket file was left behind"
