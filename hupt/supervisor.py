@@ -48,13 +48,30 @@ from hupt.loop import Loop
 from hupt.options import Options, servers_env
 from hupt.reload import Reloader, fmt
 from hupt.revive import Reviver
+from hupt.safefs import write_pidfile
 from hupt.sdnotify import Notifier
 from hupt.snapshot import generation, snapshot
 from hupt.system import System
 from hupt.upgrade import ReloadRecord, Upgrade, Waiter
 from hupt.watch import Watcher
 
-__all__ = ["KEEP_EXITED", "Options", "Supervisor", "Waiter", "filtered_calls", "servers_env"]
+__all__ = ["FORWARDED", "KEEP_EXITED", "Options", "Supervisor", "Waiter", "filtered_calls",
+           "servers_env"]
+
+# Signals hupt does not use, forwarded to the serving generation instead of
+# killing hupt (their default action): USR1 (log reopening), QUIT (nginx's
+# graceful stop), WINCH (nginx: stop the workers), ALRM, IO, PWR, STKFLT and
+# the real-time ones.  Not forwarded: what hupt uses (HUP, TERM, INT, USR2,
+# CHLD); KILL and STOP (cannot be caught); job control (TSTP, TTIN, TTOU,
+# CONT: stopping hupt is the shell's business, and a terminal sends them to
+# the server's process group itself); what the kernel raises for hupt's own
+# doing (PIPE, which Python ignores, SEGV, BUS, FPE, ILL, TRAP, ABRT, SYS,
+# XCPU, XFSZ, PROF, VTALRM, URG).
+FORWARDED = tuple(
+    [s for s in (signal.SIGUSR1, signal.SIGQUIT, signal.SIGWINCH, signal.SIGALRM, signal.SIGIO,
+                 getattr(signal, "SIGPWR", None), getattr(signal, "SIGSTKFLT", None))
+     if s is not None]
+    + list(range(signal.SIGRTMIN, signal.SIGRTMAX + 1)))
 
 
 class _FileWatch:
@@ -84,6 +101,7 @@ class Supervisor:
         self._control = control
         self._signals: list[int] = []
         self._interrupts = 0
+        self._pidfile_written = False
         self._stop_waiters: list[Waiter] = []
         loop = self.loop = Loop(system.now)
         self.fleet = Fleet(system, options, loop, on_notify=self.on_notify,
@@ -160,8 +178,8 @@ class Supervisor:
     def start(self) -> None:
         """Start generation 1 (raises HuptError if it cannot start)."""
         if self.opts.pidfile:
-            with open(self.opts.pidfile, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            write_pidfile(self.opts.pidfile, os.getpid())  # one line if it cannot be
+            self._pidfile_written = True
         gen = self.fleet.spawn()
         gen.to(State.SERVING)
         gen.ready_at = self.sys.now()
@@ -232,7 +250,8 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         state = ("stopping" if self.stopping
-                 else "reloading" if self.reloader.upgrade else "running")
+                 else "reloading" if self.reloader.upgrade
+                 else "down: starting it again" if self.reviver.pending else "running")
         return snapshot(self.sys, self.fleet.gens, command=self.opts.argv,
                         exec_mode=self.opts.exec_mode, state=state,
                         uptime=time.time() - self.started_at, history=self.reloader.history)
@@ -245,7 +264,8 @@ class Supervisor:
         """Run until every generation has exited; return hupt's exit status."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2,
+                   *FORWARDED)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         # hupt attach blocks them while it takes the server over (a default
         # SIGTERM then would leave the server with a filter nobody answers);
@@ -276,7 +296,7 @@ class Supervisor:
             self.fleet.close()
             self.hooks.close()
             self.fleet.close_listeners()
-            if self.opts.pidfile:
+            if self.opts.pidfile and self._pidfile_written:
                 with contextlib.suppress(OSError):
                     os.unlink(self.opts.pidfile)
         return self.exit_code if self.exit_code is not None else 0
@@ -311,6 +331,19 @@ class Supervisor:
                 self.end_draining()
             elif s == signal.SIGCHLD:
                 self.fleet.rescan_soon()
+            elif s in FORWARDED:
+                self._forward(s)
+
+    def _forward(self, sig: int) -> None:
+        """As if ``sig`` had been sent to the server's own PID: to the serving
+        generation's main process (each copy's, with --multi)."""
+        gen, name = self.fleet.current, _signame(sig)
+        if gen is None or not gen.alive:
+            log.warn(f"{name}: no generation serves: not forwarded")
+            return
+        pids = [p for p in gen.copies or [gen.pid] if not gen.pids or p in gen.pids]
+        log.info(f"{name}: forwarded to {gen}")
+        self.sys.signal(pids or [gen.pid], sig)
 
     # -- what the parts report ------------------------------------------------------------
     def on_notify(self, gen: Generation) -> None:
@@ -405,16 +438,22 @@ class Supervisor:
             return
         if self.fleet.current is not None or self.stopping:
             return
-        if up.revive:
+        if up.revive or (self.opts.exec_mode and up.fresh):
+            # Exec mode: the new image and the command started afresh both
+            # failed.  The sockets stay held (clients queue) and the command is
+            # tried again, as --revive does, until it serves or hupt is stopped.
             self.reviver.schedule()
+            self.announcer.status(f"down: no generation serves ({up.gen or 'none'} failed); "
+                                  "starting it again")
         elif not self.reviver.pending:
             self.request_stop()  # nothing serves any more
 
     def _release_unused(self) -> None:
         if self.reloader.upgrade is not None or self.reviver.pending:
             return  # a starting generation may still bind anything held
-        if self.fleet.current is None and self.opts.revive and not self.stopping:
-            return
+        if (self.fleet.current is None and (self.opts.revive or self.opts.exec_mode)
+                and not self.stopping):
+            return  # held for the generation a revive or a fresh start brings back
         self.fleet.release_unused()
 
     def _hook_env(self) -> dict[str, str]:
@@ -438,6 +477,13 @@ def _exit_code(status: int | None, retired_by_hupt: bool) -> int:
     if status < 0:
         return 0 if retired_by_hupt else 128 - status
     return status
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
 
 
 def _drain_pipe(fd: int) -> None:

@@ -157,17 +157,39 @@ def test_image_dying_before_ready_starts_the_command_afresh(fake: FakeSystem) ->
     assert sup.current is fresh and state_of(fresh) is State.SERVING
 
 
-def test_fresh_start_dying_too_stops_hupt_with_its_status(fake: FakeSystem) -> None:
+def test_fresh_start_dying_too_keeps_the_sockets_and_tries_again(fake: FakeSystem) -> None:
     sup = make(fake)
-    reload_to_exec(sup, fake)
+    w = reload_to_exec(sup, fake)
     fake.exit(2, 1)
     fake.advance(1.5)
     sup.tick()
+    assert w.result is not None and not w.result[0]
     fake.exit(3, 4)
     fake.advance(1.5)
     sup.tick()
-    assert sup.stopping and sup.exit_code == 4, "the fresh start's, the last to die"
-    assert [g.state for g in sup.gens] == [State.EXITED] * 3
+    assert not sup.stopping, "the service is not taken down"
+    assert [state_of(g) for g in sup.gens] == [State.EXITED] * 3
+    assert len(fake.listeners) == 1, "the sockets stay held: clients queue"
+    assert sup.status()["state"] == "down: starting it again"
+    fake.advance(0.6)
+    sup.tick()
+    fresh = sup.gens[3]
+    assert state_of(fresh) is State.STARTING and fake.events[-1] == "spawn 4"
+    fake.exit(4, 4)  # and again: a longer wait, still held
+    fake.advance(0.1)
+    sup.fleet.rescan_soon()
+    sup.tick()
+    fake.advance(0.6)
+    sup.tick()
+    assert len(sup.gens) == 4, "backoff: 1 s the second time"
+    fake.advance(0.5)
+    sup.tick()
+    assert len(sup.gens) == 5
+    fake.listen(5, A)
+    sup.on_notify(sup.gens[4])
+    assert sup.current is sup.gens[4] and state_of(sup.gens[4]) is State.SERVING
+    sup.request_stop()
+    assert sup.stopping
 
 
 def test_image_not_ready_in_time_is_drained_and_the_command_started_afresh(
