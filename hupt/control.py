@@ -20,6 +20,23 @@ the given PID to the first one with a control socket.  A server taken over by
 ``hupt attach`` is not below its hupt: the attach process adds an alias, a
 symlink named after the server's PID to its own socket, which the same walk
 finds from any process of the server.
+
+Trust, both ways (issue 13):
+
+* The runtime directory is checked before use by hupt and by the CLI alike
+  (hupt/safefs.py: a real directory, this user's, mode 0700, never a symlink).
+* The CLI believes only a peer running as its own uid or root (SO_PEERCRED
+  of the listening socket, taken when hupt called listen()): a socket someone
+  else put where hupt's should be gets one line and exit 2, never a "done".
+* A request is one line of at most MAX_REQUEST bytes; a longer one is
+  answered with an error and hung up on (one log line), so a client cannot
+  make hupt buffer without bound.  A line that is JSON but not an object gets
+  an error result too.
+* A hupt that was killed leaves its socket behind.  The next hupt to start and
+  ``hupt status`` remove every socket in the directory that nobody answers on
+  (connect() refused).  A hupt binds its socket under a temporary name and
+  renames it into place only once it listens, so a socket under a final name
+  is never refused merely for being a moment too young.
 """
 
 from __future__ import annotations
@@ -28,16 +45,21 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from hupt import log
-from hupt.errors import ControlError, NotUnderHupt
+from hupt.errors import ControlError, ControlTimeout, NotUnderHupt, Refused
+from hupt.safefs import private_dir
 from hupt.system import parent_of
 
 Message = dict[str, Any]
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+# The longest request line: the commands are a few dozen bytes.
+MAX_REQUEST = 4096
 
 
 def runtime_dir(uid: int | None = None) -> str:
@@ -54,11 +76,89 @@ def socket_path(pid: int, uid: int | None = None) -> str:
     return os.path.join(runtime_dir(uid), f"{pid}.sock")
 
 
+def ensure_runtime_dir() -> str:
+    """This user's runtime directory, created if missing, refused (Refused) if unsafe."""
+    d = runtime_dir()
+    private_dir(d, create=True)
+    return d
+
+
+def existing_runtime_dir() -> str | None:
+    """This user's runtime directory if it exists (None if not); Refused if unsafe."""
+    d = runtime_dir()
+    return d if private_dir(d, create=False) else None
+
+
+def _answers(path: str, kind: int) -> bool | None:
+    """Whether someone listens on the unix socket ``path`` (None: the path is gone).
+
+    Only a refused connect() means nobody: a full backlog or a slow peer is
+    someone.
+    """
+    s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except ConnectionRefusedError:
+        return False
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
+def clean_stale(directory: str, keep: str | None = None) -> list[str]:
+    """Remove the sockets and aliases in ``directory`` that nobody answers on.
+
+    Control sockets (``PID.sock``), attach aliases (symlinks to one) and
+    sd_notify sockets (``PID.N.notify``, datagram) left by a hupt that was
+    killed.  Returns the paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if name.endswith(".sock"):
+            kind = socket.SOCK_STREAM
+        elif name.endswith(".notify"):
+            kind = socket.SOCK_DGRAM
+        else:
+            continue
+        path = os.path.join(directory, name)
+        if path == keep:
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            target = os.path.join(directory, os.readlink(path))
+            stale = os.path.dirname(os.path.normpath(target)) != directory or \
+                _answers(target, kind) is not True
+        elif stat.S_ISSOCK(st.st_mode):
+            stale = _answers(path, kind) is False
+        else:
+            continue
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 def find_instance(pid: int) -> int:
     """The PID of the hupt that supervises ``pid`` (which may be hupt itself)."""
     p = pid
     if not os.path.exists(f"/proc/{pid}"):
         raise NotUnderHupt(f"no process with PID {pid}")
+    if existing_runtime_dir() is None:
+        raise NotUnderHupt(f"PID {pid} is not under hupt (no hupt instance of this user: "
+                           f"{runtime_dir()} does not exist)")
     while p > 1:
         path = socket_path(p)
         if os.path.exists(path):
@@ -103,17 +203,40 @@ class Peer:
         if not data:
             self.close()
             return
+        if self.close_when_flushed:
+            return  # answered for good: what else comes is not read
         self._in += data
         while b"\n" in self._in:
             line, self._in = self._in.split(b"\n", 1)
+            if len(line) > MAX_REQUEST:
+                self._too_large()
+                return
             try:
                 msg = json.loads(line)
-            except ValueError:
-                self.send({"event": "result", "ok": False, "reason": "malformed request"})
-                self.finish()
+            except (ValueError, RecursionError):
+                self._reject("malformed request")
                 return
-            if isinstance(msg, dict):
-                self._on_message(self, msg)
+            if not isinstance(msg, dict):
+                self._reject(f"malformed request: a JSON object expected, not "
+                             f"{type(msg).__name__}")
+                return
+            self._on_message(self, msg)
+            if self.closed:
+                return
+        if len(self._in) > MAX_REQUEST:
+            self._too_large()
+
+    def _reject(self, reason: str) -> None:
+        self.send({"event": "result", "ok": False, "reason": reason})
+        self.finish()
+
+    def _too_large(self) -> None:
+        """Answer once and hang up: nothing more of the request is read."""
+        log.warn(f"refused a control request over {MAX_REQUEST} bytes")
+        self._in = b""
+        self.send({"event": "result", "ok": False,
+                   "reason": f"request too large (over {MAX_REQUEST} bytes)"})
+        self.close()
 
     def send(self, msg: Message) -> None:
         if self.closed:
@@ -153,17 +276,23 @@ class Peer:
 
 class ControlServer:
     def __init__(self, pid: int | None = None) -> None:
-        self.path = socket_path(pid or os.getpid())
-        d = os.path.dirname(self.path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        if os.getuid() != 0:
-            os.chmod(d, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        d = ensure_runtime_dir()
+        self.path = os.path.join(d, f"{pid or os.getpid()}.sock")
+        for stale in clean_stale(d, keep=self.path):
+            log.info(f"removed {stale}: nobody answers on it (left by a hupt that was killed)")
+        # Listening before it has its name (see the module's docstring).
+        young = os.path.join(d, f".{os.path.basename(self.path)}.{os.urandom(4).hex()}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(16)
+        try:
+            self.sock.bind(young)
+            os.chmod(young, 0o600)
+            self.sock.listen(16)
+            os.rename(young, self.path)  # replaces one of a hupt with this PID before
+        except BaseException:
+            self.sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(young)
+            raise
         self.sock.setblocking(False)
         self._aliases: set[str] = set()
 
@@ -223,6 +352,17 @@ class ControlServer:
         self._aliases.clear()
 
 
+def _check_peer(s: socket.socket, path: str) -> None:
+    """Believe only hupt's own user or root (see the module's docstring)."""
+    pid, uid, _ = _UCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             _UCRED.size))
+    me = os.geteuid()
+    if uid not in (0, me):
+        raise Refused(f"the process answering on {path} (pid {pid}) runs as uid {uid}, not "
+                      f"as uid {me} or root: refusing to believe it (someone else's socket "
+                      f"in the runtime directory?)")
+
+
 def _line(msg: Message) -> bytes:
     return json.dumps(msg).encode() + b"\n"
 
@@ -230,21 +370,29 @@ def _line(msg: Message) -> bytes:
 def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterator[Message]:
     """Send ``msg`` to the hupt with PID ``hupt_pid`` and yield its answers until the result."""
     path = socket_path(hupt_pid)
+    deadline = None if timeout is None else time.monotonic() + timeout
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         s.connect(path)
+    except TimeoutError as e:
+        s.close()
+        raise ControlTimeout(f"hupt {hupt_pid} did not answer within {timeout:g} s") from e
     except OSError as e:
         s.close()
         raise ControlError(f"cannot reach hupt {hupt_pid} at {path}: {e.strerror}") from e
     with s:
+        _check_peer(s, path)
         s.sendall(_line(msg))
         buf = b""
         while True:
+            if deadline is not None:  # the whole exchange, not each read
+                s.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 data = s.recv(65536)
             except TimeoutError as e:
-                raise ControlError(f"hupt {hupt_pid} did not answer in time") from e
+                raise ControlTimeout(f"hupt {hupt_pid} gave no result within {timeout:g} s") \
+                    from e
             if not data:
                 raise ControlError(f"hupt {hupt_pid} closed the connection without a result")
             buf += data

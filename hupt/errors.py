@@ -31,6 +31,16 @@ class NotUnderHupt(ControlError):
     """The given PID belongs to no hupt instance of this user."""
 
 
+class ControlTimeout(ControlError):
+    """No result within the client's timeout: the operation may still be going on."""
+
+
+class Refused(HuptError):
+    """A path or a peer hupt would have to trust is not safe (a symlink, someone
+    else's directory, a socket answered by another user): nothing was started
+    or believed."""
+
+
 class ReloadFailed(HuptError):
     """A reload did not produce a serving generation; the old one still serves."""
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.address import Address
-from hupt.control import runtime_dir
+from hupt.control import ensure_runtime_dir
 from hupt.errors import HuptError
 from hupt.generations import Generation, State
 from hupt.loop import Loop
@@ -258,8 +258,7 @@ class Fleet:
         env = dict(self.opts.env)
         if self.opts.ready.kind != "notify":
             return env, None
-        directory = runtime_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        directory = ensure_runtime_dir()  # checked: never a symlink, never someone else's
         listener = Listener(directory, f"{os.getpid()}.{number}.notify")
         env["NOTIFY_SOCKET"] = listener.path
         return env, listener

@@ -47,9 +47,13 @@ def collect(pid: int | None) -> dict[str, Any]:
     if pid is not None:
         pids = [control.find_instance(pid)]
     else:
+        directory = control.existing_runtime_dir()
+        if directory is None:
+            return {"schema": SCHEMA, "instances": []}
+        control.clean_stale(directory)  # sockets of killed hupts: nobody answers
         # An attached server's pid names a symlink to its hupt's socket: one instance.
         pids = sorted(int(os.path.basename(p)[:-5])
-                      for p in glob.glob(os.path.join(control.runtime_dir(), "*.sock"))
+                      for p in glob.glob(os.path.join(directory, "*.sock"))
                       if os.path.basename(p)[:-5].isdigit() and not os.path.islink(p))
     instances = []
     for p in pids:
