@@ -6,6 +6,13 @@ lines carry a timestamp and "hupt[PID]:" so they can be told apart from the
 server's in a journal.  rich is imported only when stderr is a terminal:
 it costs tens of milliseconds that ``hupt run`` should not spend before the
 server starts.
+
+One error repeating (a fault hit at every wake-up, a flood of bad control
+requests) must not grow a log without bound: of identical lines (same kind
+and text), at most REPEAT_BURST are written per REPEAT_WINDOW seconds; the
+rest are counted, and the count is written as "… repeated N times" once the
+window is over (at the next line written after it, or at ``flush()``).  At
+most REPEAT_KEYS distinct lines are tracked; the oldest make way.
 """
 
 from __future__ import annotations
@@ -20,15 +27,70 @@ _verbose = False
 _is_tty = sys.stderr.isatty()
 _STYLE = {"info": "cyan", "ok": "green", "warn": "yellow", "error": "bold red", "debug": "dim"}
 
+REPEAT_WINDOW = 10.0
+REPEAT_BURST = 5
+REPEAT_KEYS = 64
+_clock = time.monotonic
+
+
+class _Seen:
+    __slots__ = ("since", "suppressed", "written")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.written = 0
+        self.suppressed = 0
+
+
+_seen: dict[tuple[str, str], _Seen] = {}
+
 
 def configure(*, verbose: bool = False, color: bool | None = None) -> None:
     global _console, _verbose, _is_tty
     _verbose = verbose or bool(os.environ.get("HUPT_DEBUG"))
     _is_tty = sys.stderr.isatty() if color is None else color
     _console = None
+    _seen.clear()  # a fresh start: nothing counted
 
 
 def _emit(kind: str, msg: str) -> None:
+    now = _clock()
+    _summarize(now)
+    key = (kind, msg)
+    seen = _seen.get(key)
+    if seen is None:
+        if len(_seen) >= REPEAT_KEYS:
+            oldest = min(_seen, key=lambda k: _seen[k].since)
+            _repeated(oldest, _seen.pop(oldest))
+        seen = _seen[key] = _Seen(now)
+    if seen.written >= REPEAT_BURST:
+        seen.suppressed += 1
+        return
+    seen.written += 1
+    _write(kind, msg)
+
+
+def _summarize(now: float) -> None:
+    """Write the counts of the windows that are over, and forget them."""
+    for key in [k for k, s in _seen.items() if now - s.since >= REPEAT_WINDOW]:
+        _repeated(key, _seen.pop(key))
+
+
+def _repeated(key: tuple[str, str], seen: _Seen) -> None:
+    if seen.suppressed:
+        kind, msg = key
+        first = msg.splitlines()[0] if msg else msg
+        short = first if len(first) <= 80 else first[:77] + "..."
+        _write(kind, f"… repeated {seen.suppressed} times: {short}")
+
+
+def flush() -> None:
+    """Write every count not written yet (at exit)."""
+    for key in list(_seen):
+        _repeated(key, _seen.pop(key))
+
+
+def _write(kind: str, msg: str) -> None:
     global _console
     # A message that cannot be written (the terminal hung up, stderr closed)
     # must never take the supervisor, and so the servers' handoffs, down.
