@@ -2,8 +2,10 @@
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
-Exit statuses: 0 success, 1 the operation failed (e.g. a reload that did not
-produce a serving generation), 2 bad usage or nothing to talk to; ``hupt run``
+Exit statuses (EXIT_HELP, also in the README): 0 success, 1 the operation
+failed (e.g. a reload that did not produce a serving generation), 2 bad usage,
+nothing to talk to, or a path or peer refused as unsafe, 3 no outcome within
+``hupt reload --timeout`` (the reload may still be going on); ``hupt run``
 exits with the server's status.
 """
 
@@ -18,13 +20,26 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hupt import log
-from hupt.errors import HuptError, NotUnderHupt, UsageError
+from hupt.errors import ControlTimeout, HuptError, NotUnderHupt, Refused, UsageError
 
 if TYPE_CHECKING:
     from hupt.system import Server
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+EXIT_HELP = """\
+exit status:
+  0    success (hupt run: the server's own status, 128+N if signal N ended it)
+  1    the operation failed: a reload that did not produce a serving
+       generation (the old one keeps serving), a stop hupt did not finish
+  2    bad usage; PID not under a hupt of this user; an unsafe runtime
+       directory, pidfile or control socket refused (nothing was started)
+  3    hupt reload --timeout expired: no outcome yet, the reload may still be
+       going on (see hupt status)
+  130  interrupted (Ctrl-C)
+"""
 
 DESCRIPTION = """\
 Zero-downtime restarts for unmodified Linux servers.
@@ -41,7 +56,11 @@ examples:
   kill -HUP <hupt pid>          # reload (or: hupt reload <pid>)
 
 signals to hupt: HUP reload; TERM/INT stop gracefully (a second INT stops at
-once); USR2 end every drain now.
+once); USR2 end every drain now. USR1, QUIT, WINCH, ALRM, IO, PWR, STKFLT and
+the real-time signals are forwarded to the serving generation's main process
+(each copy's with --multi), as if sent to the server's own PID: `kill -USR1`
+reopens its logs. Job-control signals (TSTP, TTIN, TTOU, CONT) and those the
+kernel raises for hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
 """
 
 
@@ -100,7 +119,7 @@ def _pid(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hupt", description=DESCRIPTION,
+    p = _Parser(prog="hupt", description=DESCRIPTION, epilog=EXIT_HELP,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log every bind/listen handled")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -164,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", help="reload a server and wait for the outcome", description=(
             "Reload the server PID belongs to (hupt's PID or any process of the server) and "
             "wait: exit 0 once the new generation serves; 1 with the reason if it failed "
-            "(the old generation keeps serving)."))
+            "(the old generation keeps serving); 2 if PID is not under a hupt of this user; "
+            "3 if --timeout expired first (the reload may still be going on)."))
     rl.add_argument("pid", type=_pid, metavar="PID",
                     help="hupt's PID or the PID of any process of the server")
     rl.add_argument("--timeout", type=_seconds, default=None, metavar="S",
-                    help="give up waiting after S seconds (the reload goes on)")
+                    help="give up waiting after S seconds, exit status 3 (the reload goes "
+                         "on)")
 
     st = sub.add_parser(
         "stop", help="stop a server gracefully and wait", description=(
@@ -208,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
-    except (UsageError, NotUnderHupt) as e:
+    except (UsageError, NotUnderHupt, Refused) as e:
         _fail(str(e))
         return EXIT_USAGE
     except HuptError as e:
@@ -216,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    finally:
+        log.flush()  # repeats of the last lines, counted but not written yet
 
 
 def _fail(msg: str) -> None:
@@ -264,7 +287,12 @@ def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
     hupt_pid = control.find_instance(pid)
     exited = _exit_watch(hupt_pid) if until_exit else None
     try:
-        code = _exchange(hupt_pid, cmd, timeout, verb)
+        try:
+            code = _exchange(hupt_pid, cmd, timeout, verb)
+        except ControlTimeout:
+            _fail(f"{verb}: no outcome within {timeout:g} s; the {verb} may still be going "
+                  f"on (`hupt status {pid}` shows it)")
+            return EXIT_TIMEOUT
         if code == 0 and exited is not None and not _wait_readable(exited, EXIT_WAIT):
             _fail(f"{verb}: hupt (pid {hupt_pid}) answered but has not exited "
                   f"{EXIT_WAIT:g} s later")
