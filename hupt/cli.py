@@ -257,11 +257,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.drain_signal is not None and args.exec_mode:
         raise UsageError("hupt run: --drain-signal and --exec do not go together yet (the "
                          "server would exit instead of exec'ing its new code)")
+    from hupt.control import ensure_runtime_dir
     from hupt.linux import LinuxSystem
     from hupt.sdnotify import Notifier
     from hupt.supervisor import Options, Supervisor
     from hupt.system import become_subreaper
 
+    ensure_runtime_dir()  # an unsafe one is refused before anything starts
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,

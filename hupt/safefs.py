@@ -55,23 +55,28 @@ def private_dir(path: str, *, create: bool = True) -> bool:
             what = "a symlink" if os.path.islink(path) else "not a directory"
             raise Refused(f"the runtime directory {path} is {what}: refusing to use it "
                           f"(hupt needs a directory of its own there; remove it)") from None
+        if e.errno in (errno.EACCES, errno.EPERM):  # not ours to enter: say whose it is
+            _check(path, os.lstat(path), uid)
         raise Refused(f"cannot open the runtime directory {path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if created and st.st_uid == uid:  # ours since a moment ago: the umask may have cut bits
             os.fchmod(fd, PRIVATE_MODE)
             st = os.fstat(fd)
-        if st.st_uid != uid:
-            raise Refused(f"the runtime directory {path} belongs to uid {st.st_uid}, not to "
-                          f"uid {uid}: refusing to use it (someone else created it; "
-                          f"remove it)")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode != PRIVATE_MODE:
-            raise Refused(f"the runtime directory {path} has mode {mode:04o}, not 0700: "
-                          f"refusing to use it (chmod 700 it, or remove it)")
+        _check(path, st, uid)
     finally:
         os.close(fd)
     return True
+
+
+def _check(path: str, st: os.stat_result, uid: int) -> None:
+    if st.st_uid != uid:
+        raise Refused(f"the runtime directory {path} belongs to uid {st.st_uid}, not to "
+                      f"uid {uid}: refusing to use it (someone else created it; remove it)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != PRIVATE_MODE:
+        raise Refused(f"the runtime directory {path} has mode {mode:04o}, not 0700: "
+                      f"refusing to use it (chmod 700 it, or remove it)")
 
 
 def write_pidfile(path: str, pid: int) -> None:
