@@ -27,7 +27,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import HuptProcess, Procs, free_port, go_cmd, http_get, hupt_cli, wait_listening
+from harness import (
+    SERVERS,
+    HuptProcess,
+    Procs,
+    free_port,
+    go_cmd,
+    http_get,
+    hupt_cli,
+    wait_listening,
+)
 from load import Connection, Load, RequestFailed, Target, request_bytes
 
 RELOADS = 10
@@ -163,8 +172,20 @@ def status_of(h: HuptProcess) -> dict[str, object]:
 def test_go_shutdown_on_drain_signal_frees_persistent_clients_at_once(
         procs: Procs, go_server: Path) -> None:
     target = ("127.0.0.1", free_port())
+    reloads_under_persistent_clients(procs, go_cmd(go_server, target), target)
+
+
+def test_node_with_a_sigterm_handler_drains_itself_too(procs: Procs) -> None:
+    """servers/drain_node_server.js: server.close(), `Connection: close` while closing."""
+    target = ("127.0.0.1", free_port())
+    cmd = ["node", str(SERVERS / "drain_node_server.js"), f"{target[0]}:{target[1]}"]
+    reloads_under_persistent_clients(procs, cmd, target)
+
+
+def reloads_under_persistent_clients(procs: Procs, cmd: list[str],
+                                     target: tuple[str, int]) -> None:
     h = procs.hupt("--drain-signal", "TERM", "--drain-timeout", DRAIN_TIMEOUT,
-                   "--kill-timeout", "5", cmd=go_cmd(go_server, target))
+                   "--kill-timeout", "5", cmd=cmd)
     wait_listening(target, proc=h)
     took: list[float] = []
     with clients(target) as (load, held):
