@@ -387,6 +387,11 @@ def _unix_listeners() -> dict[int, str]:
     return found
 
 
+def unix_listeners() -> dict[int, str]:
+    """{inode: name} of the listening unix stream sockets, each by the name it was bound to."""
+    return _unix_listeners()
+
+
 def listener_inode(where: int | str) -> int | None:
     """Inode of the listening socket on TCP port `where` (v4 or v6) or unix path `where`."""
     if isinstance(where, int):

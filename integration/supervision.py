@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -38,6 +39,7 @@ from harness import (
     listener_inode,
     listener_inodes,
     ppid,
+    unix_listeners,
     wait_for,
     wait_gone,
     wait_listening,
@@ -99,8 +101,15 @@ def generations(h: HuptProcess) -> dict[int, set[int]]:
 
 
 def held_by_hupt(h: HuptProcess) -> set[int]:
-    """Inodes of the listening sockets in hupt's own fd table, bar its control socket."""
-    return listener_inodes(h.pid) - {listener_inode(control.socket_path(h.pid))}
+    """Inodes of the listening sockets in hupt's own fd table, bar its control socket.
+
+    The control socket is the unix socket in hupt's runtime directory. It is bound
+    under a temporary name there and renamed into place once it listens, and the
+    kernel lists a unix socket by the name it was bound to: known by its directory.
+    """
+    runtime = control.runtime_dir() + os.sep
+    control_sockets = {i for i, name in unix_listeners().items() if name.startswith(runtime)}
+    return listener_inodes(h.pid) - control_sockets
 
 
 def retired(h: HuptProcess, gen: int) -> bool:

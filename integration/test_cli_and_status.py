@@ -227,7 +227,8 @@ def test_reload_progress_and_status_plain_and_on_a_terminal(procs: Procs,
     assert code == 0, out
     assert ANSI.search(out), "colour on a terminal"
     text = ANSI.sub(b"", out).decode(errors="replace")
-    assert re.search(r"gen\s+state\s+pid\s+processes\s+age\s+in flight\s+listening", text), text
+    assert re.search(r"gen\s+state\s+pid\s+processes\s+age\s+in flight\s+draining\s+listening",
+                     text), text
     assert re.search(r"3\s+serving\s+\d+\s+1\s+", text), text
     assert re.search(rf"127\.0\.0\.1:{port}\s+0\s+1024", text), text
     h.signal(signal.SIGTERM)
