@@ -21,20 +21,7 @@ anything is in motion (a reload, a drain, a stop, a revive) it runs each
 second and at the start of a reload, so the processes paused are the
 current ones.
 
-Draining generations are polled: their accepted, still-open connections are
-counted in the kernel's tables; at zero (or at the drain timeout) a
-``Drained`` event says so, and whoever routes it retires the generation or,
-in exec mode, execs its root.  A drain still going after DRAIN_REPORT_AFTER
-seconds says once what holds it (``DrainSlow``: the connections still open).
-
---drain-signal asks a generation to drain itself: it is sent when the
-generation stops accepting for good (``start_draining``: a reload promoted
-its successor, a reload failed, hupt stops), never on a mere pause (the
---ready http probe pauses the old generation, which a rollback resumes).
-Only the server knows where its requests end, so only it can close a busy
-keep-alive connection without cutting a request: Go's Shutdown and nginx's
-QUIT answer with ``Connection: close`` and close at the next boundary.
-hupt still counts what is in flight and enforces the drain timeout.
+How they stop (pause, drain, retire) is hupt/draining.py.
 """
 
 from __future__ import annotations
@@ -43,7 +30,6 @@ import contextlib
 import functools
 import math
 import os
-import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,15 +46,14 @@ from hupt.system import System
 if TYPE_CHECKING:
     from hupt.options import Options
 
-DRAIN_POLL = 0.1
 MEMBERS_POLL = 1.0
 MEMBERS_IDLE_POLL = 10.0
 KEEP_EXITED = 10
 # A scan that keeps reaping (children dying as fast as it looks) gives up
-# after this many rounds and looks again one drain poll later.
+# after this many rounds and looks again a moment later.
 SCAN_ROUNDS = 4
+SCAN_RETRY = 0.1
 # A drain still going after this long says what holds it, once.
-DRAIN_REPORT_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -107,20 +92,13 @@ class Drained:
 
 @dataclass(frozen=True)
 class DrainSlow:
-    """A drain has lasted DRAIN_REPORT_AFTER seconds: ``message`` says what holds it."""
+    """A drain has lasted long (hupt/draining.py): ``message`` says what holds it."""
 
     gen: Generation
     message: str
 
 
 Event = Exited | CopyExited | ChildExited | Drained | DrainSlow
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 class Fleet:
@@ -168,9 +146,6 @@ class Fleet:
 
     def still_running(self, pids: Iterable[int]) -> set[int]:
         return self.sys.alive(pids)
-
-    def in_flight(self, gen: Generation) -> int | None:
-        return self.sys.in_flight(gen.pids, gen.listened)
 
     def program(self) -> str:
         """The file an exec runs now (raises HuptError if there is none)."""
@@ -345,69 +320,6 @@ class Fleet:
         for g in self.gens:
             self._drop_ready_socket(g)
 
-    # -- stopping them ------------------------------------------------------------------
-    def pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> None:
-        for p in self.sys.pause(gen.number, pids, lives_on):
-            log.warn(f"{gen}: could not stop accepting: {p}")
-        gen.paused |= pids
-
-    def resume(self, gen: Generation) -> list[str]:
-        problems = self.sys.resume(gen.number)
-        gen.paused = set()
-        return problems
-
-    def seal(self, gen: Generation) -> None:
-        for p in self.sys.seal(gen.number, gen.paused):
-            log.warn(f"{gen}: {p}")
-
-    def drain(self, gen: Generation, lives_on: Iterable[int] = ()) -> None:
-        """Stop ``gen`` accepting and let its in-flight connections finish."""
-        gen.lives_on = set(lives_on)
-        self.pause(gen, gen.pids, gen.lives_on)
-        self.start_draining(gen)
-
-    def start_draining(self, gen: Generation) -> None:
-        """``gen`` has stopped accepting for good: it drains (and gets --drain-signal)."""
-        gen.to(State.DRAINING)
-        now = self.sys.now()
-        gen.drain_started_at = now
-        gen.drain_deadline = now + self.opts.drain_timeout
-        gen.drain_polled_at = -math.inf
-        gen.drain_reported = False
-        self._send_drain_signal(gen, gen.pids)
-
-    def _send_drain_signal(self, gen: Generation, pids: Iterable[int]) -> None:
-        """--drain-signal to these processes of ``gen`` (never to one that lives on:
-        exec mode's root, which execs)."""
-        sig = self.opts.drain_signal
-        targets = set(pids) - gen.lives_on - gen.drain_signaled
-        if sig is None or not targets:
-            return
-        self.sys.signal(targets, sig)
-        first = not gen.drain_signaled
-        gen.drain_signal = sig
-        gen.drain_signaled |= targets
-        gen.retired_by_hupt = True  # its exit from now on is the one asked for
-        if first:
-            log.info(f"{gen}: sent {signal_name(sig)} (--drain-signal) to "
-                     f"{len(targets)} process(es)")
-        else:
-            log.debug(f"{gen}: sent {signal_name(sig)} to late process(es) "
-                      f"{sorted(targets)}")
-
-    def retire(self, gen: Generation, why: str) -> None:
-        log.info(f"retiring {gen}: {why}")
-        gen.to(State.RETIRING)
-        gen.retired_by_hupt = True
-        self.sys.signal(gen.pids, self.opts.stop_signal)
-        gen.kill_at = self.sys.now() + self.opts.kill_timeout
-
-    def kill_all(self) -> None:
-        for g in self.gens:
-            if g.alive:
-                g.retired_by_hupt = True
-                self.sys.signal(g.pids, signal.SIGKILL)
-
     # -- the held sockets ------------------------------------------------------------------
     def release_unused(self) -> None:
         """Close the held sockets no live generation listens on."""
@@ -447,7 +359,7 @@ class Fleet:
             if not reaped:
                 break
         else:
-            self._next_scan = now + DRAIN_POLL
+            self._next_scan = now + SCAN_RETRY
         # An exec-mode generation whose root runs a newer image keeps only its
         # other processes; they are still in the tree below that root.
         leftovers: set[int] = set()
@@ -463,7 +375,7 @@ class Fleet:
                 g.to(State.EXITED)
                 g.kill_at = g.drain_deadline = None
                 events.append(Exited(g, prev))
-        self._emit(events)
+        self.emit(events)
 
     def _reaped(self, pid: int, status: int, members: dict[int, set[int]],
                 events: list[Event]) -> None:
@@ -478,78 +390,14 @@ class Fleet:
                 events.append(CopyExited(g, pid, status))
         events.append(ChildExited(pid, status))
 
-    def _emit(self, events: list[Event]) -> None:
+    def emit(self, events: list[Event]) -> None:
         if events:
             self.loop.later(functools.partial(self._on_events, events))
 
     # -- timers --------------------------------------------------------------------------------
     def deadline(self) -> float:
-        if self.detached:
-            return math.inf
-        out = self._scan_due()
-        for g in self.gens:
-            if g.state is State.DRAINING:  # at once when it starts, then every poll
-                out = min(out, g.drain_polled_at + DRAIN_POLL)
-            elif g.state is State.RETIRING and g.kill_at is not None:
-                out = min(out, g.kill_at)
-        return out
+        return math.inf if self.detached else self._scan_due()
 
     def tick(self, now: float) -> None:
-        if self.detached:
-            return
-        if now >= self._scan_due():
+        if not self.detached and now >= self._scan_due():
             self.refresh()
-        drained: list[Event] = []
-        for g in self.gens:
-            if g.state is State.DRAINING:
-                drained += self._poll_drain(g, now)
-            elif g.state is State.RETIRING and g.kill_at is not None and now >= g.kill_at:
-                log.warn(f"{g} still running {self.opts.kill_timeout:g} s after the stop "
-                         "signal: SIGKILL")
-                self.sys.signal(g.pids, signal.SIGKILL)
-                g.kill_at = None
-        self._emit(drained)
-
-    def _poll_drain(self, g: Generation, now: float) -> list[Event]:
-        # A process forked just before the pause (or by one not yet paused)
-        # shows up in a later scan: it stops accepting too, and is asked to drain.
-        late = g.pids - g.paused
-        if late:
-            self.pause(g, late, g.lives_on & late)
-            self._send_drain_signal(g, late)
-        if self.opts.close_idle_ms is not None:
-            closed = self.sys.close_idle(g.pids, g.listened, self.opts.close_idle_ms)
-            if closed:
-                log.debug(f"{g}: closed {closed} idle connection(s)")
-        # Uncounted (the tables could not be read) is not drained: the drain
-        # timeout still ends it.
-        g.drain_polled_at = now
-        n = self.in_flight(g)
-        took = now - (g.drain_started_at if g.drain_started_at is not None else now)
-        if n == 0:
-            return [Drained(g, f"no connections in flight after {took:.1f} s of draining",
-                            False)]
-        if g.drain_deadline is not None and now >= g.drain_deadline:
-            return [Drained(g, f"drain timeout with {'?' if n is None else n} connection(s) "
-                            "still open", True)]
-        if not g.drain_reported and took >= DRAIN_REPORT_AFTER:
-            g.drain_reported = True
-            message = self.drain_holdup(g, n, took)
-            log.warn(message)
-            return [DrainSlow(g, message)]
-        return []
-
-    def drain_holdup(self, g: Generation, n: int | None, took: float) -> str:
-        """What holds ``g``'s drain, and what would end it sooner."""
-        count = f"{'?' if n is None else n} connection(s) still open"
-        limit = f"--drain-timeout {self.opts.drain_timeout:g} s"
-        if g.drain_signal is not None:
-            return (f"{g}: {count} {took:.0f} s after {signal_name(g.drain_signal)} "
-                    f"(--drain-signal); waiting for them up to {limit}")
-        if self.opts.exec_mode:
-            return (f"{g}: {count} after {took:.0f} s of draining before its exec; "
-                    f"waiting up to {limit} (keep-alive clients hold connections open; "
-                    "--close-idle closes idle ones; --drain-signal is fork mode only for now)")
-        return (f"{g}: {count} after {took:.0f} s of draining; keep-alive clients hold "
-                f"them until {limit}. A server that closes its connections itself on its "
-                "graceful-stop signal drains at once: see --drain-signal")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.address import Address
+from hupt.draining import Draining
 from hupt.errors import HuptError
 from hupt.fleet import Fleet
 from hupt.generations import Generation, State
@@ -55,10 +56,11 @@ HISTORY = 20
 
 
 class Reloader:
-    def __init__(self, fleet: Fleet, options: Options, loop: Loop, announcer: Announcer,
-                 hooks: HookRunner, *, stopping: Callable[[], bool],
+    def __init__(self, fleet: Fleet, draining: Draining, options: Options, loop: Loop,
+                 announcer: Announcer, hooks: HookRunner, *, stopping: Callable[[], bool],
                  on_over: Callable[[Upgrade, bool], None]) -> None:
         self.fleet = fleet
+        self.draining = draining
         self.opts = options
         self.loop = loop
         self.announcer = announcer
@@ -155,7 +157,7 @@ class Reloader:
             if old is not None and old.state is State.SERVING:
                 # It may accept again (a rollback): paused as one that lives on,
                 # sealed as a retiring one only once the probe has succeeded.
-                self.fleet.pause(old, old.pids, old.pids)
+                self.draining.pause(old, old.pids, old.pids)
                 up.paused_old = old
             up.tell(f"{gen} listened; {old or 'no generation'} paused, probing {policy}")
         elif policy.kind == "delay":
@@ -200,12 +202,12 @@ class Reloader:
             return
         up.to(Phase.DRAINING)
         up.replacing, up.target = old, set(old.listened)
-        self.fleet.drain(old, lives_on={old.pid})
+        self.draining.drain(old, lives_on={old.pid})
         msg = f"{old} stopped accepting; draining it before it execs {path}"
         log.info(msg)
         up.tell(msg)
         # Connections queue from now on: exec at once if nothing is in flight.
-        if self.fleet.in_flight(old) == 0:
+        if self.draining.in_flight(old) == 0:
             self.exec(old)
 
     def exec(self, old: Generation) -> None:
@@ -228,7 +230,7 @@ class Reloader:
         log.info(msg)
         up.tell(msg)
         if old.pids:
-            self.fleet.retire(old, f"its root process runs {gen}; retiring its other processes")
+            self.draining.retire(old, f"its root process runs {gen}; retiring its other processes")
         else:
             old.to(State.EXITED)
             self.fleet.bury(old)
@@ -250,7 +252,7 @@ class Reloader:
             up.tell(message)
 
     def _exec_failed(self, up: Upgrade, old: Generation, reason: str) -> None:
-        for p in self.fleet.resume(old):
+        for p in self.draining.resume(old):
             log.warn(f"{old}: could not accept again: {p}")
         old.to(State.SERVING)
         old.drain_deadline = None
@@ -264,7 +266,7 @@ class Reloader:
         if failed.state is State.STARTING:
             failed.to(State.FAILED)
             if failed.pids:
-                self.fleet.drain(failed)
+                self.draining.drain(failed)
         try:
             fresh = self.fleet.spawn()
         except HuptError as e:
@@ -306,11 +308,11 @@ class Reloader:
         up.tell(msg)
         if old is not None and old.state is State.SERVING:
             if up.paused_old is old:
-                self.fleet.seal(old)
-                self.fleet.start_draining(old)
+                self.draining.seal(old)
+                self.draining.start_draining(old)
             else:
-                self.fleet.drain(old)
-            n = self.fleet.in_flight(old)
+                self.draining.drain(old)
+            n = self.draining.in_flight(old)
             up.tell(f"{old} stopped accepting; draining {'?' if n is None else n} in flight")
         self.finish(up, True, msg)
 
@@ -319,7 +321,7 @@ class Reloader:
         old = up.paused_old
         if old is not None and old.state is State.SERVING:
             # Roll back: the old generation accepts again, exactly as it did.
-            for p in self.fleet.resume(old):
+            for p in self.draining.resume(old):
                 log.warn(f"{old}: resuming: {p}")
             up.tell(f"rolled back: {old} accepts again")
         log.error(f"reload failed: {reason}; {self.fleet.current or 'no generation'} "
@@ -328,7 +330,7 @@ class Reloader:
         if gen is not None and gen.state is State.STARTING:
             gen.to(State.FAILED)
             if gen.alive and gen.pids:
-                self.fleet.drain(gen)
+                self.draining.drain(gen)
         self.finish(up, False, reason)
 
     def _release(self, up: Upgrade) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hupt.fleet import signal_name
+from hupt.draining import signal_name
 from hupt.generations import Generation, State
 from hupt.system import System
 from hupt.upgrade import ReloadRecord

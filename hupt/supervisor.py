@@ -31,6 +31,7 @@ from typing import Any
 from hupt import log
 from hupt.announce import Announcer, ServiceManager
 from hupt.detach import Detacher, filtered_calls
+from hupt.draining import Draining
 from hupt.endpoint import ControlEndpoint
 from hupt.fleet import (
     KEEP_EXITED,
@@ -111,8 +112,10 @@ class Supervisor:
                                    loop, current=lambda: self.fleet.current,
                                    reloading=self._reloading, stopping=lambda: self.stopping)
         self.hooks = HookRunner(loop, self._hook_env)
-        self.reloader = Reloader(self.fleet, options, loop, self.announcer, self.hooks,
-                                 stopping=lambda: self.stopping, on_over=self._upgrade_over)
+        self.draining = Draining(self.fleet, options)
+        self.reloader = Reloader(self.fleet, self.draining, options, loop, self.announcer,
+                                 self.hooks, stopping=lambda: self.stopping,
+                                 on_over=self._upgrade_over)
         self.reviver = Reviver(options, self.fleet, loop,
                                request_reload=lambda: self.request_reload(revive=True),
                                stopping=lambda: self.stopping)
@@ -120,7 +123,8 @@ class Supervisor:
                                  confirm=options.confirm_detach, reloading=self._reloading)
         self.endpoint = ControlEndpoint(loop, self)
         loop.on_wake("signals", self._handle_signals)
-        loop.add_timer("membership and drain", self.fleet)
+        loop.add_timer("membership", self.fleet)
+        loop.add_timer("drain", self.draining)
         loop.add_timer("reload", self.reloader)
         loop.add_timer("ready", self.announcer)
         loop.add_timer("revive", self.reviver)
@@ -217,7 +221,7 @@ class Supervisor:
             self._stop_waiters.append(waiter)
         if now:
             log.warn("stopping now: killing every generation")
-            self.fleet.kill_all()
+            self.draining.kill_all()
             self.stopping = True
             return
         if self.stopping:
@@ -229,7 +233,7 @@ class Supervisor:
         self.reviver.cancel()
         for g in self.fleet.gens:
             if g.state is State.SERVING:
-                self.fleet.drain(g)
+                self.draining.drain(g)
         # Nobody accepts any more: new clients are refused, not queued until hupt exits.
         self.fleet.refuse_new()
 
@@ -246,7 +250,7 @@ class Supervisor:
                 log.warn(f"{g}: draining ended on request: execing now")
                 self.reloader.exec(g)
             else:
-                self.fleet.retire(g, "draining ended on request")
+                self.draining.retire(g, "draining ended on request")
 
     def status(self) -> dict[str, Any]:
         state = ("stopping" if self.stopping
@@ -376,7 +380,7 @@ class Supervisor:
                 self._drain_slow(e.gen, e.message)
             elif (isinstance(e, Drained) and e.gen.state is State.DRAINING
                   and not self.reloader.drained(e.gen, e.why, e.timed_out)):
-                self.fleet.retire(e.gen, e.why)
+                self.draining.retire(e.gen, e.why)
 
     def _drain_slow(self, gen: Generation, message: str) -> None:
         """A drain is slow: whoever waits for it hears what holds it (the log has it)."""
@@ -417,7 +421,7 @@ class Supervisor:
         for g in reversed(self.fleet.gens):
             if (g.state is State.DRAINING and g.ready_at is not None and g.pids
                     and self.reloader.replacing is not g):
-                for p in self.fleet.resume(g):
+                for p in self.draining.resume(g):
                     log.warn(f"{g}: resuming: {p}")
                 g.to(State.SERVING)
                 g.drain_deadline = None

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hupt import cli, status
-from hupt.fleet import DRAIN_REPORT_AFTER
+from hupt.draining import DRAIN_REPORT_AFTER
 from hupt.generations import State
 from hupt.supervisor import Supervisor
 from tests.fakes import FakeSystem, state_of
