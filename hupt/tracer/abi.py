@@ -4,7 +4,7 @@ Every syscall number, ioctl request, flag and struct layout hupt uses lives
 here, so that call sites say ``SYS.bind`` or ``NOTIF.unpack(...)`` and never a
 bare number.  Values were checked against the kernel headers and, where the
 kernel reports them (``SECCOMP_GET_NOTIF_SIZES``), against the running kernel
-by ``tests/test_abi.py`` and ``integration/test_kernel_facts.py``.
+by ``tests/test_abi.py`` (and every test in ``integration/`` that uses them).
 
 Only x86_64 is supported: seccomp filters see raw syscall numbers, and the
 ptrace injection writes x86_64 registers.  An x32 task uses the same
