@@ -61,16 +61,24 @@ class Watcher:
         return self._next_poll
 
     def poll(self, now: float) -> bool:
-        """Whether a debounced change is due now."""
-        if now >= self._next_poll:
-            self._next_poll = now + POLL
-            snap = snapshot(self.paths)
-            if snap != self._snap:
-                self.changed = sorted(k for k in snap.keys() | self._snap.keys()
-                                      if snap.get(k) != self._snap.get(k))
-                self._snap = snap
-                self._changed_at = now
-        if self._changed_at is not None and now >= self._changed_at + DEBOUNCE:
+        """Whether a debounced change is due now.
+
+        The quiet period is checked by a fresh look at its end, not assumed:
+        a burst of writes that spans a poll (POLL > DEBOUNCE) then restarts
+        it, and gives one reload, not one per poll it straddles.
+        """
+        quiet_over = self._changed_at is not None and now >= self._changed_at + DEBOUNCE
+        if now < self._next_poll and not quiet_over:
+            return False
+        self._next_poll = now + POLL
+        snap = snapshot(self.paths)
+        if snap != self._snap:
+            self.changed = sorted(k for k in snap.keys() | self._snap.keys()
+                                  if snap.get(k) != self._snap.get(k))
+            self._snap = snap
+            self._changed_at = now
+            return False
+        if quiet_over:
             self._changed_at = None
             return True
         return False

@@ -103,3 +103,20 @@ def test_watcher_debounces(tmp_path: Path) -> None:
     assert w.poll(2.5 + watch.DEBOUNCE + 0.01)
     assert str(f) not in w.changed and str(tmp_path / "b.py") in w.changed
     assert not w.poll(10.0)
+
+
+def test_a_burst_spanning_a_poll_gives_one_reload(tmp_path: Path) -> None:
+    # POLL > DEBOUNCE: the quiet period must be looked at, not assumed.
+    f = tmp_path / "app.py"
+    f.write_text("1")
+    w = watch.Watcher([str(tmp_path)], now=0.0)
+    t, fired = 0.5, 0
+    for i in range(6):  # a write every 0.3 s for 1.8 s
+        f.write_text("x" * (i + 2))
+        for _ in range(3):
+            fired += w.poll(t)
+            t += 0.1
+    while t < 5.0:
+        fired += w.poll(t)
+        t += 0.1
+    assert fired == 1
