@@ -219,6 +219,7 @@ class Fleet:
         old.env = None
         old.replaced_by = number
         old.pids.discard(old.pid)
+        old.left_behind = set(old.pids)
         return gen
 
     def _start_copy(self, number: int, env: dict[str, str]) -> tuple[int, int]:

@@ -89,6 +89,9 @@ class Generation:
     retired_by_hupt: bool = False
     # Exec mode: the generation whose image replaced this one's in the root process.
     replaced_by: int | None = None
+    # Exec mode: the root's other processes when it exec'd the next image, which
+    # does not know them (they are reaped through the root once they exit).
+    left_behind: set[int] = field(default_factory=set)
     # Processes made to stop accepting (DRAINING); members found later are added.
     paused: set[int] = field(default_factory=set)
     # Those of them paused to serve again (exec mode: the root, which execs).

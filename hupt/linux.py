@@ -401,6 +401,27 @@ class LinuxSystem:
             return 0
         return sum(1 for c in idle if drain.close_connection(c))
 
+    def reap_for(self, parent: int, pids: set[int]) -> list[str]:
+        from hupt.tracer import orphans
+
+        zombies = []
+        for pid in sorted(pids):
+            try:
+                fields = procfs.status_fields(pid)
+            except HuptError:
+                continue  # reaped already
+            if fields.get("State", "").startswith("Z") and fields.get("PPid") == str(parent):
+                zombies.append(pid)
+        if not zombies:
+            return []
+        try:
+            orphans.reap_for(parent, zombies)
+        except NoSuchProcess:
+            return []  # the parent is gone: they went to hupt, the subreaper
+        except HuptError as e:
+            return [f"pid {parent} could not reap {zombies}: {e}"]
+        return []
+
     def release_except(self, addresses: set[Address]) -> list[Address]:
         return self.listeners.keep_only(addresses)
 

@@ -392,6 +392,11 @@ class Supervisor:
 
     def _exited(self, gen: Generation, prev: State) -> None:
         self.fleet.bury(gen)
+        if gen.replaced_by is not None and gen.left_behind:
+            # Its workers are zombies under the image that replaced it, which
+            # never forked them and may never reap them.
+            for p in self.sys.reap_for(gen.pid, gen.left_behind):
+                log.warn(f"{gen}: {p}")
         how = describe(gen.exit_status)
         up = self.reloader.upgrade
         if prev is State.STARTING and up is not None and up.gen is gen:

@@ -116,6 +116,10 @@ class System(Protocol):
     def listener_stats(self) -> list[dict[str, object]]:
         """Each held listener: address, inode, accept-queue length, backlog."""
 
+    def reap_for(self, parent: int, pids: set[int]) -> list[str]:
+        """Make ``parent`` reap those of ``pids`` that are its zombie children (an
+        exec'd image's predecessors' workers, which it does not know); return problems."""
+
     def release_except(self, addresses: set[Address]) -> list[Address]:
         """Close the held sockets of every other address; return those released."""
 

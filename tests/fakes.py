@@ -43,6 +43,7 @@ class FakeSystem:
         self.execs: list[tuple[list[str], dict[str, str]]] = []  # argv, env of each exec
         self.spawns: list[tuple[list[str], dict[str, str]]] = []  # and of each spawn
         self.reaped: list[tuple[int, int]] = []
+        self.reaped_for: list[tuple[int, set[int]]] = []  # parent, zombies it must reap
         self.spawn_error: Exception | None = None
         self.events: list[str] = []
         # exec mode
@@ -185,6 +186,10 @@ class FakeSystem:
     def listener_stats(self) -> list[dict[str, object]]:
         return [{"address": str(h.address), "inode": h.inode, "queued": 0,
                  "backlog": h.backlog} for h in self.listeners]
+
+    def reap_for(self, parent: int, pids: set[int]) -> list[str]:
+        self.reaped_for.append((parent, set(pids)))
+        return []
 
     def release_except(self, addresses: set[Address]) -> list[Address]:
         return self.listeners.keep_only(addresses)

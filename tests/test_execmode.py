@@ -226,6 +226,7 @@ def test_workers_of_the_old_image_are_retired_after_the_exec(fake: FakeSystem) -
     fake.advance(2)
     sup.tick()
     assert state_of(old) is State.EXITED and new.state is State.STARTING
+    assert fake.reaped_for == [(root, workers)], "the root reaps the old image's workers"
 
 
 def test_workers_forked_since_the_last_scan_are_paused_too(fake: FakeSystem) -> None:

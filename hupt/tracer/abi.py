@@ -41,6 +41,7 @@ class SYS(IntEnum):
     fork = 57
     execve = 59
     exit = 60
+    wait4 = 61
     fcntl = 72
     unlink = 87
     prctl = 157
@@ -59,6 +60,9 @@ class SYS(IntEnum):
     close_range = 436
     pidfd_getfd = 438
 
+
+# wait4() options (include/uapi/linux/wait.h).
+WNOHANG = 1
 
 # x32 syscalls are x86_64 numbers with this bit set.
 X32_SYSCALL_BIT = 0x40000000
