@@ -19,8 +19,11 @@ was drained by the signal, not by the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -35,9 +38,10 @@ from harness import (
     go_cmd,
     http_get,
     hupt_cli,
+    wait_gone,
     wait_listening,
 )
-from load import Connection, Load, RequestFailed, Target, request_bytes
+from load import Connection, Load, RequestFailed, SlowRequest, Target, request_bytes
 
 RELOADS = 10
 GONE_WITHIN = 2.0  # seconds after `hupt reload` returned
@@ -247,3 +251,49 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
     said = [line for line in log.splitlines() if "still open after" in line]
     assert len(said) == 1, log  # once per drain, not a flood
     assert "connection(s) still open" in said[0] and "--drain-signal" in said[0], said
+
+
+def test_a_slow_request_in_flight_at_the_reload_completes_with_200(
+        procs: Procs, go_server: Path) -> None:
+    target = ("127.0.0.1", free_port())
+    h = procs.hupt("--drain-signal", "TERM", "--drain-timeout", DRAIN_TIMEOUT,
+                   "--kill-timeout", "5", cmd=go_cmd(go_server, target))
+    wait_listening(target, proc=h)
+    old = serving_pid(target)
+    slow = SlowRequest(target, seconds=0.1, path="/slow?ms=3000").start()
+    slow.wait_accepted()
+    time.sleep(0.3)  # inside the handler
+    r = h.reload(timeout=60)
+    assert r.returncode == 0, r.stderr + h.log()
+    assert old in h.descendants(), "the old generation finishes the request it has"
+    status, took = slow.result()
+    assert status == 200 and took >= 3.0, (status, took)
+    wait_only(h, serving_pid(target), GONE_WITHIN + 3.0)
+    assert "drain timeout" not in h.log()
+
+
+def test_hupt_killed_during_a_drain_leaves_a_server_that_finishes_and_exits(
+        procs: Procs, go_server: Path) -> None:
+    target = ("127.0.0.1", free_port())
+    h = procs.hupt("--drain-signal", "TERM", "--drain-timeout", DRAIN_TIMEOUT,
+                   "--kill-timeout", "5", cmd=go_cmd(go_server, target))
+    wait_listening(target, proc=h)
+    old = serving_pid(target)
+    slow = SlowRequest(target, seconds=0.1, path="/slow?ms=3000").start()
+    slow.wait_accepted()
+    time.sleep(0.3)
+    r = h.reload(timeout=60)
+    assert r.returncode == 0, r.stderr + h.log()
+    new = serving_pid(target)
+    assert new != old and {old, new} <= h.descendants()
+    h.popen.kill()  # hupt dies while the old generation drains
+    h.popen.wait(10)
+    try:
+        status, took = slow.result()
+        assert status == 200 and took >= 3.0, (status, took)
+        assert not wait_gone({old}, 15.0), "the old generation exits by itself"
+        assert serving_pid(target) == new, "the new one serves on without hupt"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(new, signal.SIGKILL)  # ours: no hupt is left to stop it
+        wait_gone({new}, 10.0)
