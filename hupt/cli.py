@@ -1,4 +1,7 @@
-"""hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``.
+"""hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``,
+``hupt status``.  reload, stop and status name an instance by a PID, by its
+name (``hupt run --name``) or by ``--pidfile PATH``; ``-v`` goes before or
+after the command's name.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -34,7 +37,8 @@ exit status:
   0    success (hupt run: the server's own status, 128+N if signal N ended it)
   1    the operation failed: a reload that did not produce a serving
        generation (the old one keeps serving), a stop hupt did not finish
-  2    bad usage; PID not under a hupt of this user; an unsafe runtime
+  2    bad usage; PID not under a hupt of this user, or no instance with
+       that NAME; hupt run --name with a name in use; an unsafe runtime
        directory, pidfile or control socket refused (nothing was started)
   3    hupt reload --timeout expired: no outcome yet, the reload may still be
        going on (see hupt status)
@@ -118,17 +122,74 @@ def _pid(text: str) -> int:
     return int(text)
 
 
+def _name(text: str) -> str:
+    from hupt.control import check_name
+
+    try:
+        return check_name(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _target(text: str) -> int | str:
+    """A PID (all digits) or an instance's name (hupt run --name)."""
+    return _pid(text) if text.isdigit() else _name(text)
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked (package metadata costs an import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from hupt.control import version
+
+        print(f"hupt {version()}")
+        parser.exit()
+
+
+def _globals(default: object) -> _Parser:
+    """The options every command takes, before or after its name (hupt -v run, hupt run -v).
+
+    After the command, their default is SUPPRESS, so a subcommand's parser does
+    not overwrite what was given before it.
+    """
+    g = _Parser(add_help=False)
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log every bind/listen handled")
+    return g
+
+
+TARGET_HELP = ("hupt's PID, the PID of any process of the server, or the instance's name "
+               "(hupt run --name)")
+
+
+def _add_target(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("target", type=_target, metavar="PID|NAME", nargs="?",
+                   help=TARGET_HELP + (" (default: every instance of this user)"
+                                       if optional else ""))
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="instead of PID: the PID in this file (hupt run --pidfile, or the "
+                        "server's own pidfile)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hupt", description=DESCRIPTION, epilog=EXIT_HELP,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="log every bind/listen handled")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                parents=[_globals(False)])
+    p.add_argument("--version", action=_Version, help="print hupt's version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = [_globals(argparse.SUPPRESS)]
 
     run = sub.add_parser(
         "run", help="run a server under hupt", description=(
             "Run CMD as generation 1 and supervise it; hupt's own PID stays the same across "
             "reloads, so systemd or supervisord can watch it."),
-        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=common)
     _add_timeouts(
         run,
         ready="a new generation must be ready (see --ready) within S seconds, or the reload "
@@ -165,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "all N; a copy that exits on its own is replaced with --revive "
                           "(default: 1)")
     run.add_argument("--pidfile", metavar="PATH", help="write hupt's own PID to PATH")
+    run.add_argument("--name", type=_name, metavar="NAME",
+                     help="name this instance: `hupt reload NAME`, `hupt status NAME`, "
+                          "`hupt stop NAME`; a second hupt run with a name in use refuses "
+                          "to start (exit status 2)")
     run.add_argument("--unlink", action="append", default=[], metavar="PATH",
                      help="remove PATH (e.g. the server's pidfile) before each generation "
                           "starts; repeatable")
@@ -184,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Reload the server PID belongs to (hupt's PID or any process of the server) and "
             "wait: exit 0 once the new generation serves; 1 with the reason if it failed "
             "(the old generation keeps serving); 2 if PID is not under a hupt of this user; "
-            "3 if --timeout expired first (the reload may still be going on)."))
-    rl.add_argument("pid", type=_pid, metavar="PID",
-                    help="hupt's PID or the PID of any process of the server")
+            "3 if --timeout expired first (the reload may still be going on)."),
+        parents=common)
+    _add_target(rl)
     rl.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                     help="give up waiting after S seconds, exit status 3 (the reload goes "
                          "on)")
@@ -194,9 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "stop", help="stop a server gracefully and wait", description=(
             "Stop the hupt instance PID belongs to: every generation stops accepting, "
-            "drains, and exits."))
-    st.add_argument("pid", type=_pid, metavar="PID",
-                    help="hupt's PID or the PID of any process of the server")
+            "drains, and exits."), parents=common)
+    _add_target(st)
     st.add_argument("--now", action="store_true",
                     help="do not wait for in-flight connections: end every drain at once")
     _add_attach_parser(sub)
@@ -205,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show generations, listeners and recent reloads", description=(
             "Show every hupt instance of this user (or the one PID belongs to): generations "
             "(number, PIDs, state, age, in-flight connections), listeners (accept queue, "
-            "backlog) and the last reloads. --json prints the documented schema-1 document."))
-    ss.add_argument("pid", type=_pid, metavar="PID", nargs="?",
-                    help="only the hupt instance this PID belongs to (default: all of this user's)")
+            "backlog) and the last reloads. --json prints the documented schema-1 document."),
+        parents=common)
+    _add_target(ss, optional=True)
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -264,6 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hupt.system import become_subreaper
 
     ensure_runtime_dir()  # an unsafe one is refused before anything starts
+    if args.name is not None:
+        _name_free(args.name)
     become_subreaper()
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
@@ -274,8 +340,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                    after_reload=args.after_reload, close_idle_ms=args.close_idle,
                    multi=args.multi)
     sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
-    log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}")
+    # Taken for good (atomically) when the control socket opens, before generation 1.
+    sup.endpoint.name = args.name
+    named = f" as {args.name!r}" if args.name else ""
+    log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}{named}")
     return sup.run()
+
+
+def _name_free(name: str) -> None:
+    """Refuse a name a live hupt has, before anything starts (a race is caught later)."""
+    from hupt import control
+
+    try:
+        owner = control.find_named(name)
+    except NotUnderHupt:
+        return
+    raise UsageError(f"the name {name!r} is taken by hupt {owner} (`hupt status {name}`); "
+                     f"nothing started")
 
 
 # After a stop's result, hupt only closes its sockets and removes its pidfile.
@@ -357,13 +438,36 @@ def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
     return EXIT_FAILED
 
 
+def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
+    """The PID the command is about: PID, NAME (its hupt's PID) or the PID in --pidfile."""
+    from hupt import control
+
+    target: int | str | None = args.target
+    if target is not None and args.pidfile is not None:
+        raise UsageError(f"hupt {args.command}: give PID|NAME or --pidfile, not both")
+    if args.pidfile is not None:
+        return control.read_pidfile(args.pidfile)
+    if isinstance(target, str):
+        return control.find_named(target)
+    if target is None and required:
+        raise UsageError(f"hupt {args.command}: which instance? PID, NAME or --pidfile PATH "
+                         f"is required")
+    return target
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    return _talk(args.pid, {"cmd": "reload"}, args.timeout, "reload")
+    return _talk(_required(resolve(args)), {"cmd": "reload"}, args.timeout, "reload")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     # Done means gone: a script may start another server on the port right after.
-    return _talk(args.pid, {"cmd": "stop", "now": args.now}, None, "stop", until_exit=True)
+    return _talk(_required(resolve(args)), {"cmd": "stop", "now": args.now}, None, "stop",
+                 until_exit=True)
+
+
+def _required(pid: int | None) -> int:
+    assert pid is not None  # resolve(required=True) raised otherwise
+    return pid
 
 
 # -- hupt attach ------------------------------------------------------------------
@@ -384,7 +488,8 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "attach", help="take over a running server, without restarting it", description=(
             "Take over the server PID (started by a shell, systemd...) and supervise it in "
             "the foreground; from then on `hupt reload PID` reloads it in exec mode."),
-        epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_globals(argparse.SUPPRESS)])
     at.add_argument("pid", type=_pid, metavar="PID",
                     help="the server's main process (the master of a pre-fork server)")
     at.add_argument("--yes", action="store_true",
@@ -499,7 +604,7 @@ def _confirm_attach(server: Server, yes: bool) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from hupt import status
 
-    doc = status.collect(args.pid)
+    doc = status.collect(resolve(args, required=False))
     if args.json:
         status.dump(doc)
     else:

@@ -21,6 +21,13 @@ the given PID to the first one with a control socket.  A server taken over by
 symlink named after the server's PID to its own socket, which the same walk
 finds from any process of the server.
 
+Names (``hupt run --name web``): a symlink ``web.name -> PID.sock`` in the
+runtime directory, made once hupt's socket listens, so ``hupt reload web``
+finds the instance without a PID.  symlink() is atomic, so of two hupts
+started with one name only one gets it; the other refuses to start.  A name
+whose socket nobody answers on (its hupt was killed) is stale and is taken
+over; hupt removes its name at exit.
+
 Trust, both ways (issue 13):
 
 * The runtime directory is checked before use by hupt and by the CLI alike
@@ -42,8 +49,10 @@ Trust, both ways (issue 13):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -52,7 +61,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from hupt import log
-from hupt.errors import ControlError, ControlTimeout, NotUnderHupt, Refused
+from hupt.errors import ControlError, ControlTimeout, NotUnderHupt, Refused, UsageError
 from hupt.safefs import private_dir
 from hupt.system import parent_of
 
@@ -60,6 +69,20 @@ Message = dict[str, Any]
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 # The longest request line: the commands are a few dozen bytes.
 MAX_REQUEST = 4096
+
+
+@functools.cache
+def version() -> str:
+    """hupt's version: the installed package's metadata, else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("hupt")
+    except PackageNotFoundError:
+        from hupt import __version__
+
+        return __version__
 
 
 def runtime_dir(uid: int | None = None) -> str:
@@ -74,6 +97,85 @@ def runtime_dir(uid: int | None = None) -> str:
 
 def socket_path(pid: int, uid: int | None = None) -> str:
     return os.path.join(runtime_dir(uid), f"{pid}.sock")
+
+
+NAME_SUFFIX = ".name"
+NAME_MAX = 64
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name an instance (UsageError in one line otherwise).
+
+    Letters, digits and ``_ . @ + -``, not starting with a dot or a dash, at
+    most NAME_MAX characters, and not all digits (that is a PID).
+    """
+    if not name or len(name) > NAME_MAX or not _NAME.fullmatch(name):
+        raise UsageError(f"invalid name {name!r}: use 1 to {NAME_MAX} letters, digits and "
+                         f"'_.@+-', not starting with '.' or '-'")
+    if name.isdigit():
+        raise UsageError(f"invalid name {name!r}: all digits would be taken for a PID")
+    return name
+
+
+def name_path(name: str, uid: int | None = None) -> str:
+    return os.path.join(runtime_dir(uid), name + NAME_SUFFIX)
+
+
+def _named_pid(link: str) -> int | None:
+    """The hupt PID a name symlink points at (None: not a name link of ours)."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    base = target.removesuffix(".sock")
+    if "/" in target or not target.endswith(".sock") or not base.isdigit():
+        return None
+    return int(base)
+
+
+def find_named(name: str) -> int:
+    """The PID of the hupt started with ``--name name`` (NotUnderHupt if none answers)."""
+    check_name(name)
+    d = existing_runtime_dir()
+    link = name_path(name)
+    pid = _named_pid(link) if d is not None else None
+    if pid is None or _answers(socket_path(pid), socket.SOCK_STREAM) is not True:
+        if pid is not None:  # its hupt was killed: nobody will answer for this name
+            clean_stale(os.path.dirname(link))
+        raise NotUnderHupt(f"no hupt instance named {name!r}: not a PID, nor the name of a "
+                           f"running hupt of this user (names live in {runtime_dir()})")
+    return pid
+
+
+def names() -> dict[int, str]:
+    """Every name of this user's instances, by hupt PID (stale ones included)."""
+    d = existing_runtime_dir()
+    out: dict[int, str] = {}
+    if d is None:
+        return out
+    for entry in os.listdir(d):
+        if entry.endswith(NAME_SUFFIX) and not entry.startswith("."):
+            pid = _named_pid(os.path.join(d, entry))
+            if pid is not None:
+                out[pid] = entry.removesuffix(NAME_SUFFIX)
+    return out
+
+
+def read_pidfile(path: str) -> int:
+    """The PID a pidfile holds (its first line), UsageError in one line otherwise."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(64).split(b"\n", 1)[0].strip()
+    except FileNotFoundError:
+        raise UsageError(f"--pidfile {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"--pidfile {path} is a directory, not a file") from None
+    except OSError as e:
+        raise UsageError(f"--pidfile {path}: {e.strerror}") from None
+    if not first.isdigit() or int(first) <= 0:
+        raise UsageError(f"--pidfile {path} does not hold a PID")
+    return int(first)
 
 
 def ensure_runtime_dir() -> str:
@@ -113,8 +215,8 @@ def _answers(path: str, kind: int) -> bool | None:
 def clean_stale(directory: str, keep: str | None = None) -> list[str]:
     """Remove the sockets and aliases in ``directory`` that nobody answers on.
 
-    Control sockets (``PID.sock``), attach aliases (symlinks to one) and
-    sd_notify sockets (``PID.N.notify``, datagram) left by a hupt that was
+    Control sockets (``PID.sock``), attach aliases and names (symlinks to
+    one) and sd_notify sockets (``PID.N.notify``, datagram) left by a hupt that was
     killed.  Returns the paths removed.
     """
     removed: list[str] = []
@@ -127,6 +229,8 @@ def clean_stale(directory: str, keep: str | None = None) -> list[str]:
             kind = socket.SOCK_STREAM
         elif name.endswith(".notify"):
             kind = socket.SOCK_DGRAM
+        elif name.endswith(NAME_SUFFIX):
+            kind = socket.SOCK_STREAM  # a name: stale once its hupt's socket is
         else:
             continue
         path = os.path.join(directory, name)
@@ -295,6 +399,43 @@ class ControlServer:
             raise
         self.sock.setblocking(False)
         self._aliases: set[str] = set()
+        self._name: str | None = None
+
+    def _name_is_mine(self) -> bool:
+        assert self._name is not None
+        pid = _named_pid(self._name)
+        return pid is not None and socket_path(pid) == self.path
+
+    def claim_name(self, name: str) -> None:
+        """Answer for ``name`` too (``hupt run --name``); UsageError if a live hupt has it.
+
+        symlink() fails with EEXIST if the name is there already, so two hupts
+        never both get one name; a stale one (nobody answers on the socket it
+        points at) is removed and the symlink tried again.
+        """
+        path = name_path(check_name(name))
+        target = os.path.basename(self.path)
+        for _ in range(3):
+            try:
+                os.symlink(target, path)
+            except FileExistsError:
+                pass
+            else:
+                self._name = path
+                return
+            owner = _named_pid(path)
+            if owner is not None and socket_path(owner) != self.path and \
+                    _answers(socket_path(owner), socket.SOCK_STREAM) is True:
+                raise UsageError(f"the name {name!r} is taken by hupt {owner} (`hupt status "
+                                 f"{name}`); nothing started")
+            if owner is None and os.path.lexists(path) and not os.path.islink(path):
+                raise UsageError(f"cannot take the name {name!r}: {path} is not a name link "
+                                 f"(remove it)")
+            # Stale (or ours from a hupt with this PID before): remove it and try again.
+            log.info(f"removed the stale name {path} (left by a hupt that was killed)")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise UsageError(f"cannot take the name {name!r}: {path} keeps reappearing")
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -346,6 +487,10 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close()
+        if self._name is not None and self._name_is_mine():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name)
+        self._name = None
         for path in [self.path, *self._aliases]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

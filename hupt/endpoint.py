@@ -13,7 +13,7 @@ import functools
 import selectors
 from typing import Any, Protocol
 
-from hupt.control import ControlServer, Message, Peer
+from hupt.control import ControlServer, Message, Peer, version
 from hupt.loop import Loop
 from hupt.upgrade import PeerWaiter, Waiter
 
@@ -40,9 +40,19 @@ class ControlEndpoint:
         self._peers: dict[int, Peer] = {}
         # Attached server pids the control socket answers for too.
         self.aliases: set[int] = set()
+        # hupt run --name: the name the control socket answers for (set before open()).
+        self.name: str | None = None
 
     def open(self) -> None:
-        self._server = ControlServer()
+        """Listen; with a name, take it (UsageError if a live hupt has it: nothing started)."""
+        server = ControlServer()
+        if self.name is not None:
+            try:
+                server.claim_name(self.name)
+            except BaseException:
+                server.close()
+                raise
+        self._server = server
         self._loop.add(self._server.fileno(), self._on_control)
         for pid in self.aliases:
             self._server.alias(pid)
@@ -103,8 +113,9 @@ class ControlEndpoint:
                 c.end_draining()
         elif cmd == "status":
             c.settle()  # what is there now, not at the last scan
-            peer.send({"event": "result", "ok": True, "reason": "status",
-                       "status": c.status()})
+            doc = c.status()
+            doc.update(name=self.name, version=version())
+            peer.send({"event": "result", "ok": True, "reason": "status", "status": doc})
             peer.finish()
         elif cmd == "ping":
             c.settle()

@@ -3,9 +3,10 @@
 The JSON document (``hupt status --json``) is a stable interface, schema 1.
 Fields are only ever added within a schema version::
 
-    {"schema": 1,
+    {"schema": 1, "version": "0.1.0",
      "instances": [
-       {"hupt_pid": 1234, "command": ["python3", "-m", "http.server"],
+       {"hupt_pid": 1234, "name": "web", "version": "0.1.0",
+        "command": ["python3", "-m", "http.server"],
         "mode": "fork", "state": "running" | "reloading" | "stopping",
         "uptime_s": 12.5,
         "generations": [
@@ -20,11 +21,15 @@ Fields are only ever added within a schema version::
            "reason": "generation 3 (pid 4321) is ready in 57 ms", "generation": 3}]}]}
 
 ``state`` of a generation is one of starting, serving, failed, draining,
-retiring, exited.  ``queued`` is the listener's accept-queue length now,
+retiring, exited.  ``queued`` is the listener's accept-queue length now
+(``queued`` and ``backlog`` are null when the kernel's tables did not say),
 ``in_flight`` the generation's accepted connections still open (null when
 not counted), ``draining_s`` for how long a draining generation has drained
 (null unless draining), ``drain_signal`` the --drain-signal it was sent (a
 name such as "SIGTERM", or null), ``reloads`` the last 20, oldest first.
+The top-level ``version`` is the CLI's; an instance's ``version`` is that of
+the hupt running it (they differ after an upgrade until it restarts), its
+``name`` the one given with ``hupt run --name`` (or null).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def collect(pid: int | None) -> dict[str, Any]:
     else:
         directory = control.existing_runtime_dir()
         if directory is None:
-            return {"schema": SCHEMA, "instances": []}
+            return {"schema": SCHEMA, "version": control.version(), "instances": []}
         control.clean_stale(directory)  # sockets of killed hupts: nobody answers
         # An attached server's pid names a symlink to its hupt's socket: one instance.
         pids = sorted(int(os.path.basename(p)[:-5])
@@ -65,7 +70,7 @@ def collect(pid: int | None) -> dict[str, Any]:
             if pid is not None:
                 raise
             continue  # a stale socket of an instance that died
-    return {"schema": SCHEMA, "instances": instances}
+    return {"schema": SCHEMA, "version": control.version(), "instances": instances}
 
 
 def _age(seconds: float) -> str:
@@ -98,6 +103,15 @@ def _holdups(inst: dict[str, Any]) -> list[str]:
     return out
 
 
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _named(inst: dict[str, Any]) -> str:
+    name = inst.get("name")  # absent from a hupt older than names
+    return f" [{name}]" if name else ""
+
+
 def render(doc: dict[str, Any]) -> None:
     """Tables on a terminal (rich), plain text otherwise."""
     if not doc["instances"]:
@@ -111,7 +125,7 @@ def render(doc: dict[str, Any]) -> None:
 
 def _render_plain(doc: dict[str, Any]) -> None:
     for inst in doc["instances"]:
-        print(f"hupt {inst['hupt_pid']} ({inst['mode']}, {inst['state']}, up "
+        print(f"hupt {inst['hupt_pid']}{_named(inst)} ({inst['mode']}, {inst['state']}, up "
               f"{_age(inst['uptime_s'])}): {' '.join(inst['command'])}")
         for g in inst["generations"]:
             fl = "-" if g["in_flight"] is None else g["in_flight"]
@@ -123,8 +137,8 @@ def _render_plain(doc: dict[str, Any]) -> None:
         for line in _holdups(inst):
             print(f"  {line}")
         for listener in inst["listeners"]:
-            print(f"  listener {listener['address']:<24} queued {listener['queued']:<5} "
-                  f"backlog {listener['backlog']}")
+            print(f"  listener {listener['address']:<24} queued "
+                  f"{_or_dash(listener['queued']):<5} backlog {_or_dash(listener['backlog'])}")
         for r in inst["reloads"][-5:]:
             when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
             print(f"  reload {when} {'ok' if r['ok'] else 'FAILED':<6} "
@@ -133,14 +147,16 @@ def _render_plain(doc: dict[str, Any]) -> None:
 
 def _render_rich(doc: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     style = {"serving": "green", "starting": "cyan", "draining": "yellow",
              "retiring": "yellow", "failed": "red", "exited": "dim"}
     for inst in doc["instances"]:
-        console.print(f"[bold]hupt {inst['hupt_pid']}[/] {inst['mode']} mode, {inst['state']}, "
-                      f"up {_age(inst['uptime_s'])}: [cyan]{' '.join(inst['command'])}[/]")
+        console.print(f"[bold]hupt {inst['hupt_pid']}{escape(_named(inst))}[/] {inst['mode']} "
+                      f"mode, {inst['state']}, up {_age(inst['uptime_s'])}: "
+                      f"[cyan]{' '.join(inst['command'])}[/]")
         t = Table("gen", "state", "pid", "processes", "age", "in flight", "draining",
                   "listening", box=None, pad_edge=False)
         for g in inst["generations"]:
@@ -156,7 +172,8 @@ def _render_rich(doc: dict[str, Any]) -> None:
             console.print(f"[yellow]{line}[/]")
         lt = Table("listener", "queued", "backlog", box=None, pad_edge=False)
         for listener in inst["listeners"]:
-            lt.add_row(listener["address"], str(listener["queued"]), str(listener["backlog"]))
+            lt.add_row(listener["address"], _or_dash(listener["queued"]),
+                       _or_dash(listener["backlog"]))
         console.print(lt)
         if inst["reloads"]:
             rt = Table("reload at", "took", "outcome", box=None, pad_edge=False)
