@@ -49,6 +49,7 @@ Trust, both ways (issue 13):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -212,6 +213,28 @@ def _answers(path: str, kind: int) -> bool | None:
         s.close()
 
 
+def _lock(directory: str) -> int:
+    """The runtime directory's lock (flock), held by the fd returned: names are
+    judged stale and replaced or removed under it, so no one removes a name
+    another hupt has just taken."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    fd = _lock(directory)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def clean_stale(directory: str, keep: str | None = None) -> list[str]:
     """Remove the sockets and aliases in ``directory`` that nobody answers on.
 
@@ -219,6 +242,17 @@ def clean_stale(directory: str, keep: str | None = None) -> list[str]:
     one) and sd_notify sockets (``PID.N.notify``, datagram) left by a hupt that was
     killed.  Returns the paths removed.
     """
+    try:
+        fd = _lock(directory)
+    except OSError:
+        return []
+    try:
+        return _clean_stale(directory, keep)
+    finally:
+        os.close(fd)
+
+
+def _clean_stale(directory: str, keep: str | None) -> list[str]:
     removed: list[str] = []
     try:
         names = os.listdir(directory)
@@ -414,6 +448,10 @@ class ControlServer:
         points at) is removed and the symlink tried again.
         """
         path = name_path(check_name(name))
+        with _locked(os.path.dirname(path)):
+            self._claim(name, path)
+
+    def _claim(self, name: str, path: str) -> None:
         target = os.path.basename(self.path)
         for _ in range(3):
             try:
@@ -486,11 +524,12 @@ class ControlServer:
                 os.unlink(path)
 
     def close(self) -> None:
+        if self._name is not None:  # while this socket answers: nobody can take it meanwhile
+            with contextlib.suppress(OSError), _locked(os.path.dirname(self._name)):
+                if self._name_is_mine():
+                    os.unlink(self._name)
+            self._name = None
         self.sock.close()
-        if self._name is not None and self._name_is_mine():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._name)
-        self._name = None
         for path in [self.path, *self._aliases]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,3 +251,63 @@ def test_status_shows_a_listener_the_kernel_did_not_describe(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("hupt 99 (fork")
     assert out[1].split() == ["listener", "unix:/x", "queued", "-", "backlog", "-"]
+
+
+def test_of_processes_racing_for_a_name_one_gets_it(rundir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Racing over a stale name: exactly one wins, the others are refused, none
+    removes the winner's name (the directory lock).  Judging a name stale is
+    slowed down, so that without the lock two would win."""
+    answers = control._answers
+
+    def slow_answers(path: str, kind: int) -> bool | None:
+        time.sleep(random.uniform(0, 0.1))
+        return answers(path, kind)
+
+    monkeypatch.setattr(control, "_answers", slow_answers)
+    n = 6
+    ready_r, ready_w = os.pipe()
+    results_r, results_w = os.pipe()
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    children = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                random.seed(i)
+                server = control.ControlServer(pid=4100000 + i)  # cleans stale names
+                os.write(ready_w, b"r")
+                os.read(go_r, 1)  # all start together
+                try:
+                    server.claim_name("web")
+                    os.write(results_w, b"W")
+                except UsageError:
+                    os.write(results_w, b"R")
+                os.read(done_r, 1)  # stay up (answering) until every claim is made
+                server.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        ready = b""
+        while len(ready) < n:
+            ready += os.read(ready_r, n)
+        _dead_socket(rundir / "4000000.sock")  # a killed hupt's name, after every start
+        os.symlink("4000000.sock", rundir / "web.name")
+        os.write(go_w, b"g" * n)
+        got = b""
+        while len(got) < n:
+            got += os.read(results_r, n)
+        assert sorted(got) == sorted(b"W" + b"R" * (n - 1)), got
+        target = os.readlink(rundir / "web.name")
+        assert target != "4000000.sock" and (rundir / target).exists()
+    finally:
+        os.write(done_w, b"d" * n)
+        codes = [os.waitpid(pid, 0)[1] for pid in children]
+        for fd in (ready_r, ready_w, results_r, results_w, go_r, go_w, done_r, done_w):
+            os.close(fd)
+    assert codes == [0] * n
+    assert not os.path.lexists(rundir / "web.name")  # the winner removed it at close
