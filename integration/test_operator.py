@@ -78,8 +78,9 @@ def test_a_second_instance_with_the_same_name_starts_nothing(procs: Procs, tmp_p
     assert second.popen.wait(20) == 2
     err = second.err.read_text()
     assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error" in line]
-    assert len(errors) == 1 and f"the name {name!r} is taken by hupt {h.pid}" in errors[0], err
+    (line,) = err.strip().splitlines()  # one line, nothing else: nothing was started
+    assert line.startswith("hupt: error: ") and f"the name {name!r} is taken by hupt {h.pid}" \
+        in line, err
     assert not marker.exists()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
         pass
