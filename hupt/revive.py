@@ -73,8 +73,8 @@ class Reviver:
     def schedule(self) -> None:
         delay = self.backoff.next()
         self.revive_at = self.loop.now() + delay
-        log.warn(f"--revive: starting it again in {delay:g} s; the sockets stay held, "
-                 "clients queue")
+        log.warn(f"nothing serves: starting the command again in {delay:g} s; the sockets "
+                 "stay held, clients queue")
 
     def first_listened(self, gen: Generation) -> None:
         # Copies are processes hupt started with the command: an image exec'd

@@ -7,7 +7,7 @@ Fields are only ever added within a schema version::
      "instances": [
        {"hupt_pid": 1234, "name": "web", "version": "0.1.0",
         "command": ["python3", "-m", "http.server"],
-        "mode": "fork", "state": "running" | "reloading" | "stopping",
+        "mode": "fork", "state": "running" | "reloading" | "down" | "stopping",
         "uptime_s": 12.5,
         "generations": [
           {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",

@@ -253,9 +253,12 @@ class Supervisor:
                 self.draining.retire(g, "draining ended on request")
 
     def status(self) -> dict[str, Any]:
+        up = self.reloader.upgrade
+        # down: nothing serves and the command is being started again (--revive,
+        # or exec mode after a failed reload), whether waiting out the backoff or trying.
         state = ("stopping" if self.stopping
-                 else "reloading" if self.reloader.upgrade
-                 else "down: starting it again" if self.reviver.pending else "running")
+                 else "down" if self.reviver.pending or (up is not None and up.revive)
+                 else "reloading" if up is not None else "running")
         return snapshot(self.sys, self.fleet.gens, command=self.opts.argv,
                         exec_mode=self.opts.exec_mode, state=state,
                         uptime=time.time() - self.started_at, history=self.reloader.history)

@@ -304,7 +304,7 @@ def check_status_schema(doc: dict[str, Any]) -> None:
         _typed("instance", inst, INSTANCE_KEYS)
         assert all(isinstance(a, str) for a in inst["command"]), inst["command"]
         assert inst["mode"] in ("fork", "exec") and inst["uptime_s"] >= 0
-        assert inst["state"] in ("running", "reloading", "stopping"), inst["state"]
+        assert inst["state"] in ("running", "reloading", "down", "stopping"), inst["state"]
         for g in inst["generations"]:
             _typed("generation", g, GENERATION_KEYS)
             assert g["state"] in GENERATION_STATES, g

@@ -7,7 +7,7 @@
 5. `hupt run --exec`: the reload's new image exits before it is ready and the
    command started afresh fails too. hupt keeps holding the listening socket
    (the same inode), starts the command again with a backoff (0.5 s, 1 s,
-   ...), says `down: starting it again` in `hupt status`, and does not exit;
+   ...), says `down` in `hupt status`, and does not exit;
    a client that connects while nothing serves waits in the accept queue and
    is answered once the command finally starts.
 9. Fork mode: the new generation dies on its own right after taking over,
@@ -348,7 +348,7 @@ def test_exec_a_failed_fresh_start_keeps_the_socket_and_starts_the_command_again
         def down_state() -> bool:
             state = status_json(h)["state"]
             seen.append(str(state))
-            return state == "down: starting it again"
+            return state == "down"
 
         wait_for("hupt status to say it is down", down_state, 30, h)
         assert h.popen.poll() is None, "hupt must not exit"
@@ -356,7 +356,7 @@ def test_exec_a_failed_fresh_start_keeps_the_socket_and_starts_the_command_again
             not listener_inodes(p) for p in children(h.pid)), "nothing serves"
         assert listener_inode(target[1]) == inode and held_by_hupt(h) == {inode}
         plain = hupt_cli("status", str(h.pid), timeout=30)
-        assert "down: starting it again" in plain.stdout, plain.stdout + plain.stderr
+        assert " down" in plain.stdout, plain.stdout + plain.stderr
 
         # A client connecting now waits in the accept queue: neither refused nor reset.
         waiting = Background(lambda: http_get(target, timeout=CLIENT_TIMEOUT))

@@ -63,6 +63,6 @@ def test_revive_restarts_a_crashed_server_while_clients_queue(procs: Procs) -> N
                 assert time.monotonic() < deadline, h.log()
                 time.sleep(0.1)
     assert load.result.failed == 0, load.result.summary()
-    assert h.log().count("--revive: starting it again") == 3, h.log()
+    assert h.log().count("nothing serves: starting the command again") == 3, h.log()
     assert h.poll() is None
     assert not wait_gone(victims, 1.0)

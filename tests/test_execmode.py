@@ -170,7 +170,7 @@ def test_fresh_start_dying_too_keeps_the_sockets_and_tries_again(fake: FakeSyste
     assert not sup.stopping, "the service is not taken down"
     assert [state_of(g) for g in sup.gens] == [State.EXITED] * 3
     assert len(fake.listeners) == 1, "the sockets stay held: clients queue"
-    assert sup.status()["state"] == "down: starting it again"
+    assert sup.status()["state"] == "down"
     fake.advance(0.6)
     sup.tick()
     fresh = sup.gens[3]
