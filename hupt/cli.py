@@ -368,7 +368,9 @@ def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
     from hupt import control
 
     hupt_pid = control.find_instance(pid)
-    exited = _exit_watch(hupt_pid) if until_exit else None
+    # hupt as PID 1 of a PID namespace (a container's entrypoint): its exit ends
+    # the namespace, this command included when it runs there, so it is not awaited.
+    exited = _exit_watch(hupt_pid) if until_exit and hupt_pid != 1 else None
     try:
         try:
             code = _exchange(hupt_pid, cmd, timeout, verb)

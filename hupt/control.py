@@ -297,7 +297,7 @@ def find_instance(pid: int) -> int:
     if existing_runtime_dir() is None:
         raise NotUnderHupt(f"PID {pid} is not under hupt (no hupt instance of this user: "
                            f"{runtime_dir()} does not exist)")
-    while p > 1:
+    while p >= 1:  # hupt may be PID 1 (a container entrypoint, unshare --pid)
         path = socket_path(p)
         if os.path.exists(path):
             if os.path.islink(path):  # an attached server's alias: name the hupt behind it

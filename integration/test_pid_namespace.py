@@ -1,0 +1,64 @@
+"""hupt as PID 1 of a PID namespace (a container's entrypoint, `unshare --pid`).
+
+The CLI finds the hupt that supervises a PID by walking up its ancestors to
+a control socket named after a PID; PID 1 itself must count.  Run in the
+namespace (nsenter), `hupt status 1`, `hupt reload 1` and `hupt stop 1` work
+as they do elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import free_port, http_get, hupt_env, wait_for, wait_listening
+
+pytestmark = pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("nsenter")),
+                                reason="needs util-linux's unshare and nsenter")
+
+
+def in_namespace(host_pid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", "-t", str(host_pid), "-p", "-m",
+                           sys.executable, "-m", "hupt", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env=hupt_env(os.environ))
+
+
+def test_hupt_as_pid_1_answers_status_reload_and_stop() -> None:
+    port = free_port()
+    # --kill-child: if the test dies, the namespace's PID 1 (hupt) dies with it.
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-m",
+         "hupt", "run", "--", sys.executable, "-m", "http.server", str(port),
+         "--bind", "127.0.0.1"],
+        env=hupt_env(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(("127.0.0.1", port), 20)
+        # hupt's PID on the host: the child of unshare.
+        hupt_host = wait_for("hupt in the namespace", lambda: _child_of(outer.pid), 10)
+        r = in_namespace(hupt_host, "status", "1")
+        assert r.returncode == 0 and r.stdout.startswith("hupt 1 "), r.stdout + r.stderr
+        r = in_namespace(hupt_host, "reload", "1")
+        assert r.returncode == 0 and "reload done" in r.stderr, r.stderr
+        assert http_get(("127.0.0.1", port))[0] == 200
+        r = in_namespace(hupt_host, "stop", "1")
+        assert r.returncode == 0 and "stop done" in r.stderr, r.stderr
+        assert outer.wait(20) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(outer.pid, signal.SIGKILL)
+        outer.wait(20)
+
+
+def _child_of(parent: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
