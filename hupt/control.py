@@ -299,7 +299,7 @@ def find_instance(pid: int) -> int:
                            f"{runtime_dir()} does not exist)")
     while p >= 1:  # hupt may be PID 1 (a container entrypoint, unshare --pid)
         path = socket_path(p)
-        if os.path.exists(path):
+        if os.path.exists(path) and (p != 1 or _answered_by(path, 1)):
             if os.path.islink(path):  # an attached server's alias: name the hupt behind it
                 target = os.path.basename(os.readlink(path)).removesuffix(".sock")
                 return int(target) if target.isdigit() else p
@@ -310,6 +310,24 @@ def find_instance(pid: int) -> int:
             break
     raise NotUnderHupt(f"PID {pid} is not under hupt (no hupt instance of this user among its "
                        f"ancestors; control sockets live in {runtime_dir()})")
+
+
+def _answered_by(path: str, pid: int) -> bool:
+    """Whether the hupt listening on ``path`` is ``pid`` as this process sees pids.
+
+    ``1.sock`` may belong to a hupt that is PID 1 of another PID namespace
+    sharing the runtime directory; from here its peer pid reads as its pid in
+    this namespace, not 1, so the walk up to this namespace's init skips it.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(2.0)
+            s.connect(path)
+            peer, _, _ = _UCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    except OSError:
+        return False
+    return bool(peer == pid)
 
 
 class Peer:

@@ -47,6 +47,11 @@ def test_hupt_as_pid_1_answers_status_reload_and_stop() -> None:
         r = in_namespace(hupt_host, "reload", "1")
         assert r.returncode == 0 and "reload done" in r.stderr, r.stderr
         assert http_get(("127.0.0.1", port))[0] == 200
+        # From the host, its 1.sock is not the host's PID 1: a PID not under hupt
+        # does not resolve to it by walking up to init.
+        r = subprocess.run([sys.executable, "-m", "hupt", "reload", str(os.getpid())],
+                           capture_output=True, text=True, timeout=60, env=hupt_env(os.environ))
+        assert r.returncode != 0 and "not under hupt" in r.stderr, r.stderr
         r = in_namespace(hupt_host, "stop", "1")
         assert r.returncode == 0 and "stop done" in r.stderr, r.stderr
         assert outer.wait(20) == 0
