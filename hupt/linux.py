@@ -58,9 +58,7 @@ class _Notifications:
     def renumber(self, generation: int) -> None:
         for h in self.handoffs.values():
             h.generation = generation
-            h.pending.clear()  # sockets of the program that was replaced
-            h.binds.clear()
-            h.close()
+            h.forget_image()  # the sockets and listens of the program that was replaced
 
     def service(self) -> Serviced:
         listened: list[Address] = []
