@@ -13,6 +13,7 @@ generation, and hupt itself keeps no fd and little memory per reload.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -269,6 +270,23 @@ def hupt_fds_and_rss(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), rss
 
 
+def fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(out)
+
+
+def settled_fds(pid: int, expected: int, within: float = 5.0) -> int:
+    """hupt's fd count once a moment's fds (a control client being answered, a
+    probe) are closed again: a leak per reload never comes back down."""
+    deadline = time.monotonic() + within
+    while (n := len(os.listdir(f"/proc/{pid}/fd"))) > expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n
+
+
 def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: Path) -> None:
     port = free_port()
     target: Target = ("127.0.0.1", port)
@@ -283,9 +301,11 @@ def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: 
         for _ in range(60):
             reload_ok(h)
         wait_single_generation(h)
-        fds1, rss1 = hupt_fds_and_rss(h.pid)
+        _, rss1 = hupt_fds_and_rss(h.pid)
+        fds1 = settled_fds(h.pid, fds0)
+        after = fd_targets(h.pid)
     check_load(load.result)
-    assert fds1 == fds0, f"hupt holds {fds1 - fds0} more fds after 60 reloads"
+    assert fds1 <= fds0, f"hupt holds {fds1 - fds0} more fds after 60 reloads: {after}"
     # Measured here: +20 to +140 KB over 60 reloads once warm (the allocator, and
     # the last few exited generations hupt keeps for its history); a buffer or a
     # socket object leaked per reload shows as megabytes.
