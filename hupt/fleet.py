@@ -131,9 +131,6 @@ class Fleet:
     def alive(self) -> list[Generation]:
         return [g for g in self.gens if g.alive]
 
-    def find(self, number: int) -> Generation | None:
-        return next((g for g in self.gens if g.number == number), None)
-
     def was_execed(self, gen: Generation) -> bool:
         """Whether ``gen`` is an image exec'd into an older generation's root."""
         return any(g.replaced_by == gen.number for g in self.gens)

@@ -92,9 +92,6 @@ class Loop:
             return None
         return h
 
-    def watched(self) -> set[int]:
-        return {key.fd for key in self._sel.get_map().values()}
-
     # -- timers, deferred work, invariants ----------------------------------
     def add_timer(self, name: str, timer: Timer) -> None:
         self._timers.append((name, timer))

@@ -246,6 +246,12 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def zombie_children(pid: int) -> set[int]:
+    """Direct children of pid that exited and are not reaped yet."""
+    return {p for p in _all_pids() if (st := _stat(p)) is not None and st[0] == "Z"
+            and st[1] == pid}
+
+
 def children(pid: int) -> set[int]:
     """Live (non-zombie) direct children of pid."""
     found = set()

@@ -253,39 +253,43 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
     assert "connection(s) still open" in said[0] and "--drain-signal" in said[0], said
 
 
-def test_a_slow_request_in_flight_at_the_reload_completes_with_200(
-        procs: Procs, go_server: Path) -> None:
-    target = ("127.0.0.1", free_port())
+@contextmanager
+def reload_during_a_slow_request(
+        procs: Procs, go_server: Path) -> Iterator[tuple[HuptProcess, Target, int, SlowRequest,
+                                                         Load]]:
+    """The Go server under --drain-signal TERM, a 3 s request inside its handler and a
+    load of fresh and keep-alive clients for the whole block, then one reload."""
+    target: Target = ("127.0.0.1", free_port())
     h = procs.hupt("--drain-signal", "TERM", "--drain-timeout", DRAIN_TIMEOUT,
                    "--kill-timeout", "5", cmd=go_cmd(go_server, target))
     wait_listening(target, proc=h)
     old = serving_pid(target)
-    slow = SlowRequest(target, seconds=0.1, path="/slow?ms=3000").start()
-    slow.wait_accepted()
-    time.sleep(0.3)  # inside the handler
-    r = h.reload(timeout=60)
-    assert r.returncode == 0, r.stderr + h.log()
-    assert old in h.descendants(), "the old generation finishes the request it has"
-    status, took = slow.result()
-    assert status == 200 and took >= 3.0, (status, took)
-    wait_only(h, serving_pid(target), GONE_WITHIN + 3.0)
+    with Load(target, fresh=2, keepalive=1) as load:
+        slow = SlowRequest(target, seconds=0.1, path="/slow?ms=3000").start()
+        slow.wait_accepted()
+        time.sleep(0.3)  # inside the handler
+        r = h.reload(timeout=60)
+        assert r.returncode == 0, r.stderr + h.log()
+        yield h, target, old, slow, load
+
+
+def test_a_slow_request_in_flight_at_the_reload_completes_with_200(
+        procs: Procs, go_server: Path) -> None:
+    with reload_during_a_slow_request(procs, go_server) as (h, target, old, slow, load):
+        assert old in h.descendants(), "the old generation finishes the request it has"
+        status, took = slow.result()
+        assert status == 200 and took >= 3.0, (status, took)
+        wait_only(h, serving_pid(target), GONE_WITHIN + 3.0)
+    assert load.result.failed == 0, load.result.summary()
     assert "drain timeout" not in h.log()
 
 
 def test_hupt_killed_during_a_drain_leaves_a_server_that_finishes_and_exits(
         procs: Procs, go_server: Path) -> None:
-    target = ("127.0.0.1", free_port())
-    h = procs.hupt("--drain-signal", "TERM", "--drain-timeout", DRAIN_TIMEOUT,
-                   "--kill-timeout", "5", cmd=go_cmd(go_server, target))
-    wait_listening(target, proc=h)
-    old = serving_pid(target)
-    slow = SlowRequest(target, seconds=0.1, path="/slow?ms=3000").start()
-    slow.wait_accepted()
-    time.sleep(0.3)
-    r = h.reload(timeout=60)
-    assert r.returncode == 0, r.stderr + h.log()
-    new = serving_pid(target)
-    assert new != old and {old, new} <= h.descendants()
+    with reload_during_a_slow_request(procs, go_server) as (h, target, old, slow, load):
+        new = serving_pid(target)
+        assert new != old and {old, new} <= h.descendants()
+    assert load.result.failed == 0, load.result.summary()
     h.popen.kill()  # hupt dies while the old generation drains
     h.popen.wait(10)
     try:

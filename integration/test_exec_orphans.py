@@ -10,7 +10,6 @@ several reloads under load.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from harness import (
     wait_gone,
     wait_listening,
     write_executable,
+    zombie_children,
 )
 from load import Load, Target
 from supervision import reload_ok
@@ -70,21 +70,6 @@ while True:
 '''
 
 
-def zombies_of(parent: int) -> set[int]:
-    out = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z" and int(fields[1]) == parent:
-            out.add(int(name))
-    return out
-
-
 def test_reap_for_makes_the_parent_reap_exactly_the_children_named(tmp_path: Path) -> None:
     # The parent forks three children that exit at once and never reaps them.
     script = ("import os, signal, time\n"
@@ -95,9 +80,9 @@ def test_reap_for_makes_the_parent_reap_exactly_the_children_named(tmp_path: Pat
     try:
         assert p.stdout is not None
         kids = [int(k) for k in p.stdout.readline().split()]
-        wait_for("three zombies", lambda: zombies_of(p.pid) == set(kids), 10)
+        wait_for("three zombies", lambda: zombie_children(p.pid) == set(kids), 10)
         assert orphans.reap_for(p.pid, kids[:2]) == kids[:2]
-        assert zombies_of(p.pid) == {kids[2]}, "only those named are reaped"
+        assert zombie_children(p.pid) == {kids[2]}, "only those named are reaped"
         assert orphans.reap_for(p.pid, kids[:2]) == [], "ECHILD: reaped already"
         assert p.poll() is None, "the parent runs on"
     finally:
@@ -127,7 +112,7 @@ def test_exec_reloads_leave_no_zombie_workers(procs: Procs, tmp_path: Path) -> N
         time.sleep(0.5)
     assert load.result.failed == 0, load.result.summary()
     assert listener_inode(port) == inode, "the same listening socket throughout"
-    wait_for("no zombie left under the root", lambda: not zombies_of(root), 10)
+    wait_for("no zombie left under the root", lambda: not zombie_children(root), 10)
     assert len(children(root)) == 2, "exactly the new image's workers"
     assert not any(Path(f"/proc/{p}").exists() for p in retired), "every old worker reaped"
     assert http_get(target)[1].startswith(f"ok master={root} ")
