@@ -70,8 +70,7 @@ class Generation:
     pids: set[int] = field(default_factory=set)
     # Addresses this generation listened on (handed over or new).
     listened: set[Address] = field(default_factory=set)
-    # How many of its copies listen on each address (a listen(), or a bind handed a
-    # held socket that listens already): with --multi N every copy must.
+    # How many listen() calls it made per address: with --multi N every copy listens.
     listens: Counter[Address] = field(default_factory=Counter)
     # The processes hupt started for it (--multi: one per copy); ``pid`` is the first.
     copies: list[int] = field(default_factory=list)

@@ -11,12 +11,6 @@ bind(fd, addr)
     (CONTINUE), and a chosen address (not port 0) is remembered by the
     socket's inode so the listen() that follows can be recognised.
 
-    A held socket listens already, and servers that support inheriting
-    their sockets (haproxy, newer gunicorn) ask getsockopt(SO_ACCEPTCONN)
-    after bind() and skip listen() on one that does.  So the bind itself
-    counts as the generation's listen on that address: the socket now in
-    its fd table listens, whether or not a listen() follows.
-
 listen(fd, backlog)
     hupt takes its own reference (pidfd_getfd) and does the listen itself
     on it, with a backlog of at least MIN_BACKLOG, then answers 0: seccomp
@@ -73,18 +67,9 @@ class Handoff:
     binds: dict[Address, int] = field(default_factory=dict)
     # Addresses this generation got by handoff (for status and tests).
     handed: set[Address] = field(default_factory=set)
-    # Addresses reported listened on: each once, however many of its processes
-    # bind and listen (its workers, a bind handed a listening socket and the
-    # listen() that follows), so that --multi counts copies, one per notify fd.
-    reported: set[Address] = field(default_factory=set)
 
     def service(self) -> list[Address]:
-        """Answer every pending notification; return the addresses newly listened on.
-
-        An address is listened on from a listen() (of a socket the server bound
-        itself, or of a held one) or from a bind() answered with a held socket
-        that listens already; each is returned once (see ``reported``).
-        """
+        """Answer every pending notification; return the addresses newly listened on."""
         listened: list[Address] = []
         while True:
             try:
@@ -101,46 +86,37 @@ class Handoff:
                 log.warn(f"generation {self.generation}: answering {SYS(n.nr).name}: {e}")
                 self._try_continue(n)
                 continue
-            if addr is not None and addr not in self.reported:
-                self.reported.add(addr)
+            if addr is not None:
                 listened.append(addr)
-
-    def forget_image(self) -> None:
-        """Its process exec'd a new program: what the old image bound means nothing now."""
-        self.pending.clear()
-        self.binds.clear()
-        self.reported.clear()
-        self.close()
 
     def _answer(self, n: Notification) -> Address | None:
         if n.nr == SYS.bind:
-            return self._bind(n)
-        if n.nr == SYS.listen:
+            self._bind(n)
+        elif n.nr == SYS.listen:
             return self._listen(n)
-        if n.nr in (SYS.unlink, SYS.unlinkat):
+        elif n.nr in (SYS.unlink, SYS.unlinkat):
             self._unlink(n)
         else:
             self.notify.send_continue(n.id)
         return None
 
     # -- bind ------------------------------------------------------------
-    def _bind(self, n: Notification) -> Address | None:
-        """Answer a bind(); the address if it was handed a socket that listens."""
+    def _bind(self, n: Notification) -> None:
         fd, uaddr, alen = int(n.args[0]), n.args[1], int(n.args[2])
         with procfs.Memory(n.pid) as mem:
             raw = mem.read(uaddr, min(max(alen, 0), SOCKADDR_MAX))
         cwd = procfs.cwd(n.pid) if raw[:2] == socket.AF_UNIX.to_bytes(2, "little") else None
         if not self.notify.id_valid(n.id):
-            return None
+            return
         addr = parse_sockaddr(raw, cwd)
         if addr is None or not addr.chosen:
             self.notify.send_continue(n.id)
-            return None
+            return
         held = self.listeners.get(addr)
         with _TheirSocket(n.pid, fd) as theirs:
             if theirs is None or theirs.type != socket.SOCK_STREAM:
                 self.notify.send_continue(n.id)
-                return None
+                return
             if held is not None and held.sock.family == theirs.family:
                 group = held.sockets()
                 k = self.binds.get(addr, 0)
@@ -161,7 +137,7 @@ class Handoff:
                     os.set_inheritable(kept.fileno(), False)
                     self.first_reuseport[addr] = kept
                 self.notify.send_continue(n.id)
-                return None
+                return
         flags = procfs.fd_flags(n.pid, fd)
         # O_NONBLOCK lives on the open file description, shared with every
         # holder: mirror what this generation expects (Go needs it set).
@@ -170,19 +146,13 @@ class Handoff:
         if want != cur:
             fcntl.fcntl(give.fileno(), fcntl.F_SETFL, want)
         if not self.notify.id_valid(n.id):
-            return None
+            return
         self.notify.addfd(n.id, give.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
         self.notify.send_result(n.id, 0)
         self.handed.add(addr)
-        # The socket it bound first (a reuseport group being joined) listens
-        # only once its own listen() is answered; a held one listens already
-        # (unless hupt shut it down to stop).
-        listens = held is not None and _listening(give)
         what = ("socket it bound first" if held is None
                 else "held socket" if give is held.sock else "held socket of its reuseport group")
-        log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}"
-                  + (", listening already" if listens else ""))
-        return addr if listens else None
+        log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}")
 
     def _first_of_group(self, addr: Address, theirs: socket.socket) -> socket.socket | None:
         """The socket this generation already bound to ``addr`` with SO_REUSEPORT, if
@@ -307,14 +277,6 @@ class _TheirSocket:
     def __exit__(self, *exc: object) -> None:
         if self.sock is not None:
             self.sock.close()
-
-
-def _listening(sock: socket.socket) -> bool:
-    """Whether the socket listens (what a server that inherits sockets asks)."""
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:
-        return False
 
 
 def _unbound(sock: socket.socket) -> bool:

@@ -58,7 +58,9 @@ class _Notifications:
     def renumber(self, generation: int) -> None:
         for h in self.handoffs.values():
             h.generation = generation
-            h.forget_image()  # the sockets and listens of the program that was replaced
+            h.pending.clear()  # sockets of the program that was replaced
+            h.binds.clear()
+            h.close()
 
     def service(self) -> Serviced:
         listened: list[Address] = []

@@ -38,12 +38,6 @@ GEN_ENV = "HUPT_GEN"
 
 @dataclass(frozen=True)
 class Serviced:
-    """What answering a generation's filtered calls found."""
-
-    # Addresses it now listens on, each once per copy (a spawned process and
-    # its descendants, which share its notify fd): by a listen(), or by a bind()
-    # handed a held socket that listens already (a server that checks
-    # SO_ACCEPTCONN calls no listen() then).  A bind that failed never counts.
     listened: list[Address]
     hung_up: bool  # no process uses the filter any more
 

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,19 +168,11 @@ def reload_many(h: HuptProcess, n: int, where: int | str | None, *, inode: int |
         if where is not None:
             assert listener_inode(where) == inode, "the listening socket must never be replaced"
         assert held_by_hupt(h) == {inode}, "hupt must keep holding the original listener"
-        # Ready from its bind() of the held socket: a master that binds, forks its
-        # workers and closes its own copy may be between the two at this moment.
-        gens = wait_for(f"generation {new} to serve from the original listening socket",
-                        partial(_holding, h, new, inode), 5, h)
+        assert any(inode in listener_inodes(p) for p in gens[new]), (
+            f"generation {new} does not serve from the original listening socket")
         reloaded.append((new, gens[new]))
         time.sleep(pause)
     return reloaded
-
-
-def _holding(h: HuptProcess, number: int, inode: int) -> dict[int, set[int]] | None:
-    """generations(h), once a process of generation ``number`` holds listener ``inode``."""
-    gens = generations(h)
-    return gens if any(inode in listener_inodes(p) for p in gens.get(number, ())) else None
 
 
 def check_load(res: LoadResult, min_ok: int = 50) -> None:

@@ -56,21 +56,12 @@ class FakeSystem:
 
     # -- test controls ---------------------------------------------------
     def listen(self, number: int, addr: Address) -> None:
-        """A copy of generation ``number`` now listens on ``addr`` (reported once per
-        copy, as the System promises): its listen(), or a bind handed a held socket."""
         g = self.gens[number]
         g.pending_listens.append(addr)
         if self.listeners.get(addr) is None:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             self.listeners.add(addr, s, 5)
-
-    def take(self, number: int, addr: Address) -> None:
-        """A copy's bind() of ``addr`` was handed the held socket, which listens already,
-        and the server calls no listen() (it checked SO_ACCEPTCONN, as haproxy and
-        gunicorn do): reported as listened on, like the listen() it skips."""
-        assert self.listeners.get(addr) is not None, "only a held socket listens at bind()"
-        self.gens[number].pending_listens.append(addr)
 
     def exit(self, number: int, status: int = 0) -> None:
         g = self.gens[number]

@@ -80,17 +80,6 @@ def test_reload_drains_then_execs_the_same_pid(fake: FakeSystem) -> None:
     assert sup.current is new and new.state is State.SERVING
 
 
-def test_an_execd_image_that_skips_listen_is_ready_at_its_bind(fake: FakeSystem) -> None:
-    sup = make(fake)
-    w = reload_to_exec(sup, fake)
-    new = sup.gens[1]
-    assert new.state is State.STARTING and new.pid == sup.gens[0].pid
-    fake.take(2, A)  # its bind got the held socket, listening: no listen() follows
-    sup.on_notify(new)
-    assert w.result is not None and w.result[0], w.result
-    assert sup.current is new and state_of(new) is State.SERVING
-
-
 def test_the_notify_fd_follows_the_exec(fake: FakeSystem) -> None:
     sup = make(fake)
     fd = sup.gens[0].notify_fd

@@ -65,43 +65,6 @@ def test_reload_ready_when_all_held_addresses_taken(fake: FakeSystem) -> None:
     assert fake.events.index("pause 1") > fake.events.index("spawn 2")
 
 
-def test_a_server_that_skips_listen_is_ready_once_it_took_every_held_socket(
-        fake: FakeSystem) -> None:
-    # haproxy, newer gunicorn: getsockopt(SO_ACCEPTCONN) after bind(), no listen()
-    # on the held socket they were handed, which listens already.
-    sup = make(fake)
-    fake.listen(1, B)
-    sup.on_notify(sup.gens[0])
-    w = Recorder()
-    sup.request_reload(w)
-    g2 = sup.gens[1]
-    fake.take(2, A)
-    sup.on_notify(g2)
-    assert w.result is None and not fake.gens[1].paused, "B is not taken yet"
-    fake.take(2, B)
-    sup.on_notify(g2)
-    assert w.result is not None and w.result[0], w.result
-    assert sup.current is g2 and sup.gens[0].state is State.DRAINING
-    assert fake.gens[1].paused
-    assert any("the held socket (2/2)" in m for m in w.messages), w.messages
-
-
-def test_multi_reload_is_ready_once_every_copy_took_the_socket(fake: FakeSystem) -> None:
-    sup = multi(fake)
-    w = Recorder()
-    sup.request_reload(w)
-    g2 = sup.gens[1]
-    assert len(g2.copies) == 3
-    fake.take(2, A)
-    fake.take(2, A)
-    sup.on_notify(g2)
-    assert w.result is None and not fake.gens[1].paused, "a copy has not bound yet"
-    fake.take(2, A)
-    sup.on_notify(g2)
-    assert w.result is not None and w.result[0], w.result
-    assert sup.current is g2
-
-
 def test_old_generation_retired_when_drained_then_killed_after_grace(fake: FakeSystem) -> None:
     sup = make(fake, kill_timeout=5.0)
     sup.request_reload(Recorder())
