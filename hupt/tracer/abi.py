@@ -51,6 +51,7 @@ class SYS(IntEnum):
     epoll_ctl = 233
     tgkill = 234
     unlinkat = 263
+    exit_group = 231
     accept4 = 288
     dup3 = 292
     process_vm_readv = 310
@@ -239,10 +240,28 @@ PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_O_TRACESYSGOOD = 1
+PTRACE_O_TRACECLONE = 1 << 3
 PTRACE_O_TRACEEXEC = 1 << 4
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_STOP = 128
+# struct ptrace_syscall_info {
+#     __u8  op;                      /* @0: PTRACE_SYSCALL_INFO_* */
+#     __u8  pad[3];
+#     __u32 arch;                    /* @4 */
+#     __u64 instruction_pointer;     /* @8 */
+#     __u64 stack_pointer;           /* @16 */
+#     union {
+#         struct { __u64 nr; __u64 args[6]; } entry;      /* @24 */
+#         struct { __s64 rval; __u8 is_error; } exit;     /* @24 */
+#         struct { __u64 nr; __u64 args[6]; __u32 ret_data; } seccomp;
+#     };
+# };  (88 bytes with its tail padding; the kernel copies at most the size it is given)
+PTRACE_SYSCALL_INFO = struct.Struct("<B3xIQQ7Q4x4x")
+PTRACE_SYSCALL_INFO_ENTRY = 1
+PTRACE_SYSCALL_INFO_EXIT = 2
 # waitpid/waitid option: also report threads other than the leader (linux/wait.h __WALL)
 WALL = 0x40000000
 

@@ -54,10 +54,15 @@ from ptrace.binding import func as _pt
 from hupt.errors import KernelError, from_errno
 from hupt.tracer.abi import (
     PTRACE_EVENT_STOP,
+    PTRACE_GET_SYSCALL_INFO,
     PTRACE_GETSIGMASK,
     PTRACE_INTERRUPT,
+    PTRACE_LISTEN,
     PTRACE_SEIZE,
     PTRACE_SETSIGMASK,
+    PTRACE_SYSCALL_INFO,
+    PTRACE_SYSCALL_INFO_ENTRY,
+    PTRACE_SYSCALL_INFO_EXIT,
     WALL,
 )
 
@@ -194,6 +199,35 @@ def singlestep(tid: int, sig: int = 0) -> None:
     _request("PTRACE_SINGLESTEP", _pt.PTRACE_SINGLESTEP, tid, 0, sig)
 
 
+def listen(tid: int) -> None:
+    """Leave a thread in its group-stop (SIGSTOP & co.) but let SIGCONT wake it."""
+    _request("PTRACE_LISTEN", PTRACE_LISTEN, tid)
+
+
+@dataclass(frozen=True)
+class SyscallInfo:
+    """What a syscall-stop is about (PTRACE_GET_SYSCALL_INFO)."""
+
+    entry: bool  # syscall-enter-stop (else syscall-exit-stop)
+    nr: int  # the syscall number (entry only; -1 at an exit)
+    args: tuple[int, ...]  # its six arguments (entry only)
+    rval: int  # the return value (exit only; -errno on failure)
+
+
+def syscall_info(tid: int) -> SyscallInfo:
+    """Which syscall a thread in a syscall-stop is entering or leaving."""
+    buf = ctypes.create_string_buffer(PTRACE_SYSCALL_INFO.size)
+    _request("PTRACE_GET_SYSCALL_INFO", PTRACE_GET_SYSCALL_INFO, tid,
+             PTRACE_SYSCALL_INFO.size, ctypes.addressof(buf))
+    op, _arch, _ip, _sp, *rest = PTRACE_SYSCALL_INFO.unpack(buf.raw)
+    if op == PTRACE_SYSCALL_INFO_ENTRY:
+        return SyscallInfo(True, rest[0], tuple(rest[1:7]), 0)
+    if op == PTRACE_SYSCALL_INFO_EXIT:
+        return SyscallInfo(False, -1, (), signed(rest[0]))
+    raise KernelError(errno.EINVAL, "PTRACE_GET_SYSCALL_INFO",
+                      f"thread {tid} is not in a syscall-stop (op {op})")
+
+
 def detach(tid: int, sig: int = 0) -> None:
     """Stop tracing a stopped thread and let it run (into a group-stop if one is in effect)."""
     _request("PTRACE_DETACH", _pt.PTRACE_DETACH, tid, 0, sig)
@@ -256,6 +290,20 @@ def _peek_exited(tid: int) -> bool:
     except ChildProcessError:
         return False
     return res is not None and res.si_code in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED)
+
+
+def poll_stop(tid: int, *, reap_exit: bool = True) -> Stop | None:
+    """The next stop (or the exit) of traced thread ``tid`` if one is pending, else None.
+
+    ``reap_exit`` as for ``waitstop``.
+    """
+    if not reap_exit and _peek_exited(tid):
+        return Stop(tid, StopKind.EXITED)
+    try:
+        got, status = os.waitpid(tid, os.WNOHANG | WALL)
+    except ChildProcessError:
+        return Stop(tid, StopKind.EXITED)
+    return classify(tid, status) if got == tid else None
 
 
 def waitstop(tid: int, timeout: float, *, reap_exit: bool = True) -> Stop:
