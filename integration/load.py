@@ -5,11 +5,16 @@ Facts and choices this rests on:
 - Raw HTTP over sockets, no client library: the generator must see exactly
   what went wrong (refused connect, reset, EOF before the status line, short
   body, wrong status), which libraries blur by retrying or wrapping errors.
-- Two client kinds, because a reload breaks them differently. Fresh clients
+- Three client kinds, because a reload breaks them differently. Fresh clients
   open a connection per request ("Connection: close") and catch a listener
   that is missing or not accepting (refused, reset in the accept queue).
   Keep-alive clients reuse a connection for `conn_requests` requests and catch
-  a generation retired with connections still open.
+  a generation retired with connections still open. Persistent clients are
+  what browsers, connection pools and load balancers do: ONE connection held
+  for the whole run, requests back to back, never closed by the client. A
+  keep-alive client that reconnects every few requests lets an old generation
+  drain by itself; a persistent one pins it, and shows whether the server (or
+  its drain signal) ends the connection at a request boundary.
 - A server may close an idle keep-alive connection at any time (RFC 9112
   9.3.1); a request sent on it at that moment dies before any response byte.
   Real clients retry that, once, on a new connection. So does this one, and
@@ -17,13 +22,28 @@ Facts and choices this rests on:
   before the first byte of the response (a connection already seen closed
   before sending counts too). These are counted in `keepalive_retries`, not as
   failures; a retry that fails again is a failure. Everything else is a failure.
+- A persistent client opens another connection only when the server closed
+  its own: an answer with `Connection: close` (or an HTTP/1.0 one), a
+  connection found closed before sending, or one that ended (EOF, reset)
+  before ANY byte of the answer to a request sent on it; that request is sent
+  once more on the new connection, as HTTP clients do for idempotent
+  requests, and counted in the client's `retries`. Each such close counts in
+  `reconnects`. A partial answer, a reset mid-answer, a bad status or a
+  timeout is a failure, after which the next request needs a new connection
+  too. Each answer is recorded with the pid the body names, so a test can
+  tell which generation served the client when.
+- `longest_wait` is the longest any request answered 200 took from its start
+  (connect, or send on a reused connection; a retry included) to the last
+  byte of its answer: a reload must not make a client wait, even one that
+  gets its answer in the end.
 - HTTP/1.0 responses (python -m http.server) close the connection: the client
   reads to EOF when there is no Content-Length and reconnects without counting
   a retry.
 - Bounded in time and load: every request has a deadline of `timeout` s
   (connect + send + full response), so stop() returns within timeout + 2 s;
-  a total rate limit (default 200 req/s) and a total request cap keep the
-  generator from starving the 2-core machine it shares with the servers.
+  a total rate limit (default 200 req/s, every client kind included) and a
+  total request cap keep the generator from starving the 2-core machine it
+  shares with the servers.
 - `slow_request` holds one request in flight for a chosen time on ANY server
   (stock http.server has no /slow route): the client trickles its request
   headers, so the server is inside the request from the first byte until the
@@ -48,7 +68,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
@@ -261,6 +281,13 @@ def request(target: Target, path: str = "/", timeout: float = 5.0) -> Response:
         conn.close()
 
 
+def body_pid(body: bytes) -> int:
+    """The pid a test server's body names (/, /slow, /pid); 0 if it names none."""
+    if (m := _TAG_BODY.match(body)) or (m := _PID_BODY.match(body)):
+        return int(m[1])
+    return 0
+
+
 def response_key(body: bytes) -> str:
     """Which generation answered: "tag=T pid=N" for the test servers' bodies, else "other"."""
     if m := _TAG_BODY.match(body):
@@ -274,23 +301,80 @@ Event = tuple[float, str, str]
 """(time.monotonic() when it happened, kind, error repr)."""
 
 
+Answer = tuple[float, int]
+"""(time.monotonic() when the answer was complete, body_pid of its body)."""
+
+
+@dataclass
+class PersistentStats:
+    """What one persistent client saw (see the module doc)."""
+
+    ok: int = 0
+    retries: int = 0
+    """Requests sent again because their connection ended before any byte of the answer."""
+    reconnects: int = 0
+    """Connections the server closed (retries included); each time the client opened a new one."""
+    failed: int = 0
+    answers: list[Answer] = field(default_factory=list)
+
+    def answers_after(self, after: float) -> list[Answer]:
+        return [a for a in self.answers if a[0] > after]
+
+    def old_answers(self, after: float, current: int) -> int:
+        """Answers after `after` from any process but `current`."""
+        return sum(1 for t, pid in self.answers if t > after and pid != current)
+
+
 @dataclass
 class LoadResult:
+    """Counts of every client kind together, and the persistent clients' own apart.
+
+    `ok`, `failed`, `failures` and `responses` cover every request, so a test
+    that asserts `failed == 0` covers the persistent clients too.
+    """
+
     ok: int = 0
     failed: int = 0
     failures: list[Event] = field(default_factory=list)
-    """The first MAX_RECORDED failures."""
+    """The first MAX_RECORDED failures (a persistent client's error says which client)."""
     keepalive_retries: int = 0
     retry_events: list[Event] = field(default_factory=list)
-    """The first MAX_RECORDED retries: kind "closed-before-send", "eof" or "reset"."""
+    """The first MAX_RECORDED retries: kind "closed-before-send", "eof", "reset" or "send"."""
     responses: Counter[str] = field(default_factory=Counter)
     """Successful responses by response_key(body)."""
     started: float = 0.0
     stopped: float = 0.0
+    persistent: list[PersistentStats] = field(default_factory=list)
+    """One entry per persistent client."""
+    longest_wait: float = 0.0
+    """Seconds: the longest any request answered 200 took, start to last byte (module doc)."""
+    longest_wait_at: float = 0.0
+    """time.monotonic() when that request was answered."""
 
     @property
     def duration(self) -> float:
         return self.stopped - self.started
+
+    @property
+    def persistent_ok(self) -> int:
+        return sum(p.ok for p in self.persistent)
+
+    @property
+    def persistent_retries(self) -> int:
+        return sum(p.retries for p in self.persistent)
+
+    @property
+    def persistent_reconnects(self) -> int:
+        return sum(p.reconnects for p in self.persistent)
+
+    @property
+    def persistent_failed(self) -> int:
+        return sum(p.failed for p in self.persistent)
+
+    @property
+    def persistent_answers(self) -> list[Answer]:
+        """Every persistent client's answers, in time order."""
+        return sorted(a for p in self.persistent for a in p.answers)
 
     @property
     def pids(self) -> set[int]:
@@ -310,9 +394,16 @@ class LoadResult:
         def events(evs: list[Event]) -> str:
             return "".join(f"\n    +{t - self.started:.3f}s {k}: {e}" for t, k, e in evs)
 
+        persistent = (
+            f"; {len(self.persistent)} persistent clients: {self.persistent_ok} ok,"
+            f" {self.persistent_failed} failed, {self.persistent_retries} retries,"
+            f" {self.persistent_reconnects} reconnects" if self.persistent else "")
+        longest = (f"; longest wait {self.longest_wait:.3f}s"
+                   f" (answered at +{self.longest_wait_at - self.started:.3f}s)"
+                   if self.longest_wait_at else "")
         return (
             f"load: {self.ok} ok, {self.failed} failed, {self.keepalive_retries} keep-alive retries"
-            f" in {self.duration:.2f}s; responses {dict(self.responses)}"
+            f" in {self.duration:.2f}s{persistent}{longest}; responses {dict(self.responses)}"
             + (f"\n  failures:{events(self.failures)}" if self.failures else "")
             + (f"\n  retries:{events(self.retry_events)}" if self.retry_events else "")
         )
@@ -321,9 +412,15 @@ class LoadResult:
 
 
 class Load:
-    """Fresh and keep-alive client threads hitting `target` until stop().
+    """Fresh, keep-alive and persistent client threads hitting `target` until stop().
 
     with Load(("127.0.0.1", port)) as load: ...  ->  load.result
+
+    `persistent` clients each hold one connection for the whole run (module doc);
+    so_far() shows what they saw while the load still runs. They are paced like
+    the others, under max_rate, unless `persistent_pause` is given: then each
+    waits that long after an answer before its next request, whatever the rate
+    (a connection idle for a known time between requests, e.g. for --close-idle).
     """
 
     def __init__(
@@ -336,23 +433,30 @@ class Load:
         path: str = "/",
         max_rate: float = 200.0,
         max_requests: int = 100_000,
+        persistent: int = 0,
+        persistent_pause: float | None = None,
     ) -> None:
-        if fresh + keepalive < 1 or conn_requests < 1 or max_rate <= 0:
-            raise ValueError("need at least one client, conn_requests >= 1 and max_rate > 0")
+        if min(fresh, keepalive, persistent) < 0 or fresh + keepalive + persistent < 1:
+            raise ValueError("need at least one client and no negative count")
+        if conn_requests < 1 or max_rate <= 0 or (persistent_pause or 0.0) < 0:
+            raise ValueError("need conn_requests >= 1, max_rate > 0 and no negative pause")
         self.target = target
         self.fresh = fresh
         self.keepalive = keepalive
+        self.persistent = persistent
+        self.persistent_pause = persistent_pause
         self.conn_requests = conn_requests
         self.timeout = timeout
         self.path = path
         self.max_requests = max_requests
         # Each thread paces itself so that all together stay under max_rate.
-        self.interval = (fresh + keepalive) / max_rate
+        paced = fresh + keepalive + (persistent if persistent_pause is None else 0)
+        self.interval = paced / max_rate
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._issued = 0
-        self._threads: list[threading.Thread] = []
-        self._result = LoadResult()
+        self._threads: list[tuple[threading.Thread, PersistentStats | None]] = []
+        self._result = LoadResult(persistent=[PersistentStats() for _ in range(persistent)])
         self._final: LoadResult | None = None
 
     def __enter__(self) -> Load:
@@ -372,16 +476,28 @@ class Load:
         with self._lock:
             return self._result.ok, self._result.failed
 
+    def so_far(self) -> LoadResult:
+        """A copy of the result so far, `stopped` being now: to look while running."""
+        with self._lock:
+            copy = self._copy()
+        copy.stopped = time.monotonic()
+        return copy
+
     def start(self) -> Load:
         if self._threads:
             raise RuntimeError("Load already started")
         self._result.started = time.monotonic()
-        clients = [("fresh", self._fresh_client)] * self.fresh
-        clients += [("keepalive", self._keepalive_client)] * self.keepalive
-        for i, (kind, client) in enumerate(clients):
-            self._threads.append(threading.Thread(
-                target=self._guard, args=(client,), name=f"load-{kind}-{i}", daemon=True))
-        for t in self._threads:
+        clients: list[tuple[str, Callable[[], None], PersistentStats | None]] = []
+        clients += [("fresh", self._fresh_client, None)] * self.fresh
+        clients += [("keepalive", self._keepalive_client, None)] * self.keepalive
+        for j, own in enumerate(self._result.persistent):
+            clients.append(("persistent", partial(self._persistent_client, own,
+                                                  f"persistent client {j}"), own))
+        for i, (kind, client, stats) in enumerate(clients):
+            thread = threading.Thread(target=self._guard, args=(client, stats),
+                                      name=f"load-{kind}-{i}", daemon=True)
+            self._threads.append((thread, stats))
+        for t, _ in self._threads:
             t.start()
         return self
 
@@ -392,30 +508,34 @@ class Load:
         self._stop.set()
         # In-flight requests finish (their deadline is at most `timeout` away) and count.
         join_until = time.monotonic() + self.timeout + 1.5
-        for t in self._threads:
+        for t, _ in self._threads:
             t.join(max(0.0, join_until - time.monotonic()))
         with self._lock:
-            for t in self._threads:
+            for t, stats in self._threads:
                 if t.is_alive():
-                    self._fail("hung", f"{t.name} still running at stop()")
+                    self._fail("hung", f"{t.name} still running at stop()", stats)
             self._result.stopped = time.monotonic()
-            r = self._result
-            self._final = LoadResult(
-                r.ok, r.failed, list(r.failures), r.keepalive_retries, list(r.retry_events),
-                Counter(r.responses), r.started, r.stopped,
-            )
+            self._final = self._copy()
         return self._final
+
+    def _copy(self) -> LoadResult:
+        """A copy that the running clients do not change; the caller holds self._lock."""
+        r = self._result
+        return replace(r, failures=list(r.failures), retry_events=list(r.retry_events),
+                       responses=Counter(r.responses),
+                       persistent=[replace(p, answers=list(p.answers)) for p in r.persistent])
 
     # -- client threads ------------------------------------------------------------------
 
-    def _guard(self, client: Callable[[], None]) -> None:
+    def _guard(self, client: Callable[[], None], stats: PersistentStats | None) -> None:
         try:
             client()
         except BaseException as e:  # a bug in the generator must show up as a failure
             with self._lock:
-                self._fail("client-bug", repr(e))
+                self._fail("client-bug", repr(e), stats)
 
-    def _slots(self) -> Iterator[None]:
+    def _slots(self, pause: float | None = None) -> Iterator[None]:
+        """One iteration per request: every self.interval s, or `pause` s after each."""
         next_at = time.monotonic()
         while not self._stop.is_set():
             with self._lock:
@@ -423,18 +543,22 @@ class Load:
                     return
                 self._issued += 1
             yield
-            next_at = max(next_at + self.interval, time.monotonic())
+            if pause is not None:
+                next_at = time.monotonic() + pause
+            else:
+                next_at = max(next_at + self.interval, time.monotonic())
             if self._stop.wait(max(0.0, next_at - time.monotonic())):
                 return
 
     def _fresh_client(self) -> None:
         request = request_bytes(self.target, self.path, keep_alive=False)
         for _ in self._slots():
-            deadline = time.monotonic() + self.timeout
+            started = time.monotonic()
+            deadline = started + self.timeout
             try:
                 conn = Connection(self.target, deadline)
                 try:
-                    self._check(conn.exchange(request, deadline))
+                    self._answered(conn.exchange(request, deadline), started)
                 finally:
                     conn.close()
             except RequestFailed as f:
@@ -446,12 +570,13 @@ class Load:
         conn: Connection | None = None
         try:
             for _ in self._slots():
-                deadline = time.monotonic() + self.timeout
+                started = time.monotonic()
+                deadline = started + self.timeout
                 if conn is not None and conn.used >= self.conn_requests:
                     conn.close()
                     conn = None
                 try:
-                    conn = self._keepalive_request(conn, request, deadline)
+                    conn = self._keepalive_request(conn, request, started, deadline)
                 except RequestFailed as f:
                     conn = None
                     with self._lock:
@@ -460,7 +585,7 @@ class Load:
             if conn is not None:
                 conn.close()
 
-    def _keepalive_request(self, conn: Connection | None, request: bytes,
+    def _keepalive_request(self, conn: Connection | None, request: bytes, started: float,
                            deadline: float) -> Connection | None:
         """One request, on `conn` if given; returns the connection to reuse next, if any."""
         if conn is not None and conn.closed_by_peer():
@@ -476,38 +601,109 @@ class Load:
                     raise
                 self._retried(f.kind, f.error)
             else:
-                return self._finish(conn, response)
+                return self._finish(conn, response, started)
         conn = Connection(self.target, deadline)
         try:
             response = conn.exchange(request, deadline)
         except BaseException:
             conn.close()
             raise
-        return self._finish(conn, response)
+        return self._finish(conn, response, started)
 
-    def _finish(self, conn: Connection, response: Response) -> Connection | None:
-        self._check(response)
+    def _persistent_client(self, stats: PersistentStats, name: str) -> None:
+        request = request_bytes(self.target, self.path, keep_alive=True)
+        conn: Connection | None = None
+        try:
+            for _ in self._slots(self.persistent_pause):
+                started = time.monotonic()
+                deadline = started + self.timeout
+                try:
+                    conn = self._persistent_request(conn, request, started, deadline, stats,
+                                                    name)
+                except RequestFailed as f:
+                    conn = None  # closed already: after a failure its state is unknown
+                    with self._lock:
+                        self._fail(f.kind, f"{name}: {f.error}", stats)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _persistent_request(self, conn: Connection | None, request: bytes, started: float,
+                            deadline: float, stats: PersistentStats,
+                            name: str) -> Connection | None:
+        """One request, on `conn` if the server has not closed it; returns the connection
+        for the next one, None once the server closed it."""
+        if conn is not None and conn.closed_by_peer():
+            conn.close()
+            conn = None
+            with self._lock:
+                stats.reconnects += 1
+        if conn is not None:
+            try:
+                response = conn.exchange(request, deadline)
+            except RequestFailed as f:
+                conn.close()
+                # "send": an error other than EPIPE/ECONNRESET from a socket the server
+                # closed meanwhile; nothing of an answer came either way.
+                if not (f.before_response and f.kind in ("eof", "reset", "send")):
+                    raise
+                self._retried(f.kind, f"{name}: {f.error}", stats)
+            else:
+                return self._finish(conn, response, started, stats)
+        conn = Connection(self.target, deadline)
+        try:
+            response = conn.exchange(request, deadline)
+        except BaseException:
+            conn.close()
+            raise
+        return self._finish(conn, response, started, stats)
+
+    def _finish(self, conn: Connection, response: Response, started: float,
+                stats: PersistentStats | None = None) -> Connection | None:
+        try:
+            self._answered(response, started, stats)
+        except BaseException:
+            conn.close()
+            raise
         if response.reusable:
             return conn
         conn.close()
+        if stats is not None:
+            with self._lock:
+                stats.reconnects += 1
         return None
 
-    def _check(self, response: Response) -> None:
+    def _answered(self, response: Response, started: float,
+                  stats: PersistentStats | None = None) -> None:
         if response.status != 200:
             raise RequestFailed("status", f"HTTP {response.status} {response.body[:80]!r}", False)
+        now = time.monotonic()
         with self._lock:
-            self._result.ok += 1
-            self._result.responses[response_key(response.body)] += 1
+            r = self._result
+            r.ok += 1
+            r.responses[response_key(response.body)] += 1
+            if now - started > r.longest_wait:
+                r.longest_wait, r.longest_wait_at = now - started, now
+            if stats is not None:
+                stats.ok += 1
+                stats.answers.append((now, body_pid(response.body)))
 
-    def _retried(self, kind: str, error: str) -> None:
+    def _retried(self, kind: str, error: str, stats: PersistentStats | None = None) -> None:
+        """A keep-alive retry, or a persistent client's (which also means a reconnect)."""
         with self._lock:
-            self._result.keepalive_retries += 1
+            if stats is None:
+                self._result.keepalive_retries += 1
+            else:
+                stats.retries += 1
+                stats.reconnects += 1
             if len(self._result.retry_events) < MAX_RECORDED:
                 self._result.retry_events.append((time.monotonic(), kind, error))
 
-    def _fail(self, kind: str, error: str) -> None:
+    def _fail(self, kind: str, error: str, stats: PersistentStats | None = None) -> None:
         """Record a failure; the caller holds self._lock."""
         self._result.failed += 1
+        if stats is not None:
+            stats.failed += 1
         if len(self._result.failures) < MAX_RECORDED:
             self._result.failures.append((time.monotonic(), kind, error))
 

@@ -8,13 +8,14 @@ calls http.Server.Shutdown on SIGTERM) is asked to drain itself as soon as it
 stops accepting: it answers the request in flight with `Connection: close`
 and closes idle connections, and the clients reconnect to the new generation.
 
-`Persistent` below is such a client: ONE keep-alive connection for the whole
-test, requests back to back. It opens another connection only when the server
-closed its own: after an answer carrying `Connection: close` (a reconnect),
-or when the connection ended before any byte of an answer (a retry, what any
-HTTP client does for an idempotent request; counted apart). Anything else is
-a failure. The drain timeout is 30 s, so an old generation gone within 2 s
-was drained by the signal, not by the timeout.
+The load's persistent clients (load.py) are such clients: ONE keep-alive
+connection each for the whole test, requests back to back. A client opens
+another connection only when the server closed its own: after an answer
+carrying `Connection: close`, or when the connection ended before any byte of
+an answer (the request is then retried, what any HTTP client does for an
+idempotent request; counted apart). Anything else is a failure. The drain
+timeout is 30 s, so an old generation gone within 2 s was drained by the
+signal, not by the timeout.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,110 +40,16 @@ from harness import (
     wait_gone,
     wait_listening,
 )
-from load import Connection, Load, RequestFailed, SlowRequest, Target, request_bytes
+from load import Load, SlowRequest, Target
 
 RELOADS = 10
 GONE_WITHIN = 2.0  # seconds after `hupt reload` returned
 DRAIN_TIMEOUT = "30"
-_PID = re.compile(rb"pid=(\d+)")
 
 
-class Persistent:
-    """One client on one keep-alive connection, sending until stop() (see the module doc)."""
-
-    def __init__(self, target: Target, interval: float = 0.01, timeout: float = 10.0) -> None:
-        self.target = target
-        self.interval = interval
-        self.timeout = timeout
-        self.ok = self.reconnects = self.retries = 0
-        self.failures: list[str] = []
-        self.answers: list[tuple[float, int]] = []  # (monotonic, pid that answered)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="persistent", daemon=True)
-
-    def __enter__(self) -> Persistent:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(self.timeout + 2)
-        if self._thread.is_alive():
-            self.failures.append("client thread still running at stop()")
-
-    def old_answers(self, after: float, current: int) -> int:
-        """Answers after `after` from any process but `current`."""
-        return sum(1 for t, pid in self.answers if t > after and pid != current)
-
-    def _run(self) -> None:
-        request = request_bytes(self.target, "/", keep_alive=True)
-        conn: Connection | None = None
-        try:
-            while not self._stop.wait(self.interval):
-                deadline = time.monotonic() + self.timeout
-                try:
-                    conn = self._one(conn, request, deadline)
-                except RequestFailed as f:
-                    self.failures.append(f"+{time.monotonic():.3f} {f.kind}: {f.error}")
-                    conn = None
-        except BaseException as e:  # a bug here must show up as a failure
-            self.failures.append(f"client bug: {e!r}")
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _one(self, conn: Connection | None, request: bytes,
-             deadline: float) -> Connection | None:
-        if conn is not None:
-            try:
-                response = conn.exchange(request, deadline)
-            except RequestFailed as f:
-                conn.close()
-                if not (f.before_response and f.kind in ("eof", "reset", "send")):
-                    raise
-                self.retries += 1  # closed before any byte of an answer: retried
-                conn = None
-            else:
-                return self._answered(conn, response.status, response.body, response.reusable)
-        conn = Connection(self.target, deadline)
-        try:
-            response = conn.exchange(request, deadline)
-        except BaseException:
-            conn.close()
-            raise
-        return self._answered(conn, response.status, response.body, response.reusable)
-
-    def _answered(self, conn: Connection, status: int, body: bytes,
-                  reusable: bool) -> Connection | None:
-        if status != 200:
-            raise RequestFailed("status", f"HTTP {status} {body[:80]!r}", False)
-        m = _PID.search(body)
-        self.answers.append((time.monotonic(), int(m[1]) if m else 0))
-        self.ok += 1
-        if reusable:
-            return conn
-        conn.close()  # the server closed it at a request boundary: reconnect
-        self.reconnects += 1
-        return None
-
-
-@contextmanager
-def clients(target: Target, persistent: int = 2,
-            fresh: int = 4) -> Iterator[tuple[Load, list[Persistent]]]:
+def clients(target: Target, persistent: int = 2, fresh: int = 4) -> Load:
     """`fresh` clients opening a connection per request, `persistent` holding one each."""
-    load = Load(target, fresh=fresh, keepalive=0, max_rate=100.0)
-    held = [Persistent(target) for _ in range(persistent)]
-    with load:
-        for p in held:
-            p.__enter__()
-        try:
-            yield load, held
-        finally:
-            for p in held:
-                p.stop()
+    return Load(target, fresh=fresh, keepalive=0, persistent=persistent)
 
 
 def serving_pid(target: Target) -> int:
@@ -192,7 +97,7 @@ def reloads_under_persistent_clients(procs: Procs, cmd: list[str],
                    "--kill-timeout", "5", cmd=cmd)
     wait_listening(target, proc=h)
     took: list[float] = []
-    with clients(target) as (load, held):
+    with clients(target) as load:
         time.sleep(0.5)
         for i in range(RELOADS):
             r = h.reload(timeout=60)
@@ -201,15 +106,15 @@ def reloads_under_persistent_clients(procs: Procs, cmd: list[str],
             new = serving_pid(target)
             took.append(wait_only(h, new, GONE_WITHIN))
             time.sleep(0.3)  # the persistent clients send on their new connections
-            for p in held:
+            for p in load.so_far().persistent:
                 assert p.old_answers(returned + GONE_WITHIN, new) == 0, \
                     "old code answered a persistent client after its generation was gone"
     result = load.result
     assert result.failed == 0, result.summary()
-    for p in held:
-        assert not p.failures, p.failures
-        assert p.ok > RELOADS and p.reconnects + p.retries >= RELOADS, vars(p)
-    assert result.ok > RELOADS
+    assert len(result.persistent) == 2 and result.persistent_failed == 0, result.summary()
+    for p in result.persistent:
+        assert p.ok > RELOADS and p.reconnects + p.retries >= RELOADS, result.summary()
+    assert result.ok - result.persistent_ok > RELOADS, result.summary()  # the fresh clients
     log = h.log()
     assert log.count("(--drain-signal)") >= RELOADS, log
     assert "drain timeout" not in log, log
@@ -222,7 +127,7 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
     h = procs.hupt("--drain-timeout", DRAIN_TIMEOUT, "--kill-timeout", "5",
                    cmd=go_cmd(go_server, target))
     wait_listening(target, proc=h)
-    with clients(target, persistent=1, fresh=1) as (load, held):
+    with clients(target, persistent=1, fresh=1) as load:
         time.sleep(0.3)
         old = serving_pid(target)
         r = h.reload(timeout=60)
@@ -230,7 +135,8 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
         new = serving_pid(target)
         time.sleep(GONE_WITHIN)
         assert old in h.descendants(), "the persistent client pins the old generation"
-        assert held[0].old_answers(time.monotonic() - 0.5, new) > 0, "old code still answers"
+        held = load.so_far().persistent[0]
+        assert held.old_answers(time.monotonic() - 0.5, new) > 0, "old code still answers"
         deadline = time.monotonic() + 15
         while "still open after" not in h.log():
             assert time.monotonic() < deadline, h.log()
@@ -245,7 +151,7 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
         assert "--drain-signal" in plain and "still open" in plain, plain
     # The client gone, its connection closes and the old generation drains.
     assert load.result.failed == 0, load.result.summary()
-    assert not held[0].failures, held[0].failures
+    assert load.result.persistent_failed == 0, load.result.summary()
     wait_only(h, new, 10)
     log = h.log()
     said = [line for line in log.splitlines() if "still open after" in line]

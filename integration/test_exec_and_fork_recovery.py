@@ -15,9 +15,9 @@
    accepts again (hupt logs "rolled back"), requests keep succeeding, hupt
    keeps running, the held request completes, and a later reload works.
 
-The clients: `fresh` ones open a connection per request (load.Load), the
-persistent ones hold one keep-alive connection for the whole test
-(test_drain_signal.Persistent) and reconnect only when the server closed it.
+The clients (load.Load): `fresh` ones open a connection per request, the
+persistent ones hold one keep-alive connection for the whole test and
+reconnect only when the server closed it.
 Every test ends with 0 failed requests, and the `procs` fixture fails it if a
 process is left behind.
 
@@ -39,8 +39,6 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,7 +61,7 @@ from harness import (
     wait_listening,
     write_executable,
 )
-from load import HeldRequest, Load, Target
+from load import HeldRequest, Load, LoadResult, Target
 from supervision import (
     NotifyManager,
     held_by_hupt,
@@ -72,7 +70,6 @@ from supervision import (
     stop_gracefully,
     wait_single_generation,
 )
-from test_drain_signal import Persistent
 
 pytestmark = pytest.mark.root
 
@@ -186,36 +183,25 @@ def addr(target: Target) -> str:
     return f"{target[0]}:{target[1]}"
 
 
-@contextmanager
-def persistent_clients(target: Target, n: int = 2,
-                       pause: float = PERSISTENT_PAUSE) -> Iterator[list[Persistent]]:
-    """`n` clients holding one keep-alive connection each, `pause` s between requests."""
-    held = [Persistent(target, interval=pause, timeout=CLIENT_TIMEOUT) for _ in range(n)]
-    for p in held:
-        p.__enter__()
-    try:
-        yield held
-    finally:
-        for p in held:
-            p.stop()
-
-
-@contextmanager
 def clients(target: Target, *, fresh: int = 2, persistent: int = 2,
-            pause: float = PERSISTENT_PAUSE) -> Iterator[tuple[Load, list[Persistent]]]:
-    """`fresh` clients opening a connection per request, `persistent` holding one each."""
-    load = Load(target, fresh=fresh, keepalive=0, timeout=CLIENT_TIMEOUT, max_rate=60.0)
-    with load, persistent_clients(target, persistent, pause) as held:
-        yield load, held
+            pause: float = PERSISTENT_PAUSE) -> Load:
+    """`fresh` clients opening a connection per request, `persistent` holding one each
+    and waiting `pause` s between an answer and their next request."""
+    return Load(target, fresh=fresh, keepalive=0, persistent=persistent, persistent_pause=pause,
+                timeout=CLIENT_TIMEOUT, max_rate=60.0)
 
 
-def check_clients(load: Load, held: list[Persistent], min_ok: int = 20) -> None:
+def fresh_ok(res: LoadResult) -> int:
+    return res.ok - res.persistent_ok
+
+
+def check_clients(load: Load, min_ok: int = 20) -> None:
     res = load.result
     assert res.failed == 0, res.summary()
-    assert res.ok >= min_ok, res.summary()
-    for p in held:
-        assert not p.failures, p.failures
-        assert p.ok > 0, vars(p)
+    assert fresh_ok(res) >= min_ok, res.summary()
+    assert res.persistent_failed == 0, res.summary()
+    for p in res.persistent:
+        assert p.ok > 0, res.summary()
 
 
 def only_process(h: HuptProcess, pid: int, seconds: float) -> None:
@@ -250,7 +236,7 @@ def test_exec_a_new_address_after_an_exec_is_held_and_starts_no_copy(
     (pid,) = children(h.pid)
     inode = listener_inode(main[1])
     assert inode is not None and held_by_hupt(h) == {inode}
-    with clients(main) as (load, held):
+    with clients(main) as load:
         time.sleep(0.5)
         r = reload_ok(h)
         assert f"(pid {pid}) is ready" in r.stderr, r.stderr
@@ -266,7 +252,7 @@ def test_exec_a_new_address_after_an_exec_is_held_and_starts_no_copy(
         wait_listening(admin, 20)
         admin_inode = listener_inode(admin[1])
         assert admin_inode is not None
-        with clients(admin, fresh=1, persistent=1) as (admin_load, admin_held):
+        with clients(admin, fresh=1, persistent=1) as admin_load:
             only_process(h, pid, 3.0)  # copies would start 0.3 s after the listen
             assert held_by_hupt(h) == {inode, admin_inode}, "the new address is held too"
             assert listener_inodes(pid) == {inode, admin_inode}
@@ -280,8 +266,8 @@ def test_exec_a_new_address_after_an_exec_is_held_and_starts_no_copy(
             assert listener_inodes(pid) == {inode, admin_inode}
             assert held_by_hupt(h) == {inode, admin_inode}
             time.sleep(0.5)
-    check_clients(load, held)
-    check_clients(admin_load, admin_held, min_ok=5)
+    check_clients(load)
+    check_clients(admin_load, min_ok=5)
     assert load.result.pids == {pid}, load.result.summary()
     assert admin_load.result.pids == {pid}, admin_load.result.summary()
     assert (tmp_path / "state" / "starts").read_text() == "3", "one start per image"
@@ -327,7 +313,7 @@ def test_exec_a_failed_fresh_start_keeps_the_socket_and_starts_the_command_again
     (pid,) = children(h.pid)
     inode = listener_inode(target[1])
     assert inode is not None and held_by_hupt(h) == {inode}
-    with clients(target) as (load, held):
+    with clients(target) as load:
         time.sleep(0.5)
         down.touch()
         r = h.reload()
@@ -382,7 +368,7 @@ def test_exec_a_failed_fresh_start_keeps_the_socket_and_starts_the_command_again
         assert f"(pid {fresh}) is ready" in r.stderr, r.stderr
         assert listener_inode(target[1]) == inode and inode in listener_inodes(fresh)
         time.sleep(0.5)
-    check_clients(load, held)
+    check_clients(load)
     assert load.result.pids >= {pid, fresh}, load.result.summary()
     assert h.popen.poll() is None, "hupt must not exit"
     assert children(h.pid) == {fresh} and h.descendants() == {fresh}
@@ -424,7 +410,7 @@ def test_fork_a_new_generation_dying_while_the_old_drains_rolls_back(
     first = serving_pid(target)
     inode = listener_inode(target[1])
     assert inode is not None and held_by_hupt(h) == {inode}
-    with clients(target, pause=0.01) as (load, held_first):
+    with clients(target, pause=0.01) as load:
         time.sleep(0.5)
         held = HeldRequest(target, timeout=120, interval=0.2).start()
         held.wait_accepted()  # by generation 1: it drains until the test releases it
@@ -435,10 +421,10 @@ def test_fork_a_new_generation_dying_while_the_old_drains_rolls_back(
         assert states(h) == {1: "draining", 2: "serving"}, states(h)
         assert listener_inode(target[1]) == inode and inode in listener_inodes(second)
         # Persistent clients of generation 2, which it will close when it goes.
-        with persistent_clients(target, 2, pause=0.01) as held_second:
+        with clients(target, fresh=0, persistent=2, pause=0.01) as load_second:
             wait_for("generation 2 to answer its persistent clients",
-                     lambda: all(p.ok >= 5 for p in held_second), 30, h)
-            assert all(p.answers[-1][1] == second for p in held_second)
+                     lambda: all(p.ok >= 5 for p in load_second.so_far().persistent), 30, h)
+            assert all(p.answers[-1][1] == second for p in load_second.so_far().persistent)
 
             (state / "die-2").touch()  # generation 2 exits on its own (status 5)
             wait_for("the rollback", lambda: "rolled back" in h.log(), 30, h)
@@ -448,25 +434,28 @@ def test_fork_a_new_generation_dying_while_the_old_drains_rolls_back(
             assert serving_pid(target) == first, "generation 1 accepts again"
             assert listener_inode(target[1]) == inode and inode in listener_inodes(first)
             assert held_by_hupt(h) == {inode}
-            before = load.snapshot()[0]
+            before = fresh_ok(load.so_far())
             time.sleep(2.0)
-            assert load.snapshot()[0] > before, "fresh clients are served again"
+            assert fresh_ok(load.so_far()) > before, "fresh clients are served again"
             wait_for("the persistent clients of generation 2 to move to generation 1",
-                     lambda: all(p.answers[-1][1] == first for p in held_second), 30, h)
+                     lambda: all(p.answers[-1][1] == first
+                                 for p in load_second.so_far().persistent), 30, h)
         assert not held.expired
         held.release()
         status, _ = held.result()
         assert status == 200, "the request held in flight completes"
         time.sleep(0.5)
-    check_clients(load, held_first)
-    for p in held_second:
-        assert not p.failures, p.failures
-        assert p.reconnects >= 1, vars(p)  # generation 2 closed them with Connection: close
+    check_clients(load)
+    second_res = load_second.result
+    assert second_res.failed == 0 and second_res.persistent_failed == 0, second_res.summary()
+    for p in second_res.persistent:
+        # generation 2 closed them with Connection: close
+        assert p.reconnects >= 1, second_res.summary()
     assert first in load.result.pids <= {first, second}, load.result.summary()
     assert "generation 2 (pid" in h.log() and "died while generation 1" in h.log(), h.log()
 
     # hupt goes on: the next reload is an ordinary one.
-    with clients(target, persistent=0) as (load, _):
+    with clients(target, persistent=0) as load:
         time.sleep(0.3)
         reload_ok(h)
         third = serving_pid(target)
@@ -474,7 +463,7 @@ def test_fork_a_new_generation_dying_while_the_old_drains_rolls_back(
         assert listener_inode(target[1]) == inode and inode in listener_inodes(third)
         assert wait_single_generation(h, 60) == 3
         time.sleep(0.3)
-    check_clients(load, [], min_ok=5)
+    check_clients(load, min_ok=5)
     assert (state / "starts").read_text() == "3"
     stop_gracefully(h)
     assert not wait_gone({first, third}, 5.0)

@@ -328,6 +328,154 @@ def test_stop_is_bounded_when_server_never_answers() -> None:
     assert result.ok == 0 and result.failed == 2 and kinds(result.failures) == {"timeout"}
 
 
+# -- persistent clients: one connection held, reconnecting only when the server closed it --------
+
+
+def answer(body: bytes = b"ok pid=4242 tag=scripted\n", close: bool = False) -> bytes:
+    return (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode() + body
+
+
+def persistent_load(target: Target, clients: int = 1, max_rate: float = 40) -> Load:
+    return Load(target, fresh=0, keepalive=0, persistent=clients, max_rate=max_rate)
+
+
+def test_persistent_clients_hold_one_connection_each() -> None:
+    def keep_answering(conn: socket.socket, index: int) -> None:
+        while read_request(conn):
+            conn.sendall(answer())
+
+    with ScriptedServer(keep_answering) as server:
+        load = persistent_load(server.target, clients=2).start()
+        wait_for("answers", lambda: load.so_far().persistent_ok >= 4, 5.0)
+        time.sleep(0.3)
+        result = load.stop()
+        assert server.count == 2, "one connection per client, never another"
+    assert result.failed == 0 and result.persistent_failed == 0, result.summary()
+    assert result.persistent_retries == 0 and result.persistent_reconnects == 0
+    assert len(result.persistent) == 2 and all(p.ok > 4 for p in result.persistent)
+    assert result.ok == result.persistent_ok
+    assert {pid for _, pid in result.persistent_answers} == {4242}
+    assert result.pids == {4242}
+    times = [t for t, _ in result.persistent_answers]
+    assert result.started < times[0] and times[-1] <= result.stopped
+    assert all(p.old_answers(result.started, 4242) == 0 for p in result.persistent)
+    assert result.persistent[0].answers_after(times[-1]) == []
+
+
+def test_persistent_client_reconnects_after_connection_close() -> None:
+    def close_every_third(conn: socket.socket, index: int) -> None:
+        for i in range(3):
+            if not read_request(conn):
+                return
+            conn.sendall(answer(close=i == 2))
+
+    with ScriptedServer(close_every_third) as server:
+        result = run_load(persistent_load(server.target), 0.6)
+        connections = server.count
+    assert result.failed == 0, result.summary()
+    assert result.persistent_retries == 0, result.summary()
+    # Counted when the server closed it; a new one is opened for the next request.
+    assert connections - 1 <= result.persistent_reconnects <= connections, result.summary()
+    assert result.persistent_reconnects >= 3 and result.persistent_ok > 9, result.summary()
+
+
+def test_persistent_client_reconnects_when_the_idle_connection_was_closed() -> None:
+    def answer_then_idle_close(conn: socket.socket, index: int) -> None:
+        if read_request(conn):
+            conn.sendall(answer())
+            time.sleep(0.1)
+
+    with ScriptedServer(answer_then_idle_close) as server:
+        result = run_load(persistent_load(server.target, max_rate=4), 1.2)
+    assert result.failed == 0, result.summary()
+    assert result.persistent_retries == 0 and result.keepalive_retries == 0, result.summary()
+    assert result.persistent_reconnects >= 2, result.summary()
+
+
+@pytest.mark.parametrize("close", ["eof", "reset"])
+def test_persistent_client_retries_when_nothing_of_the_answer_came(close: str) -> None:
+    def answer_first_only(conn: socket.socket, index: int) -> None:
+        if read_request(conn):
+            conn.sendall(answer())
+        if read_request(conn) and close == "reset":
+            reset(conn)
+
+    with ScriptedServer(answer_first_only) as server:
+        result = run_load(persistent_load(server.target), 0.6)
+    assert result.failed == 0, result.summary()
+    assert result.persistent_retries > 3 and result.persistent_ok > 3, result.summary()
+    assert result.persistent_reconnects == result.persistent_retries, result.summary()
+    assert result.keepalive_retries == 0, result.summary()
+    assert kinds(result.retry_events) == {close}
+
+
+def test_persistent_client_fails_on_a_partial_answer() -> None:
+    def half_answer_second(conn: socket.socket, index: int) -> None:
+        if read_request(conn):
+            conn.sendall(answer())
+        if read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+
+    with ScriptedServer(half_answer_second) as server:
+        result = run_load(persistent_load(server.target), 0.5)
+    assert result.persistent_retries == 0, result.summary()
+    assert result.failed > 3 and result.persistent_failed == result.failed, result.summary()
+    assert kinds(result.failures) == {"eof"}, result.summary()
+    assert all("persistent client 0" in error for _, _, error in result.failures)
+
+
+def test_persistent_client_timeout_is_a_failure() -> None:
+    def hold(conn: socket.socket, index: int) -> None:
+        read_request(conn)
+        time.sleep(3.0)
+
+    with ScriptedServer(hold) as server:
+        load = Load(server.target, fresh=0, keepalive=0, persistent=1, timeout=1.0).start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        result = load.stop()
+        assert time.monotonic() - t0 < 1.0 + 2.0
+    assert result.ok == 0 and result.failed == 1 and result.persistent_failed == 1
+    assert kinds(result.failures) == {"timeout"}
+
+
+def test_longest_wait_is_the_slowest_answer_of_any_client() -> None:
+    delays = iter([0.0, 0.6] + [0.0] * 1000)
+
+    def answer_one_late(conn: socket.socket, index: int) -> None:
+        while read_request(conn):
+            time.sleep(next(delays))
+            conn.sendall(answer())
+
+    with ScriptedServer(answer_one_late) as server:
+        result = run_load(Load(server.target, fresh=1, keepalive=1, persistent=1,
+                               max_rate=30), 1.2)
+    assert result.failed == 0, result.summary()
+    assert 0.6 <= result.longest_wait < 1.5, result.summary()
+    assert result.started < result.longest_wait_at <= result.stopped
+    assert "longest wait" in result.summary()
+
+
+def test_persistent_pause_is_the_wait_between_requests() -> None:
+    gaps: list[float] = []
+
+    def timed(conn: socket.socket, index: int) -> None:
+        last = None
+        while read_request(conn):
+            if last is not None:
+                gaps.append(time.monotonic() - last)
+            conn.sendall(answer())
+            last = time.monotonic()
+
+    with ScriptedServer(timed) as server:
+        # max_rate alone would pace it at 10 ms.
+        result = run_load(Load(server.target, fresh=0, keepalive=0, persistent=1,
+                               persistent_pause=0.2, max_rate=100), 1.1)
+    assert result.failed == 0 and 3 <= result.persistent_ok <= 7, result.summary()
+    assert gaps and min(gaps) >= 0.19, gaps
+
+
 # -- slow requests ------------------------------------------------------------------------
 
 

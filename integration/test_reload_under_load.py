@@ -1,14 +1,25 @@
 """hupt run + hupt reload under load, for each kind of server: real servers, real kernel.
 
 Stock http.server, node, the static Go server and a threaded Python server are
-each reloaded 20 times under fresh-connection and keep-alive load, with a
-3-second request in flight across the first reloads; nginx (a master and its
-workers) 10 times; servers that daemonize (a shell's `&`, a hundred double
-forks) 3 times. Asserted: 0 failed requests, the slow request completes with
-200, every generation serves from the very same listening socket (same inode:
-the handoff engaged, not a rebind), old generations exit, and nothing is left
-behind (the `procs` fixture). Then: two reloads requested at once start one
-generation, and hupt itself keeps no fd and little memory per reload.
+each reloaded 20 times under fresh-connection, keep-alive and persistent load,
+with a 3-second request in flight across the first reloads; nginx (a master
+and its workers) 10 times; servers that daemonize (a shell's `&`, a hundred
+double forks) 3 times. Asserted: 0 failed requests, the slow request completes
+with 200, every generation serves from the very same listening socket (same
+inode: the handoff engaged, not a rebind), old generations exit, and nothing is
+left behind (the `procs` fixture). Then: two reloads requested at once start
+one generation, and hupt itself keeps no fd and little memory per reload.
+
+Persistent clients (load.py) hold one connection for the whole test, as
+browsers and connection pools do. Without --drain-signal nothing but the drain
+timeout ends such a connection: the old generation keeps answering it until
+then, and its stop signal closes it: between two requests for nginx, Go and
+node (or node is killed after --kill-timeout); the threaded Python server
+exits at once, and a request in flight there sees the connection end before
+any byte of its answer and is retried, as HTTP clients do. So these tests use
+a drain timeout of a few seconds, longer than the slow request, and wait for
+the last generation to be alone while the clients still run: they must be
+answered by it then, with no request failed on the way.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from harness import (
     wait_gone,
     wait_listening,
 )
-from load import Load, SlowRequest, Target
+from load import Load, LoadResult, SlowRequest, Target
 from supervision import (
     check_load,
     generations,
@@ -53,6 +64,9 @@ from supervision import (
 )
 
 RELOADS = 20
+# Longer than the 3 s request in flight across the first reload, short enough that
+# the persistent clients move to the last generation within the test.
+DRAIN_TIMEOUT = "5"
 
 
 @pytest.mark.parametrize("kind", ["http.server", "node", "go", "threaded"])
@@ -60,21 +74,32 @@ def test_reloads_under_load(kind: str, procs: Procs,
                             server_cmd: Callable[[str, Target], list[str]]) -> None:
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    h = procs.hupt("--drain-timeout", "20", "--kill-timeout", "5", cmd=server_cmd(kind, target))
+    # The threaded server serves a connection per thread to its end: the persistent
+    # clients keep two threads for good, the slow request and the keep-alive clients
+    # three more, and fresh requests would queue behind them with the usual four.
+    cmd = threaded_cmd(target, threads=8) if kind == "threaded" else server_cmd(kind, target)
+    h = procs.hupt("--drain-timeout", DRAIN_TIMEOUT, "--kill-timeout", "5", cmd=cmd)
     wait_listening(target, 20, proc=h)
     first = h.descendants()
 
-    with Load(target, fresh=2, keepalive=2, conn_requests=20) as load:
+    with Load(target, fresh=2, keepalive=2, conn_requests=20, persistent=2) as load:
         time.sleep(0.3)
         slow = SlowRequest(target, 3.0).start()
         slow.wait_accepted()  # in flight in generation 1 when the reloads begin
         reloaded = [pids for _, pids in reload_many(h, RELOADS, port, pause=0.15)]
+        last_reload = time.monotonic()
         status, elapsed = slow.result()
-        time.sleep(0.3)
+        wait_single_generation(h, 30)
+        alone = time.monotonic()
+        time.sleep(0.5)
     res = load.result
 
     assert res.failed == 0, res.summary()
     assert res.ok > 100, res.summary()
+    check_persistent(res, last_reload, alone)
+    if kind != "http.server":
+        # Its last answer came after the old generations were gone: from the new code.
+        assert all(p.answers[-1][1] in reloaded[-1] for p in res.persistent), res.summary()
     assert status == 200 and elapsed >= 2.9, (status, elapsed)
     # Every reload produced a new serving process.
     assert len(reloaded) == RELOADS and not set().union(*reloaded) & first
@@ -94,6 +119,14 @@ def test_reloads_under_load(kind: str, procs: Procs,
     h.signal(signal.SIGTERM)
     assert h.popen.wait(30) == 0, h.log()
     assert not wait_gone(last, 5.0)
+
+
+def check_persistent(res: LoadResult, last_reload: float, alone: float) -> None:
+    """No persistent request failed, and each client was answered after the last
+    reload and once the last generation was alone."""
+    assert len(res.persistent) == 2 and res.persistent_failed == 0, res.summary()
+    for p in res.persistent:
+        assert p.answers_after(last_reload) and p.answers_after(alone), res.summary()
 
 
 # -- nginx: a master and its workers ---------------------------------------------------------
@@ -126,15 +159,15 @@ def test_nginx_reloads_under_load(procs: Procs, tmp_path: Path) -> None:
     target: Target = ("127.0.0.1", port)
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
-    h = procs.hupt("--drain-timeout", "20", "--kill-timeout", "5", "--stop-signal", "QUIT",
-                   "--unlink", str(tmp_path / "nginx.pid"),
+    h = procs.hupt("--drain-timeout", DRAIN_TIMEOUT, "--kill-timeout", "5",
+                   "--stop-signal", "QUIT", "--unlink", str(tmp_path / "nginx.pid"),
                    cmd=[nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"])
     wait_listening(target, 20, proc=h)
     inode = listener_inode(port)
     assert inode is not None
     first = h.descendants()
     assert len(first) == 3, "a master and two workers"
-    with Load(target, fresh=2, keepalive=2, conn_requests=20) as load:
+    with Load(target, fresh=2, keepalive=2, conn_requests=20, persistent=2) as load:
         time.sleep(0.3)
         slow = SlowRequest(target, 3.0).start()
         slow.wait_accepted()
@@ -147,14 +180,20 @@ def test_nginx_reloads_under_load(procs: Procs, tmp_path: Path) -> None:
             new = h.descendants() - seen
             assert any(inode in listener_inodes(p) for p in new), "the new master holds it"
             seen |= new
+        last_reload = time.monotonic()
         status, elapsed = slow.result()
+        deadline = time.monotonic() + 30
+        while len(h.descendants()) != 3:  # the last master and its two workers
+            assert time.monotonic() < deadline, (h.descendants(), h.log())
+            time.sleep(0.1)
+        alone = time.monotonic()
+        time.sleep(0.5)
     assert load.result.failed == 0, load.result.summary()
     assert load.result.ok > 100, load.result.summary()
+    check_persistent(load.result, last_reload, alone)
+    # Each moved to a newer generation at least once: QUIT closed its connection.
+    assert all(p.reconnects >= 1 for p in load.result.persistent), load.result.summary()
     assert status == 200 and elapsed >= 2.9, (status, elapsed)
-    deadline = time.monotonic() + 30
-    while len(h.descendants()) != 3:  # the last master and its two workers
-        assert time.monotonic() < deadline, (h.descendants(), h.log())
-        time.sleep(0.1)
     assert not wait_gone(first, 1.0), "the first master and its workers exited"
     h.signal(signal.SIGTERM)
     assert h.popen.wait(30) == 0, h.log()
