@@ -197,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         drain="longest an old generation may take to finish its in-flight connections "
               "before it is stopped anyway (default: 60)",
         stop="signal that asks a drained generation to exit (default: TERM)")
-    run.add_argument("--drain-signal", type=_signal, default=None, metavar="SIG",
-                     help="the server's own graceful-stop signal (nginx QUIT, gunicorn and "
-                          "uvicorn TERM, Go http.Server.Shutdown TERM...), sent to a "
-                          "generation as soon as it stops accepting (after a reload, at a "
-                          "stop), so it closes its keep-alive connections itself; "
-                          "--drain-timeout, --stop-signal and --kill-timeout still apply. "
-                          "Fork mode only: not with --exec (nor hupt attach) yet")
+    _add_drain_signal(run, "the server's own graceful-stop signal (nginx QUIT, gunicorn "
+                           "and uvicorn TERM, Go http.Server.Shutdown TERM...), sent to a "
+                           "generation as soon as it stops accepting (after a reload, at a "
+                           "stop), so it closes its keep-alive connections itself; "
+                           "--drain-timeout, --stop-signal and --kill-timeout still apply. "
+                           "With --exec the server's exit becomes the exec: the same PID "
+                           "runs the new code as soon as the old one has finished")
     run.add_argument("--exec", dest="exec_mode", action="store_true",
                      help="exec mode: a reload keeps the server's PID (it stops accepting, "
                           "drains, and execs its program again in place)")
@@ -318,9 +318,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.multi > 1 and args.exec_mode:
         raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
                          "one process)")
-    if args.drain_signal is not None and args.exec_mode:
-        raise UsageError("hupt run: --drain-signal and --exec do not go together yet (the "
-                         "server would exit instead of exec'ing its new code)")
     from hupt.control import ensure_runtime_dir
     from hupt.linux import LinuxSystem
     from hupt.sdnotify import Notifier
@@ -508,6 +505,15 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                         "its keep-alive connections idle for MS milliseconds, so the exec "
                         "need not wait for the drain timeout (see README: the race with a "
                         "client's next request)")
+    _add_drain_signal(at, "the server's own graceful-stop signal (nginx QUIT, Go "
+                          "http.Server.Shutdown TERM...), sent at a reload once it stops "
+                          "accepting: it finishes its requests, closes its keep-alive "
+                          "connections and exits, and hupt turns that exit into the exec of "
+                          "its program (same PID; its parent never sees an exit)")
+
+
+def _add_drain_signal(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--drain-signal", type=_signal, default=None, metavar="SIG", help=help)
 
 
 def _add_close_idle(p: argparse.ArgumentParser, help: str) -> None:
@@ -549,7 +555,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     become_subreaper()  # for the command started afresh if an exec'd image fails
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
-                   stop_signal=args.stop_signal, exec_mode=True, cwd=server.cwd,
+                   stop_signal=args.stop_signal, drain_signal=args.drain_signal,
+                   exec_mode=True, cwd=server.cwd,
                    close_idle_ms=args.close_idle,
                    program=_attach_program(server, argv, env),
                    detach_on_stop=True, confirm_detach=not args.yes)

@@ -102,6 +102,19 @@ class Draining:
             log.debug(f"{gen}: sent {signal_name(sig)} to late process(es) "
                       f"{sorted(targets)}")
 
+    def signal_root(self, gen: Generation) -> None:
+        """Exec mode, the root's exit followed: the root gets --drain-signal too
+        (its exit becomes the exec)."""
+        sig = self.opts.drain_signal
+        if sig is None or gen.pid in gen.drain_signaled:
+            return
+        self.sys.signal([gen.pid], sig)
+        gen.drain_signal = sig
+        gen.drain_signaled.add(gen.pid)
+        gen.retired_by_hupt = True
+        log.info(f"{gen}: sent {signal_name(sig)} (--drain-signal) to pid {gen.pid}; "
+                 "its exit becomes the exec")
+
     def retire(self, gen: Generation, why: str) -> None:
         log.info(f"retiring {gen}: {why}")
         gen.to(State.RETIRING)
@@ -180,7 +193,8 @@ class Draining:
         if self.opts.exec_mode:
             return (f"{g}: {count} after {took:.0f} s of draining before its exec; "
                     f"waiting up to {limit} (keep-alive clients hold connections open; "
-                    "--close-idle closes idle ones; --drain-signal is fork mode only for now)")
+                    "--close-idle closes idle ones; with --drain-signal a server that "
+                    "closes them itself exits, and its exit becomes the exec)")
         return (f"{g}: {count} after {took:.0f} s of draining; keep-alive clients hold "
                 f"them until {limit}. A server that closes its connections itself on its "
                 "graceful-stop signal drains at once: see --drain-signal")

@@ -41,7 +41,7 @@ from hupt.errors import HuptError
 from hupt.generations import Generation, State
 from hupt.loop import Loop
 from hupt.sdnotify import Listener
-from hupt.system import System
+from hupt.system import Followed, FollowResult, System
 
 if TYPE_CHECKING:
     from hupt.options import Options
@@ -54,6 +54,16 @@ KEEP_EXITED = 10
 SCAN_ROUNDS = 4
 SCAN_RETRY = 0.1
 # A drain still going after this long says what holds it, once.
+
+
+@dataclass
+class PendingExec:
+    """The image an exec in place is about to start: its number and environment."""
+
+    number: int
+    path: str
+    env: dict[str, str]
+    ready: Listener | None  # --ready notify: the NOTIFY_SOCKET it will be given
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,37 @@ class Fleet:
             if ready is not None:
                 ready.close()
             raise
+        return self._image(old, PendingExec(number, path, env, ready))
+
+    def follow_exit(self, old: Generation, path: str) -> PendingExec:
+        """Exec mode with --drain-signal: ``old``'s root is followed until its exit,
+        which becomes the exec of ``path`` (raises HuptError if it cannot be)."""
+        number = self.next_number()
+        self._unlink_files()
+        env, ready = self._env(number)
+        try:
+            self.sys.follow_exit(old.number, number, old.pid, path, self.opts.argv, env)
+        except HuptError:
+            if ready is not None:
+                ready.close()
+            raise
+        return PendingExec(number, path, env, ready)
+
+    def exit_followed(self, old: Generation, pending: PendingExec,
+                      *, let_go: bool = False) -> FollowResult | None:
+        """What ``old``'s followed root did (``let_go``: stop following it now)."""
+        got = (self.sys.unfollow if let_go else self.sys.exit_followed)(old.number)
+        if got is not None and got.outcome is not Followed.EXECED and pending.ready is not None:
+            pending.ready.close()
+            pending.ready = None
+        return got
+
+    def execed(self, old: Generation, pending: PendingExec) -> Generation:
+        """``old``'s root exited into the exec: the new image is a generation."""
+        return self._image(old, pending)
+
+    def _image(self, old: Generation, pending: PendingExec) -> Generation:
+        number, env, ready = pending.number, pending.env, pending.ready
         gen = Generation(number, old.pid, self.sys.now(), pids={old.pid}, env=env,
                          ready_socket=ready)
         self.gens.append(gen)

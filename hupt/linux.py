@@ -21,7 +21,7 @@ from hupt.address import Address
 from hupt.errors import HuptError, KernelError, NoSuchProcess
 from hupt.handoff import Handoff
 from hupt.listeners import Listeners, reuseport
-from hupt.system import GEN_ENV, Attached, Serviced, find_program
+from hupt.system import GEN_ENV, Attached, Followed, FollowResult, Serviced, find_program
 from hupt.tracer import pidfd, procfs
 from hupt.tracer.abi import SYS
 from hupt.tracer.notify import NotifyFd
@@ -30,6 +30,7 @@ from hupt.tracer.spawn import spawn
 if TYPE_CHECKING:
     from hupt.tracer.accepting import PausedListeners
     from hupt.tracer.sockdiag import SockDiag
+    from hupt.tracer.syscall_stops import ExitToExec, Report
 
 
 class _Notifications:
@@ -134,6 +135,8 @@ class LinuxSystem:
         self._gens: dict[int, _GenRecord] = {}  # by generation number
         self._diag: SockDiag | None = None
         self._me = os.getpid()
+        # Roots followed until their exit becomes an exec: number -> (tracer, new number)
+        self._following: dict[int, tuple[ExitToExec, int]] = {}
 
     def now(self) -> float:
         return time.monotonic()
@@ -214,17 +217,66 @@ class LinuxSystem:
                      path: str | None) -> str:
         return find_program(path or argv[0], env.get("PATH"), cwd)
 
-    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
-                      argv: list[str], env: dict[str, str]) -> None:
-        from hupt.tracer import accepting
-
+    def _exec_env(self, number: int, env: dict[str, str]) -> list[bytes]:
         env = dict(env)
         rec = self._gens.get(number)
         if rec is not None and rec.marker is not None:
             env[GEN_ENV] = f"{self._me}.{rec.marker}"
+        return [os.fsencode(f"{k}={v}") for k, v in env.items()]
+
+    def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
+                      argv: list[str], env: dict[str, str]) -> None:
+        from hupt.tracer import accepting
+
         accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
-                                [os.fsencode(f"{k}={v}") for k, v in env.items()],
-                                path=os.fsencode(path))
+                                self._exec_env(number, env), path=os.fsencode(path))
+        self._moved(number, new_number)
+
+    def follow_exit(self, number: int, new_number: int, pid: int, path: str,
+                    argv: list[str], env: dict[str, str]) -> None:
+        from hupt.tracer.syscall_stops import ExitToExec
+
+        if number in self._following:
+            raise HuptError(f"generation {number} is followed already")
+        try:
+            tracer = ExitToExec(pid, os.fsencode(path), [os.fsencode(a) for a in argv],
+                                self._exec_env(number, env))
+        except ValueError as e:
+            raise HuptError(str(e)) from e
+        tracer.arm()
+        self._following[number] = (tracer, new_number)
+
+    def exit_followed(self, number: int) -> FollowResult | None:
+        got = self._following.get(number)
+        if got is None:
+            return None
+        return self._followed(number, got[0].pump())
+
+    def unfollow(self, number: int) -> FollowResult | None:
+        got = self._following.get(number)
+        if got is None:
+            return None
+        try:
+            got[0].release()
+        except HuptError as e:
+            log.warn(f"letting go of generation {number}'s root: {e}")
+        return self._followed(number, got[0].pump())
+
+    def _followed(self, number: int, report: Report | None) -> FollowResult | None:
+        from hupt.tracer.syscall_stops import Outcome
+
+        if report is None:
+            return None
+        _tracer, new_number = self._following.pop(number)
+        outcome = {Outcome.EXECED: Followed.EXECED, Outcome.EXEC_FAILED: Followed.EXEC_FAILED,
+                   Outcome.EXITED: Followed.EXITED,
+                   Outcome.RELEASED: Followed.RELEASED}[report.outcome]
+        if outcome is Followed.EXECED:
+            self._moved(number, new_number)
+        return FollowResult(outcome, report.detail)
+
+    def _moved(self, number: int, new_number: int) -> None:
+        rec = self._gens.get(number)
         if rec is None:
             return
         # The same root and filter under the next number; the marker stays (the
@@ -244,14 +296,21 @@ class LinuxSystem:
         return rec.notifications.service()
 
     def forget(self, number: int) -> None:
+        if number in self._following:
+            self.unfollow(number)
         rec = self._gens.pop(number, None)
         if rec is not None:
             rec.close()
 
     def reap(self) -> list[tuple[int, int]]:
-        # waitid(WEXITED) and not waitpid(-1): hupt is also the ptrace tracer of
-        # its children during an injection, and waitpid(-1) would steal (and
-        # misreport) their trap stops.  CLD_TRAPPED/STOPPED entries are skipped.
+        # The kernel reports a ptrace-stop of a thread hupt traces to any wait of
+        # hupt's, WEXITED only or not (wait_task_stopped: "we see ptrace'd stopped
+        # tasks regardless of options"), and such a wait consumes it.  Injections
+        # are synchronous and never meet this; a root followed to its exit is
+        # traced across many loop steps, so while one is, only the zombies /proc
+        # shows are reaped, one by one.
+        if self._following:
+            return self._reap_zombies()
         out: list[tuple[int, int]] = []
         while True:
             try:
@@ -264,6 +323,21 @@ class LinuxSystem:
                 out.append((r.si_pid, r.si_status))
             elif r.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
                 out.append((r.si_pid, -r.si_status))
+
+    def _reap_zombies(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for pid in procfs.zombie_children(self._me):
+            try:
+                r = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if r is None or r.si_pid == 0:
+                continue
+            if r.si_code == os.CLD_EXITED:
+                out.append((r.si_pid, r.si_status))
+            elif r.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                out.append((r.si_pid, -r.si_status))
+        return out
 
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         parents = procfs.parent_map()

@@ -33,19 +33,21 @@ supervisor's reaction (``on_over``: revive, stop, release sockets).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.address import Address
-from hupt.draining import Draining
+from hupt.draining import Draining, signal_name
 from hupt.errors import HuptError
-from hupt.fleet import Fleet
+from hupt.fleet import Fleet, PendingExec
 from hupt.generations import Generation, State
 from hupt.hooks import Hook, HookRunner
 from hupt.loop import Loop
 from hupt.readiness import ReadinessCheck
+from hupt.system import Followed, FollowResult
 from hupt.upgrade import Phase, ReloadRecord, Upgrade, Waiter
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from hupt.options import Options
 
 HISTORY = 20
+FOLLOW_POLL = 0.2
 
 
 class Reloader:
@@ -203,23 +206,50 @@ class Reloader:
         up.to(Phase.DRAINING)
         up.replacing, up.target = old, set(old.listened)
         self.draining.drain(old, lives_on={old.pid})
-        msg = f"{old} stopped accepting; draining it before it execs {path}"
+        sig = self.opts.drain_signal
+        if sig is not None:
+            try:
+                up.follow = self.fleet.follow_exit(old, path)
+            except HuptError as e:
+                log.warn(f"{old}: its exit cannot be followed ({e}); it drains without "
+                         f"{signal_name(sig)} and execs once drained")
+        if up.follow is not None:
+            self.draining.signal_root(old)
+            msg = (f"{old} stopped accepting; sent {signal_name(sig or 0)}: its exit "
+                   f"becomes the exec of {path}")
+        else:
+            msg = f"{old} stopped accepting; draining it before it execs {path}"
         log.info(msg)
         up.tell(msg)
-        # Connections queue from now on: exec at once if nothing is in flight.
-        if self.draining.in_flight(old) == 0:
+        # Connections queue from now on: exec at once if nothing is in flight
+        # (unless the server is on its way out by itself).
+        if up.follow is None and self.draining.in_flight(old) == 0:
             self.exec(old)
 
     def exec(self, old: Generation) -> None:
         """``old`` is drained (or must go now): make its root execve the program again."""
         up = self.upgrade
         assert up is not None and up.replacing is old
+        if up.follow is not None:
+            # Its exit is followed: let go of it first (an exec already under way
+            # in the kernel finishes instead, and is the outcome).
+            pending, up.follow = up.follow, None
+            got = self.fleet.exit_followed(old, pending, let_go=True)
+            if got is None or got.outcome is not Followed.RELEASED:
+                up.follow, up.exit_deadline = pending, math.inf
+                if got is not None:
+                    self._followed(up, old, pending, got)
+                return
         try:
             path = self.fleet.program()
             gen = self.fleet.exec_in_place(old, path)
         except HuptError as e:
             self._exec_failed(up, old, f"{old} could not exec the program: {e}")
             return
+        self._execed(up, old, gen, path)
+
+    def _execed(self, up: Upgrade, old: Generation, gen: Generation, path: str) -> None:
+        """``old``'s root runs ``path`` as ``gen``: wait for it to listen and be ready."""
         up.to(Phase.LISTENING)
         up.gen, up.replacing = gen, None
         up.deadline = self.loop.now() + self.opts.ready_timeout
@@ -238,12 +268,55 @@ class Reloader:
 
     def drained(self, gen: Generation, why: str, timed_out: bool) -> bool:
         """A drain ended: True if it was the drain before an exec (which happens now)."""
-        if self.replacing is not gen:
+        up = self.upgrade
+        if up is None or up.replacing is not gen:
             return False
+        if up.follow is not None and not timed_out:
+            # Nothing in flight: the server exits any moment now, by itself.
+            if up.exit_deadline == math.inf:
+                up.exit_deadline = self.loop.now() + self.opts.kill_timeout
+            return True
         if timed_out:
             log.warn(f"{gen}: {why}: execing anyway")
         self.exec(gen)
         return True
+
+    def poll_follow(self) -> None:
+        """A followed root may have stopped (SIGCHLD, or the poll timer): handle it."""
+        up = self.upgrade
+        if up is None or up.follow is None or up.replacing is None:
+            return
+        got = self.fleet.exit_followed(up.replacing, up.follow)
+        if got is not None:
+            self._followed(up, up.replacing, up.follow, got)
+
+    def _followed(self, up: Upgrade, old: Generation, pending: PendingExec,
+                  got: FollowResult) -> None:
+        up.follow = None
+        up.exit_deadline = math.inf
+        if got.outcome is Followed.EXECED:
+            gen = self.fleet.execed(old, pending)
+            up.tell(f"{old} finished draining and exited: {got.detail}")
+            self._execed(up, old, gen, pending.path)
+        elif got.outcome is Followed.RELEASED:
+            log.warn(f"{old}: {got.detail}; execing it")
+            self.exec(old)
+        else:
+            # The root exits after all: the sockets stay held, the command starts afresh.
+            self._start_afresh(up, f"{old} could not exec at its exit: {got.detail}")
+
+    def replacing_exited(self, gen: Generation, how: str) -> None:
+        """The generation draining before its exec exited without exec'ing."""
+        up = self.upgrade
+        if up is None or up.replacing is not gen:
+            return
+        if up.follow is not None:
+            self.poll_follow()
+            if self.upgrade is not up or up.replacing is not gen:
+                return  # the follow's outcome was handled
+            self.fleet.exit_followed(gen, up.follow, let_go=True)
+            up.follow = None
+        self._start_afresh(up, f"{gen} exited ({how}) before its exec")
 
     def drain_slow(self, gen: Generation, message: str) -> None:
         """Exec mode: the drain the reload waits for is slow; its waiters hear why."""
@@ -260,10 +333,11 @@ class Reloader:
         self.finish(up, False, reason)
 
     def _start_afresh(self, up: Upgrade, reason: str) -> None:
-        """The exec'd image failed: start the command as a new process, the sockets still held."""
+        """The exec'd image failed, or the root exited instead of exec'ing: start
+        the command as a new process, the sockets still held."""
         failed = up.gen
-        assert failed is not None
-        if failed.state is State.STARTING:
+        up.replacing = None
+        if failed is not None and failed.state is State.STARTING:
             failed.to(State.FAILED)
             if failed.pids:
                 self.draining.drain(failed)
@@ -334,6 +408,10 @@ class Reloader:
         self.finish(up, False, reason)
 
     def _release(self, up: Upgrade) -> None:
+        if up.follow is not None and up.replacing is not None:
+            # hupt stops (or the reload is abandoned): the server exits as it meant to.
+            self.fleet.exit_followed(up.replacing, up.follow, let_go=True)
+            up.follow = None
         if up.check is not None:
             up.check.close()
         if up.hook is not None and up.hook.status is None:
@@ -379,11 +457,22 @@ class Reloader:
         if up is None:
             return float("inf")
         out = up.deadline if up.timed else float("inf")
+        if up.follow is not None:  # SIGCHLD says when it stops; the poll is a safety net
+            out = min(out, up.exit_deadline, up.follow_polled_at + FOLLOW_POLL)
         if up.phase is Phase.CONFIRMING and up.check is not None:
             out = min(out, up.check.deadline())
         return out
 
     def tick(self, now: float) -> None:
+        up = self.upgrade
+        if up is not None and up.follow is not None and up.replacing is not None:
+            old = up.replacing
+            up.follow_polled_at = now
+            self.poll_follow()
+            if up.follow is not None and now >= up.exit_deadline:
+                log.warn(f"{old} drained but did not exit {self.opts.kill_timeout:g} s later: "
+                         "execing it")
+                self.exec(old)
         up = self.upgrade
         if up is not None and up.phase is Phase.CONFIRMING and up.check is not None:
             up.check.tick(now)  # may promote

@@ -337,6 +337,10 @@ class Supervisor:
             elif s == signal.SIGUSR2:
                 self.end_draining()
             elif s == signal.SIGCHLD:
+                # A storm of them while a root is followed: one handling does for all.
+                self._signals = [x for x in self._signals if x != signal.SIGCHLD]
+                # Also every ptrace stop of a root followed to its exit (exec mode).
+                self.reloader.poll_follow()
                 self.fleet.rescan_soon()
             elif s in FORWARDED:
                 self._forward(s)
@@ -402,7 +406,9 @@ class Supervisor:
                 log.warn(f"{gen}: {p}")
         how = describe(gen.exit_status)
         up = self.reloader.upgrade
-        if prev is State.STARTING and up is not None and up.gen is gen:
+        if up is not None and up.replacing is gen:
+            self.reloader.replacing_exited(gen, how)
+        elif prev is State.STARTING and up is not None and up.gen is gen:
             if self.fleet.current is None:  # the last to die says how the server ended
                 self.exit_code = _exit_code(gen.exit_status, gen.retired_by_hupt)
             self.reloader.gen_exited(gen, how)

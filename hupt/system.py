@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from hupt.address import Address
@@ -50,6 +51,21 @@ class Attached:
     exit_fd: int  # readable once its root process has exited (it is not hupt's child)
     listened: list[Address]  # the listeners hupt now holds
     problems: list[str]  # processes of the server that could not be filtered
+
+
+class Followed(Enum):
+    """How following a draining root's exit ended (exec mode with --drain-signal)."""
+
+    EXECED = "execed"  # its exit became the exec: the root runs the program again
+    EXEC_FAILED = "exec failed"  # the exec could not happen: the root exits after all
+    EXITED = "exited"  # the root is gone without an exit to catch (crashed, killed)
+    RELEASED = "released"  # hupt let go before the exit: the old program runs on
+
+
+@dataclass(frozen=True)
+class FollowResult:
+    outcome: Followed
+    detail: str
 
 
 class System(Protocol):
@@ -101,6 +117,23 @@ class System(Protocol):
 
     def resume(self, number: int) -> list[str]:
         """Undo every ``pause`` of generation ``number``; return problems."""
+
+    def follow_exit(self, number: int, new_number: int, pid: int, path: str,
+                    argv: list[str], env: dict[str, str]) -> None:
+        """Follow ``pid``, the root of generation ``number``, until it exits: its exit
+        becomes an execve of ``path`` (as ``exec_in_place``, the root then belongs
+        to ``new_number``).  The server runs on meanwhile.
+
+        Raises HuptError if it cannot be followed (then nothing changed).
+        """
+
+    def exit_followed(self, number: int) -> FollowResult | None:
+        """What the followed root did since last asked: None while it runs on,
+        the result once (hupt follows it no more)."""
+
+    def unfollow(self, number: int) -> FollowResult | None:
+        """Stop following now.  None if its exec is already under way (the result
+        comes from ``exit_followed``); RELEASED if the old program runs on."""
 
     def seal(self, number: int, pids: set[int]) -> list[str]:
         """These paused processes retire after all (a --ready http probe succeeded):

@@ -19,7 +19,10 @@ Phases, and the only transitions (anything else is a bug and raises)::
 NEW: requested, nothing started.  BEFORE: a --before-reload command runs
 (no deadline).  DRAINING (exec mode only): the serving generation has
 stopped accepting and finishes its connections; no deadline either, the
-drain timeout ends it.  LISTENING: the new generation must listen on every
+drain timeout ends it.  With --drain-signal its root is followed meanwhile
+(``follow``): the server exits by itself once drained, and that exit becomes
+the exec; ``exit_deadline`` (--kill-timeout after nothing is in flight) ends
+the wait for an exit that does not come.  LISTENING: the new generation must listen on every
 address in ``target`` (with --multi N, every copy) before ``deadline``.
 CONFIRMING: it did; the --ready policy (a delay, READY=1, an HTTP probe) is
 awaited until the same deadline (the default policy, listen, is met at once).
@@ -40,6 +43,7 @@ from hupt.generations import Generation
 
 if TYPE_CHECKING:
     from hupt.control import Peer
+    from hupt.fleet import PendingExec
     from hupt.hooks import Hook
     from hupt.readiness import ReadinessCheck
 
@@ -105,6 +109,11 @@ class Upgrade:
     hook: Hook | None = None  # BEFORE: the --before-reload command
     check: ReadinessCheck | None = None  # CONFIRMING: the --ready policy
     paused_old: Generation | None = None  # --ready http: paused while probed, may resume
+    # DRAINING, exec mode with --drain-signal: the image the root's exit becomes,
+    # and when to stop waiting for that exit once nothing is in flight.
+    follow: PendingExec | None = None
+    exit_deadline: float = math.inf
+    follow_polled_at: float = -math.inf
 
     def to(self, phase: Phase) -> None:
         if phase not in ALLOWED[self.phase]:

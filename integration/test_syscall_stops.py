@@ -184,7 +184,9 @@ def test_released_server_runs_and_exits_untraced(procs: Procs, tmp_path: Path) -
     trap.arm()
     time.sleep(0.2)
     trap.release()
-    assert trap.over and trap.pump() is None
+    report = trap.pump()
+    assert trap.over and report is not None and report.outcome is Outcome.RELEASED
+    assert trap.pump() is None  # said once
     assert untraced(p.pid)
     os.kill(p.pid, signal.SIGTERM)
     assert wait_for("the parent to see the exit", lambda: p.exits() or None) == ["exited 7"]

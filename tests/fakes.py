@@ -15,7 +15,7 @@ from typing import Any
 
 from hupt.address import Address
 from hupt.listeners import Listeners
-from hupt.system import Attached, Serviced
+from hupt.system import Attached, Followed, FollowResult, Serviced
 
 
 @dataclass
@@ -53,6 +53,11 @@ class FakeSystem:
         self.lives_on: dict[int, set[int]] = {}  # generation -> pids paused to serve again
         self.paused_pids: dict[int, set[int]] = {}  # generation -> every pid paused
         self.exit_fds: dict[int, tuple[int, int]] = {}  # generation -> attached root's pipe
+        # exec mode with --drain-signal: generation -> the number its exec becomes
+        self.following: dict[int, int] = {}
+        self.follow_results: dict[int, FollowResult] = {}  # what the next poll reports
+        self.follow_error: Exception | None = None
+        self.exec_under_way = False  # unfollow finds the exec already started
 
     # -- test controls ---------------------------------------------------
     def listen(self, number: int, addr: Address) -> None:
@@ -144,6 +149,42 @@ class FakeSystem:
         old.pids = set()
         if number in self.exit_fds:
             self.exit_fds[new_number] = self.exit_fds.pop(number)
+
+    # -- following a root's exit (exec mode with --drain-signal) ----------------
+    def follow_exit(self, number: int, new_number: int, pid: int, path: str,
+                    argv: list[str], env: dict[str, str]) -> None:
+        self.events.append(f"follow {number}")
+        if self.follow_error is not None:
+            raise self.follow_error
+        self.following[number] = new_number
+        self.execs.append((list(argv), dict(env)))
+
+    def exit_followed(self, number: int) -> FollowResult | None:
+        got = self.follow_results.pop(number, None)
+        if got is None or number not in self.following:
+            return None
+        self._end_follow(number, got)
+        return got
+
+    def unfollow(self, number: int) -> FollowResult | None:
+        if number not in self.following:
+            return None
+        self.events.append(f"unfollow {number}")
+        if self.exec_under_way:
+            return None
+        got = FollowResult(Followed.RELEASED, "released")
+        self._end_follow(number, got)
+        return got
+
+    def _end_follow(self, number: int, got: FollowResult) -> None:
+        new_number = self.following.pop(number)
+        if got.outcome is Followed.EXECED:
+            old = self.gens[number]
+            self.events.append(f"execed {number} -> {new_number}")
+            self.gens[new_number] = FakeGen(new_number, old.pid, old.rfd, old.wfd, set(old.pids))
+            old.pids = set()
+            if number in self.exit_fds:
+                self.exit_fds[new_number] = self.exit_fds.pop(number)
 
     def resume(self, number: int) -> list[str]:
         self.gens[number].paused = False

@@ -226,12 +226,12 @@ def test_status_shows_what_holds_a_slow_drain(capsys: pytest.CaptureFixture[str]
     assert "--drain-signal" in out
 
 
-def test_drain_signal_with_exec_is_refused_in_one_line(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["run", "--drain-signal", "QUIT", "--exec", "--", "srv"]) == cli.EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.startswith("hupt: error:") and "--drain-signal and --exec" in err
-    assert len(err.strip().splitlines()) == 1
+def test_drain_signal_goes_with_exec_and_attach() -> None:
+    p = cli.build_parser()
+    args = p.parse_args(["run", "--exec", "--drain-signal", "TERM", "--", "srv"])
+    assert args.exec_mode and args.drain_signal == signal.SIGTERM
+    assert p.parse_args(["attach", "--drain-signal", "QUIT", "123"]).drain_signal == QUIT
+    assert p.parse_args(["attach", "123"]).drain_signal is None
 
 
 def test_drain_signal_parses_like_stop_signal() -> None:

@@ -14,6 +14,7 @@ from hupt.address import AF_INET, Address
 from hupt.errors import HuptError, InjectionError
 from hupt.generations import Generation, State
 from hupt.supervisor import Options, Supervisor
+from hupt.system import Followed, FollowResult
 from tests.fakes import FakeSystem, state_of
 from tests.test_supervisor import Recorder
 
@@ -462,3 +463,122 @@ def test_an_attached_server_listening_on_a_new_address_is_held_like_any_other(
     sup.tick()
     assert gen.listened == {A, B} and not fake.spawns
     assert "internal error" not in capsys.readouterr().err
+
+
+# -- --drain-signal: the server's exit becomes the exec ------------------------------------
+
+
+def reload_followed(fake: FakeSystem, **kw: Any) -> tuple[Supervisor, Recorder]:
+    sup = make(fake, drain_signal=signal.SIGTERM, **kw)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 2  # persistent clients
+    w = Recorder()
+    sup.request_reload(w)
+    return sup, w
+
+
+def test_with_a_drain_signal_the_root_is_followed_and_signalled(fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    old = sup.gens[0]
+    assert fake.events[-1] == "follow 1" and fake.following == {1: 2}
+    assert fake.signals == [(old.pid, signal.SIGTERM)], "the root gets it: its exit is the exec"
+    assert fake.gens[1].paused and old.state is State.DRAINING
+    assert any("its exit becomes the exec" in m for m in w.messages)
+    assert fake.execs[-1][0] == ["server"]
+
+
+def test_the_followed_exit_becomes_the_new_generation(fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 0
+    sup.tick()
+    assert len(sup.gens) == 1 and "unfollow 1" not in fake.events, \
+        "drained: the server exits by itself; hupt does not exec it"
+    fake.follow_results[1] = FollowResult(Followed.EXECED, "execed server in 2 ms")
+    sup.reloader.poll_follow()  # what SIGCHLD does
+    new = sup.gens[1]
+    assert new.pid == old.pid and new.state is State.STARTING and old.replaced_by == 2
+    assert "exec 1 -> 2" not in fake.events, "no second exec injected"
+    fake.listen(2, A)
+    sup.on_notify(new)
+    assert w.result is not None and w.result[0], w.result
+    assert sup.current is new
+
+
+def test_a_drained_server_that_does_not_exit_is_execed_after_the_kill_timeout(
+        fake: FakeSystem) -> None:
+    sup, _w = reload_followed(fake, kill_timeout=5.0)
+    fake.in_flight_by_pid[sup.gens[0].pid] = 0
+    sup.tick()
+    fake.advance(4)
+    sup.tick()
+    assert "unfollow 1" not in fake.events
+    fake.advance(2)
+    sup.tick()
+    assert fake.events[-2:] == ["unfollow 1", "exec 1 -> 2"], fake.events
+    assert sup.gens[1].state is State.STARTING
+
+
+def test_the_drain_timeout_lets_go_and_execs(fake: FakeSystem) -> None:
+    sup, _w = reload_followed(fake, drain_timeout=10.0)
+    fake.advance(11)
+    sup.tick()
+    assert fake.events[-2:] == ["unfollow 1", "exec 1 -> 2"], fake.events
+
+
+def test_an_exec_under_way_when_letting_go_is_waited_for(fake: FakeSystem) -> None:
+    sup, _w = reload_followed(fake, drain_timeout=10.0)
+    fake.exec_under_way = True
+    fake.advance(11)
+    sup.tick()
+    assert "exec 1 -> 2" not in fake.events and sup.upgrade is not None
+    assert sup.upgrade.follow is not None
+    fake.advance(1)
+    sup.tick()  # no busy loop: the loop's invariants hold (HUPT_STRICT)
+    fake.follow_results[1] = FollowResult(Followed.EXECED, "execed")
+    sup.reloader.poll_follow()
+    assert sup.gens[1].state is State.STARTING
+
+
+def test_a_failed_exec_at_the_exit_starts_the_command_afresh(fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    old = sup.gens[0]
+    fake.follow_results[1] = FollowResult(Followed.EXEC_FAILED, "execve server failed: ENOENT")
+    sup.reloader.poll_follow()
+    assert w.result is not None and not w.result[0]
+    assert "could not exec at its exit" in w.result[1] and "ENOENT" in w.result[1]
+    fresh = sup.gens[-1]
+    assert fresh is not old and fresh.pid != old.pid and fresh.state is State.STARTING
+    assert fake.listeners.get(A) is not None, "the socket stays held"
+    fake.exit_pid(old.pid, 0)
+    sup.fleet.refresh()
+    sup.loop.run_later()
+    fake.listen(fresh.number, A)
+    sup.on_notify(fresh)
+    assert sup.current is fresh and state_of(fresh) is State.SERVING
+
+
+def test_the_root_exiting_while_followed_starts_the_command_afresh(fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    old = sup.gens[0]
+    fake.exit_pid(old.pid, -9)
+    sup.fleet.refresh()
+    sup.loop.run_later()
+    assert w.result is not None and not w.result[0] and "before its exec" in w.result[1]
+    assert fake.following == {}, "let go"
+    assert sup.gens[-1].state is State.STARTING and sup.gens[-1].pid != old.pid
+
+
+def test_a_root_that_cannot_be_followed_drains_without_the_signal(fake: FakeSystem) -> None:
+    fake.follow_error = HuptError("thread 5 did not stop")
+    sup, _w = reload_followed(fake)
+    assert not fake.signals, "signalled without being followed, its exit would be final"
+    fake.in_flight_by_pid[sup.gens[0].pid] = 0
+    sup.tick()
+    assert fake.events[-1] == "exec 1 -> 2"
+
+
+def test_stopping_while_followed_lets_go(fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    sup.request_stop()
+    assert w.result == (False, "hupt is stopping")
+    assert "unfollow 1" in fake.events and fake.following == {}

@@ -271,6 +271,23 @@ def parent_map() -> dict[int, int]:
     return out
 
 
+def zombie_children(parent: int) -> list[int]:
+    """The children of ``parent`` that have exited and wait to be reaped (state Z)."""
+    out: list[int] = []
+    with kernel_errors("list /proc"):
+        names = os.listdir(PROC)
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            st = parse_stat(_read_bytes(f"{PROC}/{name}/stat"))
+        except (OSError, ValueError):
+            continue
+        if st.ppid == parent and st.state == "Z":
+            out.append(st.pid)
+    return out
+
+
 def threads(pid: int) -> list[int]:
     """The thread ids of process ``pid``, sorted (the leader's TID is the pid)."""
     with proc_errors("list threads", pid):

@@ -234,7 +234,8 @@ class ExitToExec:
     def pump(self) -> Report | None:
         """Handle every stop pending now; the final report once, when nothing is traced."""
         if self.over:
-            return None
+            report, self._report = self._report, None
+            return report
         progress = True
         while progress and not self.over:
             progress = False
