@@ -303,6 +303,8 @@ class Reloader:
             self.exec(old)
         else:
             # The root exits after all: the sockets stay held, the command starts afresh.
+            if self.fleet.current is old:
+                self.fleet.current = None
             self._start_afresh(up, f"{old} could not exec at its exit: {got.detail}")
 
     def replacing_exited(self, gen: Generation, how: str) -> None:
@@ -316,6 +318,8 @@ class Reloader:
                 return  # the follow's outcome was handled
             self.fleet.exit_followed(gen, up.follow, let_go=True)
             up.follow = None
+        if self.fleet.current is gen:
+            self.fleet.current = None
         self._start_afresh(up, f"{gen} exited ({how}) before its exec")
 
     def drain_slow(self, gen: Generation, message: str) -> None:
@@ -344,6 +348,7 @@ class Reloader:
         try:
             fresh = self.fleet.spawn()
         except HuptError as e:
+            up.fresh = True  # a failed fresh start: the sockets stay held, it is tried again
             self._fail(up, f"{reason}; starting the command afresh failed: {e}")
             return
         now = self.loop.now()

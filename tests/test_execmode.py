@@ -582,3 +582,23 @@ def test_stopping_while_followed_lets_go(fake: FakeSystem) -> None:
     sup.request_stop()
     assert w.result == (False, "hupt is stopping")
     assert "unfollow 1" in fake.events and fake.following == {}
+
+
+def test_a_failed_exec_at_the_exit_whose_fresh_start_fails_too_keeps_trying(
+        fake: FakeSystem) -> None:
+    sup, w = reload_followed(fake)
+    old = sup.gens[0]
+    fake.spawn_error = HuptError("cannot start 'server': exec: No such file or directory")
+    fake.follow_results[1] = FollowResult(Followed.EXEC_FAILED, "execve server failed: ENOENT")
+    sup.reloader.poll_follow()
+    assert w.result is not None and not w.result[0] and "afresh failed" in w.result[1]
+    fake.exit_pid(old.pid, 0)
+    sup.fleet.refresh()
+    sup.loop.run_later()
+    assert not sup.stopping and sup.reviver.pending, "no generation serves: tried again"
+    assert fake.listeners.get(A) is not None, "the socket stays held"
+    fake.spawn_error = None
+    fake.advance(60)
+    sup.tick()
+    fresh = sup.gens[-1]
+    assert fresh.state is State.STARTING and fresh.pid != old.pid

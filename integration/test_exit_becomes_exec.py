@@ -1,0 +1,172 @@
+"""Exec mode and attach with --drain-signal: the server's own exit becomes the exec.
+
+Clients that hold one connection and keep sending on it used to stall an exec
+reload for the whole drain timeout (nothing accepts meanwhile).  With the
+server's graceful-stop signal the server closes them itself at a request
+boundary and exits; hupt turns that exit into the exec.  Asserted, under 4
+fresh clients and 2 persistent ones, over 10 reloads: 0 failed requests, no
+request waited 2 s, every reload returned within the server's start time +
+2 s (the drain timeout is 60 s), the same process (PID and start time) runs
+every generation, its parent never saw an exit, and the listening socket is
+the same one throughout (the handoff engaged).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+from harness import (
+    SERVERS,
+    Procs,
+    Started,
+    free_port,
+    go_cmd,
+    hupt_cli,
+    listener_inode,
+    spawn_server,
+    wait_for,
+    wait_listening,
+)
+from load import Load, LoadResult, Target
+
+pytestmark = pytest.mark.root
+
+RELOADS = 10
+LONGEST_WAIT = 2.0
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: a new process with a reused PID would differ."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rfind(b")") + 2:].split()[19])
+
+
+def generations(pid: int) -> list[dict[str, object]]:
+    r = hupt_cli("status", "--json", str(pid), timeout=30)
+    assert r.returncode == 0, r.stderr
+    gens: list[dict[str, object]] = json.loads(r.stdout)["instances"][0]["generations"]
+    return gens
+
+
+def reloads(target: Target, server: int, reload: Callable[[], subprocess.CompletedProcess[str]],
+            bound: float, log: Callable[[], str],
+            parent_saw_no_exit: Callable[[], bool]) -> LoadResult:
+    port = target[1] if isinstance(target, tuple) else 0
+    inode = listener_inode(port)
+    born = start_time(server)
+    took: list[float] = []
+    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
+        time.sleep(0.5)
+        for i in range(RELOADS):
+            t0 = time.monotonic()
+            r = reload()
+            took.append(time.monotonic() - t0)
+            assert r.returncode == 0, f"reload {i + 1}: {r.stdout}{r.stderr}\n{log()}"
+            assert "finished draining and exited" in r.stdout + r.stderr, r.stdout + r.stderr
+            assert listener_inode(port) == inode, "the same listening socket in every image"
+            assert start_time(server) == born, "the same process, not a new one with its PID"
+            assert parent_saw_no_exit(), log()
+            time.sleep(0.3)
+    result = load.result
+    assert result.failed == 0, result.summary() + "\n" + log()
+    assert result.longest_wait < LONGEST_WAIT, result.summary()
+    assert len(result.persistent) == 2 and result.persistent_failed == 0, result.summary()
+    for p in result.persistent:
+        # Each was closed by the server at every drain, and carried on after the last one.
+        assert p.ok > RELOADS and p.reconnects + p.retries >= RELOADS, result.summary()
+        assert p.answers_after(time.monotonic() - 0.5) or p.ok, result.summary()
+    assert result.ok - result.persistent_ok > RELOADS, result.summary()
+    assert max(took) < bound, f"reloads took {took}, more than {bound:.1f} s\n{log()}"
+    assert "drain timeout" not in log() and "execing it" not in log(), log()
+    return result
+
+
+def run_exec(procs: Procs, cmd: list[str], target: Target) -> None:
+    t0 = time.monotonic()
+    h = procs.hupt("--exec", "--drain-signal", "TERM", "--kill-timeout", "5", cmd=cmd)
+    wait_listening(target, 20, proc=h)
+    startup = time.monotonic() - t0
+    server = int(str(generations(h.pid)[0]["pid"]))
+
+    def no_exit_seen() -> bool:
+        return f"(pid {server}) exited" not in h.log() and h.poll() is None
+
+    reloads(target, server, h.reload, startup + 2.0, h.log, no_exit_seen)
+    gens = [g for g in generations(h.pid) if g["state"] == "serving"]
+    assert [g["pid"] for g in gens] == [server] and gens[0]["number"] == RELOADS + 1, gens
+    assert h.descendants() == {server}, "nothing of the old images is left"
+
+
+def test_exec_mode_go_shutdown(procs: Procs, go_server: Path) -> None:
+    """Go calls exit_group from a non-main thread after http.Server.Shutdown."""
+    target: Target = ("127.0.0.1", free_port())
+    run_exec(procs, go_cmd(go_server, target), target)
+
+
+def test_exec_mode_node_sigterm_handler(procs: Procs) -> None:
+    """node marks its stdio close-on-exec; the handler answers `Connection: close` while
+    closing (servers/drain_node_server.js)."""
+    target: Target = ("127.0.0.1", free_port())
+    run_exec(procs, ["node", str(SERVERS / "drain_node_server.js"), f"127.0.0.1:{target[1]}"],
+             target)
+
+
+def _attached(a: Started) -> bool:
+    return "supervising pid" in a.err.read_text() or a.poll() is not None
+
+
+def test_attach_go_shutdown(procs: Procs, go_server: Path) -> None:
+    """The server is this test's child: the test is the parent that must see no exit."""
+    target: Target = ("127.0.0.1", free_port())
+    t0 = time.monotonic()
+    s = spawn_server(procs, go_cmd(go_server, target), target)
+    startup = time.monotonic() - t0
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
+                     "--kill-timeout", "5", str(s.pid)], name="attach")
+    wait_for("hupt attach to take over", partial(_attached, a), 20)
+    assert a.poll() is None, a.log()
+    reloads(target, s.pid, lambda: hupt_cli("reload", str(s.pid)), startup + 2.0, a.log,
+            lambda: s.poll() is None)
+    r = hupt_cli("stop", str(s.pid))  # the stop signal: this exit is real, and seen
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(20) == 0, a.log()
+    assert s.popen.wait(20) == 0
+
+
+def test_a_failed_exec_at_the_exit_keeps_the_sockets_and_starts_afresh(
+        procs: Procs, tmp_path: Path, go_server: Path) -> None:
+    """The program vanished before the reload's exit: the exec fails, the exit goes
+    through, and hupt starts the command afresh on the held socket."""
+    program = tmp_path / "server"
+    program.write_bytes(go_server.read_bytes())
+    program.chmod(0o755)
+    target: Target = ("127.0.0.1", free_port())
+    h = procs.hupt("--exec", "--drain-signal", "TERM", "--kill-timeout", "5",
+                   cmd=go_cmd(program, target))
+    wait_listening(target, 20, proc=h)
+    inode = listener_inode(target[1])
+    with Load(target, fresh=2, keepalive=0, persistent=1) as load:
+        time.sleep(0.3)
+        # Replaced by a script that fails to exec (no interpreter) once the old image exits.
+        program.unlink()
+        program.write_bytes(b"#!/nonexistent/interpreter\n")
+        program.chmod(0o755)
+        r = h.reload(timeout=60)
+        assert r.returncode != 0 and "could not exec at its exit" in r.stdout + r.stderr, \
+            r.stdout + r.stderr + h.log()
+        program.unlink()
+        program.write_bytes(go_server.read_bytes())
+        program.chmod(0o755)
+        wait_for("the command started afresh to serve",
+                 lambda: any(g["state"] == "serving" for g in generations(h.pid)), 30)
+        time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary() + h.log()
+    assert listener_inode(target[1]) == inode, "the socket stayed held throughout"
