@@ -37,6 +37,13 @@ DRAIN_POLL = 0.1
 DRAIN_REPORT_AFTER = 5.0
 
 
+def oldest_connection(g: Generation, now: float) -> float | None:
+    """Seconds the longest-open connection of draining ``g`` has been seen open."""
+    if g.state is not State.DRAINING or not g.connections_seen:
+        return None
+    return now - min(g.connections_seen.values())
+
+
 def signal_name(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -168,7 +175,10 @@ class Draining:
         # Uncounted (the tables could not be read) is not drained: the drain
         # timeout still ends it.
         g.drain_polled_at = now
-        n = self.in_flight(g)
+        conns = self.sys.connections(g.pids, g.listened)
+        n = None if conns is None else len(conns)
+        if conns is not None:
+            g.connections_seen = {c: g.connections_seen.get(c, now) for c in conns}
         took = now - (g.drain_started_at if g.drain_started_at is not None else now)
         if n == 0:
             return [Drained(g, f"no connections in flight after {took:.1f} s of draining",
@@ -186,15 +196,17 @@ class Draining:
     def drain_holdup(self, g: Generation, n: int | None, took: float) -> str:
         """What holds ``g``'s drain, and what would end it sooner."""
         count = f"{'?' if n is None else n} connection(s) still open"
+        oldest = oldest_connection(g, self.sys.now())
+        age = f" (the oldest open for {oldest:.0f} s at least)" if oldest is not None else ""
         limit = f"--drain-timeout {self.opts.drain_timeout:g} s"
         if g.drain_signal is not None:
             return (f"{g}: {count} {took:.0f} s after {signal_name(g.drain_signal)} "
-                    f"(--drain-signal); waiting for them up to {limit}")
+                    f"(--drain-signal){age}; waiting for them up to {limit}")
         if self.opts.exec_mode:
-            return (f"{g}: {count} after {took:.0f} s of draining before its exec; "
+            return (f"{g}: {count} after {took:.0f} s of draining before its exec{age}; "
                     f"waiting up to {limit} (keep-alive clients hold connections open; "
                     "--close-idle closes idle ones; with --drain-signal a server that "
                     "closes them itself exits, and its exit becomes the exec)")
-        return (f"{g}: {count} after {took:.0f} s of draining; keep-alive clients hold "
+        return (f"{g}: {count} after {took:.0f} s of draining{age}; keep-alive clients hold "
                 f"them until {limit}. A server that closes its connections itself on its "
                 "graceful-stop signal drains at once: see --drain-signal")

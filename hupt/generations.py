@@ -83,6 +83,9 @@ class Generation:
     drain_signal: int | None = None
     drain_signaled: set[int] = field(default_factory=set)
     drain_polled_at: float = -math.inf  # its connections last counted (DRAINING)
+    # Its open connections (socket inodes) and when a drain poll first saw each:
+    # the oldest says how long a client has held the drain (at least).
+    connections_seen: dict[int, float] = field(default_factory=dict)
     kill_at: float | None = None
     exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode
     # Whether hupt asked it to go (drained/stopped) rather than it dying on its own.

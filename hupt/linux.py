@@ -536,6 +536,15 @@ class LinuxSystem:
             log.warn(f"counting connections: {e}")
             return None
 
+    def connections(self, pids: set[int], addresses: set[Address]) -> set[int] | None:
+        from hupt.tracer import sockdiag
+
+        try:
+            return sockdiag.in_flight_inodes(self._sockdiag(), addresses, pids)
+        except KernelError as e:
+            log.warn(f"counting connections: {e}")
+            return None
+
     def signal(self, pids: Iterable[int], sig: int) -> None:
         for pid in pids:
             try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hupt.draining import signal_name
+from hupt.draining import oldest_connection, signal_name
 from hupt.generations import Generation, State
 from hupt.system import System
 from hupt.upgrade import ReloadRecord
@@ -37,7 +37,9 @@ def snapshot(system: System, gens: list[Generation], *, command: list[str], exec
                            if g.state is State.DRAINING and g.drain_started_at is not None
                            else None),
             "drain_signal": (signal_name(g.drain_signal) if g.drain_signal is not None
-                             else None)})
+                             else None),
+            "oldest_connection_s": (round(o, 3) if (o := oldest_connection(g, now)) is not None
+                                    else None)})
         out.append(doc)
     return {
         "hupt_pid": os.getpid(), "command": command, "mode": "exec" if exec_mode else "fork",

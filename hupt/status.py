@@ -12,7 +12,7 @@ Fields are only ever added within a schema version::
         "generations": [
           {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",
            "age_s": 2.0, "ready_ms": 57.0, "in_flight": 0,
-           "draining_s": null, "drain_signal": null,
+           "draining_s": null, "drain_signal": null, "oldest_connection_s": null,
            "listening": ["127.0.0.1:8000"]}],
         "listeners": [
           {"address": "127.0.0.1:8000", "inode": 99, "queued": 0, "backlog": 1024}],
@@ -26,7 +26,9 @@ retiring, exited.  ``queued`` is the listener's accept-queue length now
 ``in_flight`` the generation's accepted connections still open (null when
 not counted), ``draining_s`` for how long a draining generation has drained
 (null unless draining), ``drain_signal`` the --drain-signal it was sent (a
-name such as "SIGTERM", or null), ``reloads`` the last 20, oldest first.
+name such as "SIGTERM", or null), ``oldest_connection_s`` how long the
+longest-open of a draining generation's connections has been seen open (at
+least; null unless draining), ``reloads`` the last 20, oldest first.
 The top-level ``version`` is the CLI's; an instance's ``version`` is that of
 the hupt running it (they differ after an upgrade until it restarts), its
 ``name`` the one given with ``hupt run --name`` (or null).
@@ -94,11 +96,13 @@ def _holdups(inst: dict[str, Any]) -> list[str]:
             continue
         line = (f"generation {g['number']} has drained for {_age(took)} with "
                 f"{'?' if n is None else n} connection(s) still open")
+        if g.get("oldest_connection_s") is not None:
+            line += f", the oldest for {_age(g['oldest_connection_s'])}"
         if g.get("drain_signal"):
             line += f" after {g['drain_signal']} (--drain-signal)"
-        elif inst["mode"] == "fork":
+        else:
             line += (" (keep-alive clients?): --drain-signal lets the server close them "
-                     "itself")
+                     "itself" + (" and exit into its exec" if inst["mode"] == "exec" else ""))
         out.append(line)
     return out
 

@@ -143,6 +143,10 @@ class System(Protocol):
         """Accepted connections of these processes on these addresses still open;
         None when the kernel's tables could not be read (not the same as 0)."""
 
+    def connections(self, pids: set[int], addresses: set[Address]) -> set[int] | None:
+        """What ``in_flight`` counts, one socket inode each (the same connection keeps
+        its inode: how long one has been open is followed from poll to poll)."""
+
     def close_idle(self, pids: set[int], addresses: set[Address], idle_ms: int) -> int:
         """Close (FIN) the idle keep-alive connections of these processes; return how many."""
 

@@ -147,6 +147,8 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
         assert len(draining) == 1 and draining[0]["pid"] == old, gens
         assert draining[0]["in_flight"] >= 1 and draining[0]["draining_s"] >= 5, draining
         assert draining[0]["drain_signal"] is None
+        # The persistent client's connection, open since before the reload.
+        assert draining[0]["oldest_connection_s"] >= 5, draining
         plain = hupt_cli("status", str(h.pid), timeout=30).stdout
         assert "--drain-signal" in plain and "still open" in plain, plain
     # The client gone, its connection closes and the old generation drains.

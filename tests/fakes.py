@@ -246,6 +246,11 @@ class FakeSystem:
             return None
         return sum(self.in_flight_by_pid.get(p, 0) for p in pids)
 
+    def connections(self, pids: set[int], addresses: set[Address]) -> set[int] | None:
+        if self.uncountable:
+            return None
+        return {p * 1000 + i for p in pids for i in range(self.in_flight_by_pid.get(p, 0))}
+
     def signal(self, pids: Iterable[int], sig: int) -> None:
         for p in pids:
             self.signals.append((p, sig))

@@ -189,6 +189,28 @@ def test_a_slow_drain_says_once_what_holds_it(fake: FakeSystem) -> None:
     g1 = next(g for g in doc["generations"] if g["number"] == 1)
     assert g1["in_flight"] == 2 and g1["drain_signal"] is None
     assert g1["draining_s"] >= DRAIN_REPORT_AFTER
+    assert "(the oldest open for" in said[0], said
+    assert g1["oldest_connection_s"] is not None
+    assert g1["oldest_connection_s"] >= DRAIN_REPORT_AFTER
+
+
+def test_the_oldest_connection_is_followed_by_identity(fake: FakeSystem) -> None:
+    """A connection that closes and another that opens: the age is the survivor's."""
+    sup = make(fake)
+    old = sup.gens[0]
+    fake.in_flight_by_pid[old.pid] = 2
+    reload_to_2(sup, fake)
+    for _ in range(30):
+        fake.advance(0.1)
+        sup.tick()
+    first = next(g for g in sup.status()["generations"] if g["number"] == 1)
+    assert first["oldest_connection_s"] >= 2.5
+    fake.in_flight_by_pid[old.pid] = 1  # the same first one stays
+    fake.advance(1)
+    sup.tick()
+    later = next(g for g in sup.status()["generations"] if g["number"] == 1)
+    assert later["oldest_connection_s"] >= first["oldest_connection_s"] + 0.9
+    assert sup.status()["generations"][-1]["oldest_connection_s"] is None  # serving
 
 
 def test_a_slow_drain_after_the_drain_signal_names_the_signal(fake: FakeSystem) -> None:
@@ -216,13 +238,14 @@ def test_a_serving_generation_has_no_drain_figures(fake: FakeSystem) -> None:
 def test_status_shows_what_holds_a_slow_drain(capsys: pytest.CaptureFixture[str]) -> None:
     gen = {"number": 1, "pid": 10, "pids": [10], "state": "draining", "age_s": 30.0,
            "ready_ms": 1.0, "in_flight": 2, "draining_s": 12.0, "drain_signal": None,
-           "listening": ["127.0.0.1:8000"]}
+           "oldest_connection_s": 11.5, "listening": ["127.0.0.1:8000"]}
     inst = {"hupt_pid": 1, "command": ["srv"], "mode": "fork", "state": "running",
             "uptime_s": 40.0, "generations": [gen], "listeners": [], "reloads": []}
     status.render({"schema": 1, "instances": [inst]})
     out = capsys.readouterr().out
     assert "draining 12.0s" in out
-    assert "generation 1 has drained for 12.0s with 2 connection(s) still open" in out
+    assert ("generation 1 has drained for 12.0s with 2 connection(s) still open, the oldest "
+            "for 11.5s") in out
     assert "--drain-signal" in out
 
 

@@ -492,7 +492,14 @@ def held_socket_inodes(pids: Iterable[int]) -> set[int]:
 
 
 def in_flight(diag: SockDiag, listeners: Iterable[Address], pids: Iterable[int]) -> int:
-    """How many accepted connections of ``listeners`` are held open by one of ``pids``.
+    """How many accepted connections of ``listeners`` are held open by one of ``pids``."""
+    return len(in_flight_inodes(diag, listeners, pids))
+
+
+def in_flight_inodes(diag: SockDiag, listeners: Iterable[Address],
+                     pids: Iterable[int]) -> set[int]:
+    """The socket inodes of the accepted connections of ``listeners`` held open by
+    one of ``pids``.
 
     A TCP connection belongs to a listener when its local port is the
     listener's and its local address equals the listener's host (any address
@@ -520,5 +527,5 @@ def in_flight(diag: SockDiag, listeners: Iterable[Address], pids: Iterable[int])
     for path in unix:
         candidates.update(c.inode for c in diag.unix_connections(path) if c.inode)
     if not candidates:
-        return 0
-    return len(candidates & held_socket_inodes(pids))
+        return set()
+    return candidates & held_socket_inodes(pids)
