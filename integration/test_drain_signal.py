@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -209,3 +210,43 @@ def test_hupt_killed_during_a_drain_leaves_a_server_that_finishes_and_exits(
         with contextlib.suppress(ProcessLookupError):
             os.kill(new, signal.SIGKILL)  # ours: no hupt is left to stop it
         wait_gone({new}, 10.0)
+
+
+def test_nginx_quit_drains_old_masters_at_once(procs: Procs, tmp_path: Path) -> None:
+    """nginx's graceful stop, QUIT: its workers close keep-alive connections at the next
+    request boundary and the old master exits; 2 s after each reload only the new master
+    and its two workers are left."""
+    from test_reload_under_load import NGINX_CONF
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    h = procs.hupt("--drain-signal", "QUIT", "--drain-timeout", DRAIN_TIMEOUT,
+                   "--kill-timeout", "5", "--stop-signal", "QUIT",
+                   "--unlink", str(tmp_path / "nginx.pid"),
+                   cmd=[nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"])
+    wait_listening(target, 20, proc=h)
+    took: list[float] = []
+    with clients(target) as load:
+        time.sleep(0.5)
+        for i in range(RELOADS):
+            before = h.descendants()
+            r = h.reload(timeout=60)
+            assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{h.log()}"
+            start = time.monotonic()
+            while h.descendants() & before or len(h.descendants()) != 3:
+                assert time.monotonic() - start < GONE_WITHIN, (before, h.descendants(),
+                                                                 h.log())
+                time.sleep(0.05)
+            took.append(time.monotonic() - start)
+            time.sleep(0.3)
+    result = load.result
+    assert result.failed == 0, result.summary()
+    assert result.persistent_failed == 0, result.summary()
+    for p in result.persistent:
+        assert p.ok > RELOADS and p.reconnects + p.retries >= RELOADS, result.summary()
+    assert h.log().count("(--drain-signal)") >= RELOADS, h.log()
+    assert "drain timeout" not in h.log(), h.log()
