@@ -412,6 +412,10 @@ class Supervisor:
             if self.fleet.current is None:  # the last to die says how the server ended
                 self.exit_code = _exit_code(gen.exit_status, gen.retired_by_hupt)
             self.reloader.gen_exited(gen, how)
+        elif gen.replaced_by is not None:
+            # Its root lives on as a newer image: only its other processes ended.
+            log.info(f"{gen}: its last processes are gone (its root process runs "
+                     f"generation {gen.replaced_by})")
         elif gen.retired_by_hupt or prev is State.FAILED:
             log.info(f"{gen} exited ({how})")
         else:

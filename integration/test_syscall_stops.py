@@ -28,7 +28,7 @@ pytestmark = pytest.mark.root
 
 # A multi-threaded target: on SIGTERM it starts threads (the drain's clones) and
 # calls exit_group(7) from one of them, never from the main thread.  With
-# "pending" it first makes SIGUSR1 pending in that thread (blocked there).
+# "pending=SIG" it first makes SIG pending in that thread (blocked there).
 TARGET = """
 import os, signal, sys, threading, time
 os.open("/dev/null", os.O_RDONLY)  # an inheritable fd >= 3: the exec must not pass it on
@@ -41,9 +41,10 @@ def bye():
     for _ in range(3):
         threading.Thread(target=idle, daemon=True).start()
     time.sleep(0.05)
-    if "pending" in sys.argv:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+    for arg in sys.argv[1:]:
+        sig = getattr(signal, arg.removeprefix("pending="))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+        signal.pthread_kill(threading.get_ident(), sig)
     print("exiting from thread", threading.get_native_id(), flush=True)
     os._exit(7)
 signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=bye).start())
@@ -63,7 +64,8 @@ for f in os.listdir("/proc/self/fd"):
     except OSError:
         pass  # the listing's own fd
 json.dump({"pid": os.getpid(), "fds": fds,
-           "sigblk": field("SigBlk"), "tracer": int(field("TracerPid")), "argv": sys.argv,
+           "sigblk": field("SigBlk"), "sigpnd": field("SigPnd"), "shdpnd": field("ShdPnd"),
+           "tracer": int(field("TracerPid")), "argv": sys.argv,
            "env": os.environ.get("HUPT_TEST_IMAGE")}, open(sys.argv[1] + ".tmp", "w"))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(60)
@@ -165,16 +167,36 @@ def test_a_failed_execve_lets_the_exit_happen(procs: Procs, tmp_path: Path) -> N
     assert wait_for("the parent to see the exit", lambda: p.exits() or None) == ["exited 7"]
 
 
-def test_a_pending_fatal_signal_lets_the_exit_happen(procs: Procs, tmp_path: Path) -> None:
-    p = started(procs, tmp_path, "pending")
+def test_a_pending_request_to_end_lets_the_exit_happen(procs: Procs, tmp_path: Path) -> None:
+    p = started(procs, tmp_path, "pending=SIGHUP")
     report_path, argv = image(tmp_path)
     trap = ExitToExec(p.pid, os.fsencode(sys.executable), argv, [])
     trap.arm()
     os.kill(p.pid, signal.SIGTERM)
     report = run_until_over(trap)
-    assert report.outcome is Outcome.EXEC_FAILED and "SIGUSR1 pending" in report.detail, report
+    assert report.outcome is Outcome.EXEC_FAILED and "SIGHUP pending" in report.detail, report
     assert wait_for("the parent to see the exit", lambda: p.exits() or None) == ["exited 7"]
     assert not report_path.exists()
+
+
+def test_a_pending_signal_of_the_old_machinery_is_discarded(procs: Procs,
+                                                            tmp_path: Path) -> None:
+    """SIGIO, timers, USR1/2 pending at the exit (nginx's master had SIGIO pending)
+    would kill the new image, whose handlers are gone: discarded, and the exec goes on."""
+    p = started(procs, tmp_path, "pending=SIGUSR1", "pending=SIGIO")
+    report_path, argv = image(tmp_path)
+    trap = ExitToExec(p.pid, os.fsencode(sys.executable), argv, [])
+    trap.arm()
+    os.kill(p.pid, signal.SIGTERM)
+    report = run_until_over(trap)
+    assert report.outcome is Outcome.EXECED, report
+    got = wait_for("the new image's report",
+                   lambda: report_path.exists() and json.loads(report_path.read_text()))
+    assert got["pid"] == p.pid and got["sigpnd"] == got["shdpnd"] == "0000000000000000", got
+    time.sleep(0.3)
+    assert p.exits() == []
+    os.kill(p.pid, signal.SIGKILL)
+    wait_for("the parent to see the exit", lambda: p.exits() or None)
 
 
 def test_released_server_runs_and_exits_untraced(procs: Procs, tmp_path: Path) -> None:

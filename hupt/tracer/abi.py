@@ -25,6 +25,7 @@ class SYS(IntEnum):
     close = 3
     mmap = 9
     munmap = 11
+    rt_sigaction = 13
     rt_sigprocmask = 14
     ioctl = 16
     dup2 = 33
@@ -180,6 +181,12 @@ IOCTL_NOTIF_ID_VALID = 0x40082102
 IOCTL_NOTIF_ADDFD = 0x40182103
 IOCTL_NOTIF_SET_FLAGS = 0x40082104
 USER_NOTIF_FD_SYNC_WAKE_UP = 1
+
+# struct sigaction as the kernel takes it (x86_64, rt_sigaction with sigsetsize 8):
+# { __sighandler_t sa_handler; unsigned long sa_flags; void *sa_restorer; sigset_t sa_mask; }
+KERNEL_SIGACTION = struct.Struct("<QQQQ")
+SIG_DFL = 0
+SIG_IGN = 1
 
 # prctl
 PR_SET_PDEATHSIG = 1

@@ -51,8 +51,12 @@ What the kernel makes us do, and why:
   Once the exit is caught, the execing thread blocks every signal
   (PTRACE_SETSIGMASK); a signal already pending then is checked: execve
   resets caught signals to their default action and keeps them pending, so a
-  pending SIGTERM would kill the new image at once.  With such a signal
-  pending hupt lets the exit happen instead.  After the exec the mask is set
+  pending SIGTERM would kill the new image at once.  A pending request to end
+  (TERM, INT, QUIT, HUP...) means someone wants the process gone: hupt lets
+  the exit happen instead.  Signals of the old image's own machinery (SIGIO,
+  timers, USR1/USR2, real-time ones: nginx's master had SIGIO pending at one
+  exit in three) are discarded: setting an action to SIG_IGN drops a pending
+  signal, and the default action is put back right after.  After the exec the mask is set
   to empty, the mask a freshly started program has.
 - Group-stops (SIGSTOP to the server) are left in effect with PTRACE_LISTEN.
 - File descriptors: node (libuv) marks fds 0-15 close-on-exec, stdio
@@ -89,6 +93,7 @@ from hupt.tracer.abi import (
     CLOSE_RANGE_CLOEXEC,
     CLOSE_RANGE_MAX_FD,
     F_SETFD,
+    KERNEL_SIGACTION,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     PROT_READ,
@@ -98,6 +103,8 @@ from hupt.tracer.abi import (
     PTRACE_O_TRACECLONE,
     PTRACE_O_TRACEEXEC,
     PTRACE_O_TRACESYSGOOD,
+    SIG_DFL,
+    SIG_IGN,
     SYS,
     SYSCALL_INSN,
 )
@@ -109,6 +116,13 @@ _ALL_SIGNALS = pt.U64
 # Signals whose default action does not end the process: ignored, or stop/continue.
 _HARMLESS = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
                        signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+# Signals of the old image's own machinery (I/O readiness, timers, its own
+# notifications): pending at its exit they meant nothing to the new image, and
+# are discarded.  A pending request to end (TERM, INT, QUIT, HUP...) is not:
+# someone wants the process gone, and the exit goes through instead.
+_STALE = frozenset({signal.SIGIO, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+                    signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2,
+                    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1)})
 
 
 class Phase(Enum):
@@ -345,12 +359,14 @@ class ExitToExec:
         mask = pt.getsigmask(th.tid)
         pt.setsigmask(th.tid, _ALL_SIGNALS)
         ex = self._exec = _Exec(th.tid, regs, status, mask, started=time.monotonic())
-        fatal = self._fatal_pending(th.tid)
-        if fatal:
-            self._let_exit(th, f"{signal_names(fatal)} pending: an exec would die of it")
+        pending = self._fatal_pending(th.tid)
+        stale = pending & sum(pt.sigbit(s) for s in _STALE)
+        if pending & ~stale:
+            self._let_exit(th, f"{signal_names(pending & ~stale)} pending: an exec would "
+                               "die of it")
             return
         try:
-            self._prepare_exec(th, ex)
+            self._prepare_exec(th, ex, stale)
         except HuptError as e:
             self._let_exit(th, f"preparing the exec failed: {e}")
             return
@@ -359,7 +375,7 @@ class ExitToExec:
         self.phase = Phase.EXECING
         self._resume(th, syscalls=True)
 
-    def _prepare_exec(self, th: _Thread, ex: _Exec) -> None:
+    def _prepare_exec(self, th: _Thread, ex: _Exec, stale: int) -> None:
         """Run the syscalls before the execve in ``th``; leave it at the execve's entry."""
         from hupt.tracer.accepting import exec_image
 
@@ -370,7 +386,7 @@ class ExitToExec:
         if res < 0:
             raise KernelError(-res, "close_range(CLOSE_RANGE_CLOEXEC)", f"thread {th.tid}")
         size = len(exec_image(0, self._path, self._argv, self._envp)[0])
-        length = max(PAGE, -(-size // PAGE) * PAGE)
+        length = max(PAGE, -(-(size + 8 + 3 * KERNEL_SIGACTION.size) // PAGE) * PAGE)
         addr = self._run(th, entry, SYS.mmap, 0, length, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS, -1 & pt.U64, 0)
         if -MAX_ERRNO <= pt.signed(addr) < 0:
@@ -379,9 +395,31 @@ class ExitToExec:
                                                            self._envp)
         with procfs.Memory(th.tid) as mem:
             mem.write(addr, blob)
+            if stale:
+                self._discard(th, entry, mem, addr + -(-len(blob) // 8) * 8, stale)
+        late = self._fatal_pending(th.tid)
+        if late:
+            raise KernelError(errno.EAGAIN, "exec", f"{signal_names(late)} pending")
         self._to_entry(th, entry)
         pt.setregs(th.tid, entry.replace(orig_rax=SYS.execve, rdi=path_addr, rsi=argv_addr,
                                          rdx=envp_addr))
+
+    def _discard(self, th: _Thread, entry: Regs, mem: procfs.Memory, at: int,
+                 signals: int) -> None:
+        """Discard these pending signals: setting a signal's action to SIG_IGN drops it
+        from every pending set (POSIX).  Then the default action again, unless it was
+        ignored already (an ignored signal stays ignored across execve)."""
+        ign, dfl, old = at, at + KERNEL_SIGACTION.size, at + 2 * KERNEL_SIGACTION.size
+        mem.write(ign, KERNEL_SIGACTION.pack(SIG_IGN, 0, 0, 0))
+        mem.write(dfl, KERNEL_SIGACTION.pack(SIG_DFL, 0, 0, 0))
+        for sig in range(1, 65):
+            if not signals & pt.sigbit(sig):
+                continue
+            res = self._run(th, entry, SYS.rt_sigaction, sig, ign, old, 8)
+            if res < 0:
+                raise KernelError(-res, f"rt_sigaction({sig}, SIG_IGN)", f"thread {th.tid}")
+            if KERNEL_SIGACTION.unpack(mem.read(old, KERNEL_SIGACTION.size))[0] != SIG_IGN:
+                self._run(th, entry, SYS.rt_sigaction, sig, dfl, 0, 8)
 
     def _run(self, th: _Thread, entry: Regs, nr: SYS, *args: int) -> int:
         """From a syscall-stop of ``th``, run ``nr(*args)``; it ends at that syscall's exit-stop."""
