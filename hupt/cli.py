@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hupt import log
+from hupt import fdlimit, log
 from hupt.errors import ControlTimeout, HuptError, NotUnderHupt, Refused, UsageError
 
 if TYPE_CHECKING:
@@ -328,6 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.name is not None:
         _name_free(args.name)
     become_subreaper()
+    fdlimit.raise_own()  # for control clients; each generation starts with the limit as it was
     opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
                    stop_signal=args.stop_signal, drain_signal=args.drain_signal,
@@ -553,6 +554,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     env = dict(_env_pair(e) for e in server.env if b"=" in e)
     become_subreaper()  # for the command started afresh if an exec'd image fails
+    fdlimit.raise_own()
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
                    stop_signal=args.stop_signal, drain_signal=args.drain_signal,

@@ -413,7 +413,7 @@ class Peer:
             try:
                 n = self.sock.send(self._out)
             except BlockingIOError:
-                return
+                break  # the rest when writable: the owner is told below
             except OSError:
                 self.close()
                 return
@@ -497,18 +497,19 @@ class ControlServer:
         return self.sock.fileno()
 
     def accept(self) -> socket.socket | None:
-        """The next client, if its credentials allow it to command this hupt."""
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return None
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, _ = _UCRED.unpack(creds)
-        if uid not in (0, os.getuid()):
+        """The next client whose credentials allow it to command this hupt (None: no
+        one else is waiting; OSError as accept() raises it)."""
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return None
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, _ = _UCRED.unpack(creds)
+            if uid in (0, os.getuid()):
+                conn.setblocking(False)
+                return conn
             self._refuse(conn, pid, uid)
-            return None
-        conn.setblocking(False)
-        return conn
 
     @staticmethod
     def _refuse(conn: socket.socket, pid: int, uid: int) -> None:

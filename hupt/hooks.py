@@ -7,7 +7,8 @@ failed --before-reload is the reason ``hupt reload`` reports).
 hupt reaps every child with waitid(P_ALL) because it is a child subreaper
 (orphaned server processes come back to it), so a hook's exit status comes
 from the supervisor's reaper, never from Popen.wait(); the supervisor's
-event loop reads the output pipe without blocking.
+event loop reads the output pipe without blocking.  A hook starts with the
+limit of open files hupt was started with (hupt/fdlimit.py), like a server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from hupt import fdlimit
 
 if TYPE_CHECKING:
     from hupt.loop import Loop
@@ -49,6 +52,7 @@ class Hook:
                           signal.SIGCHLD, signal.SIGUSR2):
                     signal.signal(s, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                fdlimit.restore_in_child()
                 os.execve("/bin/sh", ["sh", "-c", self.command], env)
             finally:
                 os._exit(127)

@@ -18,6 +18,8 @@ installed by the forked child itself, between fork() and execve():
   pipe: EOF means the exec happened.
 * Each generation gets its own process group so that a Ctrl-C at hupt's
   terminal reaches hupt (which drains) and not the server directly.
+* hupt raised its own soft limit of open files (hupt/fdlimit.py): the child
+  sets back the one hupt was started with, right before execve().
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 
+from hupt import fdlimit
 from hupt.errors import HuptError, KernelError
 from hupt.tracer import seccomp
 from hupt.tracer.abi import SYS
@@ -93,6 +96,10 @@ def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.
         chan.sendmsg([b"n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         os.close(fd)
         chan.close()
+        # Last: below the old limit, the fds of hupt's not closed yet may leave
+        # no number for the notify fd.
+        step = "setrlimit"
+        fdlimit.restore_in_child()
         step = "exec"
         os.execvpe(argv[0], list(argv), env)
     except KernelError as e:
