@@ -22,7 +22,13 @@ For each server (the static Go server, python -m http.server, node):
    the same server under two hupts, reloaded alternately, while a probe sends
    requests on fresh connections to the one reloading: reload time, the
    longest wait a request saw, failed requests (--no-exec-mode skips it);
-6. `hupt run`'s cost before the server's exec, and the per-syscall cost of
+6. exec mode under clients that hold their connection (the static Go server):
+   N reloads with `--exec --drain-timeout 5`, each of which waits out the drain
+   timeout, then N with `--drain-signal TERM` added, which turns the server's
+   graceful exit into the exec, while 4 fresh and 2 persistent clients run:
+   reload time, how long hupt traced the server, the longest wait, failed
+   requests; and what a syscall costs while traced (--no-drain-signal skips it);
+7. `hupt run`'s cost before the server's exec, and the per-syscall cost of
    the seccomp filter every generation runs under (--no-exec skips it).
 
 A final table checks the targets. Progress goes to stderr, tables to stdout:
@@ -74,6 +80,18 @@ SYSCALL_LOOP = 1_000_000
 PROBE_LEAD = 0.05
 MODE_GAP = 0.1
 FORK, EXEC = "fork", "exec"
+# Exec mode under persistent clients: without a drain signal every reload waits the whole
+# drain timeout (hupt's default is 60 s), so the bench uses a short one, with and without.
+DRAIN_TIMEOUT = 5
+PERSISTENT_OPTS = ("--exec", "--drain-timeout", str(DRAIN_TIMEOUT), "--kill-timeout", "5")
+NO_SIGNAL, DRAIN_SIGNAL = "--exec", "--exec --drain-signal TERM"
+PERSISTENT_RUNS = {NO_SIGNAL: PERSISTENT_OPTS,
+                   DRAIN_SIGNAL: (*PERSISTENT_OPTS, "--drain-signal", "TERM")}
+FRESH_CLIENTS, PERSISTENT_CLIENTS = 4, 2
+# Servers whose SIGTERM handler closes keep-alive connections and exits (http.Server.Shutdown).
+DRAIN_SIGNAL_SERVERS = {"go"}
+# bench/traced_syscalls.py: getppid() calls timed at each image's start, and in its drain.
+UNTRACED_CALLS, TRACED_CALLS = 200_000, 3_000
 
 
 @dataclass(frozen=True)
@@ -88,13 +106,14 @@ class Config:
     gap: float  # seconds between reloads under load
     syscall_rounds: int  # interleaved bare/hupt runs of the getppid() loop
     mode_reloads: int  # reloads in fork mode and in exec mode each, with the probe
+    persistent_reloads: int  # exec-mode reloads under persistent clients, per configuration
     connections: int = 8
 
 
 FULL = Config(rounds=20, seconds=1, warmup=1, reloads=10, idle_reloads=10, starts=10, execs=10,
-              gap=0.3, syscall_rounds=5, mode_reloads=8)
+              gap=0.3, syscall_rounds=5, mode_reloads=8, persistent_reloads=5)
 QUICK = Config(rounds=3, seconds=1, warmup=1, reloads=4, idle_reloads=5, starts=5, execs=5,
-               gap=0.2, syscall_rounds=3, mode_reloads=4)
+               gap=0.2, syscall_rounds=3, mode_reloads=4, persistent_reloads=3)
 
 
 @dataclass
@@ -131,6 +150,34 @@ class ModeReloads:
 
 
 @dataclass
+class PersistentExec:
+    """Exec-mode reloads of one hupt while fresh and persistent clients run."""
+
+    opts: tuple[str, ...]
+    reloads: list[Reload] = field(default_factory=list)
+    load: LoadResult = field(default_factory=LoadResult)
+    pids: set[int] = field(default_factory=set)  # server processes seen between reloads
+
+    @property
+    def failures(self) -> int:
+        """Failed requests and failed reloads."""
+        return self.load.failed + sum(not r.ok for r in self.reloads)
+
+    @property
+    def ok(self) -> list[Reload]:
+        return [r for r in self.reloads if r.ok]
+
+
+@dataclass
+class TracedCost:
+    """ns per getppid() loop iteration of bench/traced_syscalls.py, untraced and traced."""
+
+    untraced_ns: list[float] = field(default_factory=list)  # each image's start
+    traced_ns: list[float] = field(default_factory=list)  # in its drain, hupt following it
+    drain_ms: list[float] = field(default_factory=list)  # signal -> exec, per reload
+
+
+@dataclass
 class ServerResult:
     server: Server
     start_ms: list[float] = field(default_factory=list)
@@ -143,6 +190,8 @@ class ServerResult:
     idle_cpu: float = math.nan  # the `hupt run` process's CPU share in the throughput phase
     hwm_kib: int = 0
     reload_modes: dict[str, ModeReloads] = field(default_factory=dict)  # FORK, EXEC
+    persistent_exec: dict[str, PersistentExec] = field(default_factory=dict)  # NO_SIGNAL, ...
+    traced: TracedCost | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -179,10 +228,12 @@ T0 = time.monotonic()
 
 
 class Bench:
-    def __init__(self, run: Runner, cfg: Config, exec_mode: bool = True) -> None:
+    def __init__(self, run: Runner, cfg: Config, exec_mode: bool = True,
+                 drain_signal: bool = True) -> None:
         self.run = run
         self.cfg = cfg
         self.exec_mode = exec_mode
+        self.drain_signal = drain_signal
 
     def wrk_start(self, port: int, seconds: int, mode: str) -> Started:
         return self.run.spawn_load(wrk.argv(f"http://127.0.0.1:{port}/", seconds=seconds,
@@ -271,6 +322,9 @@ class Bench:
         self.run.stop(hupt)
         if self.exec_mode:
             self.exec_vs_fork(server, res)
+        if self.drain_signal and server.key in DRAIN_SIGNAL_SERVERS:
+            self.persistent_exec(server, res)
+            res.traced = self.traced_cost(res)
         return res
 
     def exec_vs_fork(self, server: Server, res: ServerResult) -> None:
@@ -322,6 +376,84 @@ class Bench:
         if len(res.reload_modes[EXEC].pids) != 1:
             res.problems.append(f"exec mode: the server's PID changed "
                                 f"({sorted(res.reload_modes[EXEC].pids)})")
+
+    def persistent_exec(self, server: Server, res: ServerResult) -> None:
+        """Exec mode while fresh and persistent clients run: N reloads of a `hupt run --exec`
+        (each waits the drain timeout: the persistent connections never end), then N of a
+        `hupt run --exec --drain-signal TERM` (the server closes them and exits, and its
+        exit becomes the exec). One configuration after the other, same drain timeout."""
+        for key, opts in PERSISTENT_RUNS.items():
+            port = free_port()
+            run = res.persistent_exec[key] = PersistentExec(opts)
+            h = self.run.start_hupt(server, port, opts)
+            try:
+                runner.wait_listening(port, h, 30)
+                run.pids = descendants(h.pid)
+                # A fresh request may wait the whole drain timeout in the accept queue.
+                load = Load(("127.0.0.1", port), fresh=FRESH_CLIENTS, keepalive=0,
+                            persistent=PERSISTENT_CLIENTS, timeout=DRAIN_TIMEOUT + 5.0).start()
+                try:
+                    time.sleep(0.5)
+                    for i in range(self.cfg.persistent_reloads):
+                        r = self.run.reload(h.pid)
+                        run.reloads.append(r)
+                        if not r.ok:
+                            res.problems.append(f"{key}, persistent clients: reload {i + 1} "
+                                                f"failed:\n{r.output}")
+                        elif key == DRAIN_SIGNAL and math.isnan(r.exit_to_exec_ms):
+                            res.problems.append(f"{key}, persistent clients: reload {i + 1}: "
+                                                f"the server's exit did not become the exec:"
+                                                f"\n{r.output}")
+                        run.pids |= descendants(h.pid)
+                        time.sleep(self.cfg.gap)
+                finally:
+                    run.load = load.stop()
+            finally:
+                self.run.stop(h)
+            if len(run.pids) != 1:
+                res.problems.append(f"{key}, persistent clients: the server's PID changed "
+                                    f"({sorted(run.pids)})")
+            if run.load.failed:
+                res.problems.append(f"{key}, persistent clients: {run.load.failed} requests "
+                                    f"failed:\n{run.load.summary()}")
+            progress(f"{server.key} {key}, {FRESH_CLIENTS} fresh + {PERSISTENT_CLIENTS} "
+                     f"persistent clients: `hupt reload` wall "
+                     f"{med([r.wall_ms for r in run.ok]):.0f} ms (median), stop accepting -> "
+                     f"exec {med([r.drain_ms for r in run.ok]):.0f} ms, longest wait "
+                     f"{run.load.longest_wait * 1000:.0f} ms, {run.failures} failed")
+
+    def traced_cost(self, res: ServerResult) -> TracedCost:
+        """What a syscall costs while hupt follows a drain: bench/traced_syscalls.py under
+        `hupt run --exec --drain-signal TERM`, reloaded N times (no clients)."""
+        out = self.run.dir / "traced_syscalls.txt"
+        out.unlink(missing_ok=True)
+        script = Server("syscalls", "getppid() loop",
+                        (sys.executable, str(Path(__file__).with_name("traced_syscalls.py")),
+                         "{port}", str(out), str(UNTRACED_CALLS), str(TRACED_CALLS)), False)
+        port = free_port()
+        cost = TracedCost()
+        h = self.run.start_hupt(script, port, ("--exec", "--drain-signal", "TERM",
+                                               "--kill-timeout", "10"))
+        try:
+            runner.wait_listening(port, h, 30)
+            for i in range(self.cfg.persistent_reloads):
+                r = self.run.reload(h.pid)
+                if r.ok and not math.isnan(r.exit_to_exec_ms):
+                    cost.drain_ms.append(r.drain_ms)
+                else:
+                    res.problems.append(f"traced syscalls: reload {i + 1}: no exec at the "
+                                        f"exit:\n{r.output}")
+                time.sleep(self.cfg.gap)
+            # Read before the stop: hupt stops it with SIGTERM too, untraced.
+            lines = out.read_text().splitlines() if out.exists() else []
+        finally:
+            self.run.stop(h)
+        for line in lines:
+            what, ns = line.split()
+            (cost.traced_ns if what == "traced" else cost.untraced_ns).append(float(ns))
+        progress(f"getppid() in a Python loop: untraced {med(cost.untraced_ns):.0f} ns, "
+                 f"traced (draining) {med(cost.traced_ns):,.0f} ns")
+        return cost
 
     def _under_load(self, port: int, mode: str,
                     body: Callable[[], None]) -> tuple[wrk.WrkResult, LoadResult]:
@@ -458,6 +590,19 @@ def cpu_ratio(pairs: list[tuple[wrk.WrkResult, wrk.WrkResult]],
     return bare / hupt if hupt else math.nan
 
 
+def _max(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return max(xs) if xs else math.nan
+
+
+def times(a: float, b: float) -> str:
+    """a / b as a factor: "42x"."""
+    if math.isnan(a) or math.isnan(b) or b <= 0:
+        return "n/a"
+    r = a / b
+    return f"{r:,.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
 def ms(x: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f} ms"
 
@@ -545,6 +690,53 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
         "failed: probe requests with an error or a non-200 response, plus failed reloads. "
         "server PIDs: distinct server processes seen (exec mode keeps one).",
     ]
+    pe = Table(f"Exec mode under persistent clients: {cfg.persistent_reloads} reloads with "
+               f"`--exec --drain-timeout {DRAIN_TIMEOUT}`, then {cfg.persistent_reloads} with "
+               f"`--drain-signal TERM` added, {FRESH_CLIENTS} fresh + {PERSISTENT_CLIENTS} "
+               "persistent clients throughout",
+               ["server", "hupt run", "reloads ok", "`hupt reload` wall", "wall max",
+                "stop accepting -> exec (max)", "traced: signal -> exec (max)",
+                "exit_group -> exec (hupt)", "requests ok", "longest wait",
+                "persistent reconnects", "failed"], left=2)
+    pe.notes = [
+        f"Both: `hupt run {' '.join(PERSISTENT_OPTS)}` (a drain timeout of {DRAIN_TIMEOUT} s "
+        "rather than hupt's default 60 s, to keep the bench short), a new hupt per row, run one "
+        f"after the other; {cfg.persistent_reloads} reloads {cfg.gap:g} s apart while "
+        f"integration/load.py's Load runs {FRESH_CLIENTS} clients opening a connection per "
+        f"request and {PERSISTENT_CLIENTS} persistent ones (one keep-alive connection each, "
+        "held for the whole run, reopened only when the server closes it), 200 req/s in all.",
+        "Without the signal nothing ends a persistent connection: every reload waits the "
+        f"whole drain timeout ({DRAIN_TIMEOUT} s here, 60 s by default) and then execs anyway, "
+        "and since the server stopped accepting, fresh connections wait in the listener's "
+        "accept queue meanwhile: the longest wait is about the drain timeout. With "
+        "`--drain-signal TERM` the Go server's SIGTERM handler (http.Server.Shutdown) closes "
+        "its connections at a request boundary and exits, and hupt turns that exit into the "
+        "exec: the reload takes the drain plus the new image's start.",
+        "wall: the `hupt reload` command, launch to exit, median. stop accepting -> exec: "
+        "from the server no longer accepting (and, with the signal, sent SIGTERM) to the "
+        "same PID running the new image, client-measured from `hupt reload`'s lines (ms "
+        "resolution), median (max). traced: hupt follows the server with ptrace "
+        "syscall-stops for exactly that window with the signal, and never without it. "
+        "exit_group -> exec: hupt's own 'execed ... in X ms', the part of the window after "
+        "it caught the server's last exit_group, median.",
+        "longest wait: the longest a request answered 200 took (Load's longest_wait, every "
+        "client; the fresh ones queued while nothing accepts set it). persistent "
+        f"reconnects: connections the server closed ({PERSISTENT_CLIENTS} per reload "
+        "expected: at the exec, or at the server's shutdown). failed: Load's failed "
+        "requests plus failed reloads. Last row: without / with the signal.",
+    ]
+    tc = Table("While traced: the cost of a syscall (Python loop of getppid(), in a server's "
+               "SIGTERM handler under `hupt run --exec --drain-signal TERM`)",
+               ["", "ns per loop iteration", "iterations/s", "drains"])
+    tc.notes = [
+        f"bench/traced_syscalls.py times {UNTRACED_CALLS:,} calls at each image's start "
+        f"(untraced, under hupt's seccomp filter) and {TRACED_CALLS:,} in its SIGTERM "
+        "handler at each reload, while hupt follows it to its exit; medians. Each syscall of "
+        "a traced thread stops twice (entry and exit), and each stop is a switch to hupt "
+        "and back: a server does its syscalls at this fraction of its rate while it drains "
+        "traced. That lasts the traced window of the table above (stop accepting -> exec "
+        "with the signal), and never outside a drain.",
+    ]
     mem = Table("hupt's own footprint: the `hupt run` process",
                 ["server", "RSS at start", "after 1 reload", "after all reloads",
                  "peak (VmHWM)", "reloads", "CPU in steady state"])
@@ -617,10 +809,49 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
                     f"{s.label}: not counted as failed: {closed} wrk keep-alive read errors, "
                     "the retiring generation's own graceful shutdown closing idle keep-alive "
                     "connections (see the reloads table).")
+        signal_run = res.persistent_exec.get(DRAIN_SIGNAL)
+        for key, run in res.persistent_exec.items():
+            ok = run.ok
+            drains = [r.drain_ms for r in ok]
+            traced = key == DRAIN_SIGNAL
+            pe.add(s.label, key, f"{len(ok)}/{len(run.reloads)}",
+                   ms(med([r.wall_ms for r in ok]), 0),
+                   ms(_max([r.wall_ms for r in ok]), 0),
+                   f"{ms(med(drains), 0)} ({ms(_max(drains), 0)})",
+                   f"{ms(med(drains), 0)} ({ms(_max(drains), 0)})" if traced
+                   else "n/a (not traced)",
+                   ms(med([r.exit_to_exec_ms for r in ok])) if traced else "n/a",
+                   f"{run.load.ok:,}", ms(run.load.longest_wait * 1000, 0),
+                   run.load.persistent_reconnects, run.failures)
+        without = res.persistent_exec.get(NO_SIGNAL)
+        if without is not None and signal_run is not None:
+            a_wall, b_wall = [r.wall_ms for r in without.ok], [r.wall_ms for r in signal_run.ok]
+            a_drain = [r.drain_ms for r in without.ok]
+            b_drain = [r.drain_ms for r in signal_run.ok]
+            pe.add(s.label, "without / with the signal", "", times(med(a_wall), med(b_wall)),
+                   times(_max(a_wall), _max(b_wall)),
+                   f"{times(med(a_drain), med(b_drain))} "
+                   f"({times(_max(a_drain), _max(b_drain))})",
+                   "", "", "", times(without.load.longest_wait, signal_run.load.longest_wait),
+                   "", "")
+        if res.traced is not None:
+            un, tr = med(res.traced.untraced_ns), med(res.traced.traced_ns)
+            n = len(res.traced.traced_ns)
+            tc.add("untraced (each image's start)", f"{un:,.0f}", f"{1e9 / un:,.0f}",
+                   len(res.traced.untraced_ns))
+            tc.add("traced (in the drain, signal -> exit)", f"{tr:,.0f}", f"{1e9 / tr:,.0f}", n)
+            tc.add("traced / untraced", times(tr, un), f"{un / tr:.4f}", "")
         if EXEC in res.reload_modes:
             exec_failed = res.reload_modes[EXEC].failures
             target(f"{s.label}: exec mode: failed requests during reloads", str(exec_failed),
                    "= 0", exec_failed == 0)
+        if signal_run is not None:
+            target(f"{s.label}: exec --drain-signal, persistent clients: failed requests",
+                   str(signal_run.failures), "= 0", signal_run.failures == 0)
+            slowest = _max([r.wall_ms for r in signal_run.reloads])
+            target(f"{s.label}: exec --drain-signal, persistent clients: slowest reload",
+                   ms(slowest, 0), f"< drain timeout {DRAIN_TIMEOUT} s",
+                   slowest < DRAIN_TIMEOUT * 1000)
 
         start = med(res.start_ms)
         idle = [r for r in res.idle_reloads if r.ok]
@@ -657,7 +888,8 @@ def tables(results: list[ServerResult], execs: ExecResult | None,
         for p in res.problems:
             targets.notes.append(f"{s.label}: {p.splitlines()[0]}")
 
-    out = [tput, lat, under, rtime, *([xm] if xm.rows else []), mem]
+    out = [tput, lat, under, rtime, *([xm] if xm.rows else []), *([pe] if pe.rows else []),
+           *([tc] if tc.rows else []), mem]
     if execs is not None:
         ex = Table(f"`hupt run` before the server's exec (median of {cfg.execs})",
                    ["launch", "to exec of `date`"])
@@ -748,6 +980,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-exec", action="store_true", help="skip the `hupt run` overhead test")
     p.add_argument("--no-exec-mode", action="store_true",
                    help="skip exec mode (`hupt run --exec`) reloads beside fork mode")
+    p.add_argument("--no-drain-signal", action="store_true",
+                   help="skip exec mode under persistent clients with and without "
+                        "--drain-signal (static Go server), and the traced syscall cost")
     p.add_argument("--hupt-src", metavar="DIR", type=Path,
                    help="run the hupt package found in DIR (e.g. a checkout with a change to "
                         "compare) instead of this repository's")
@@ -776,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         meta["hupt_src"] = str(args.hupt_src.resolve())
     run = Runner(workdir, cpus, args.hupt_src.resolve() if args.hupt_src else None)
-    bench = Bench(run, cfg, exec_mode=not args.no_exec_mode)
+    bench = Bench(run, cfg, exec_mode=not args.no_exec_mode,
+                  drain_signal=not args.no_drain_signal)
     results: list[ServerResult] = []
     execs: ExecResult | None = None
     skipped: list[str] = []
@@ -864,6 +1100,20 @@ def raw(results: list[ServerResult], execs: ExecResult | None) -> dict[str, Any]
                 "probe_ms": [round(x.ms, 3) for x in m.samples],
                 "probe_failures": [x.error for x in m.failed][:20]}
                 for mode, m in res.reload_modes.items()},
+            "persistent_exec": {key: {
+                "opts": list(run.opts),
+                "reloads": [{"ok": r.ok, "wall_ms": r.wall_ms, "to_ready_ms": r.to_ready_ms,
+                             "drain_ms": r.drain_ms, "exit_to_exec_ms": r.exit_to_exec_ms}
+                            for r in run.reloads],
+                "load": {"ok": run.load.ok, "failed": run.load.failed,
+                         "longest_wait_s": run.load.longest_wait,
+                         "persistent_ok": run.load.persistent_ok,
+                         "persistent_reconnects": run.load.persistent_reconnects,
+                         "persistent_retries": run.load.persistent_retries,
+                         "failures": [list(f) for f in run.load.failures]},
+                "server_pids": sorted(run.pids)}
+                for key, run in res.persistent_exec.items()},
+            "traced_syscalls": None if res.traced is None else res.traced.__dict__,
             "rss_kib": res.rss_kib, "hwm_kib": res.hwm_kib, "idle_cpu": res.idle_cpu,
             "problems": res.problems,
         }

@@ -36,8 +36,12 @@ Facts and choices this rests on:
   the moment the new generation had exec'd, then "generation M (pid Q)
   stopped accepting; draining" once the old generation is paused; the client
   exits after that. In exec mode (`hupt run --exec`) the order differs: the
-  server "stopped accepting; draining it before it execs" first, then the
-  new image "is ready", and the client exits after "ready".
+  server "stopped accepting; draining it before it execs" first (with
+  --drain-signal: "stopped accepting; sent SIGTERM"), then "pid P execed"
+  once the same process runs the new image (with --drain-signal preceded by
+  "finished draining and exited: execed ... in X ms", X counted by hupt from
+  catching the server's exit_group to the exec), then the new image "is
+  ready", and the client exits after "ready".
 - The probe behind "the longest wait a request saw" is one client thread in
   the bench process (on the bench CPUs), one request at a time on a fresh
   connection, started every PROBE_INTERVAL_S at most: a request that
@@ -82,6 +86,10 @@ INTEGRATION = REPO / "integration"
 _PROGRESS = re.compile(r"^\s*(\d+) ms (.*)$")
 _READY_IN = re.compile(r"is ready in (\d+) ms")
 _PAUSED = re.compile(r"stopped accepting")
+# Exec mode with --drain-signal: the server's exit became the exec; hupt's own time
+# from catching its exit_group to the new image (tracer/syscall_stops.py).
+_EXITED = re.compile(r"finished draining and exited: execed .* in ([\d.]+) ms")
+_EXECED = re.compile(r"^pid \d+ execed ")
 
 
 # -- CPUs ---------------------------------------------------------------------------------
@@ -263,6 +271,15 @@ class Reload:
     paused_ms: float  # client-measured: request sent -> "old generation stopped accepting"
     output: str
     started: float  # perf_counter just before the launch
+    # Exec mode only, client-measured like the others: request sent -> "pid P execed"
+    # (the new image runs), and with --drain-signal hupt's "execed ... in X ms".
+    execed_ms: float = float("nan")
+    exit_to_exec_ms: float = float("nan")
+
+    @property
+    def drain_ms(self) -> float:
+        """Exec mode: the server stopped accepting (and got the drain signal) -> it execed."""
+        return self.execed_ms - self.paused_ms
 
 
 PROBE_INTERVAL_S = 0.002
@@ -391,7 +408,7 @@ class Runner:
                               env={**hupt_env(os.environ), **(self.hupt_env or {})},
                               cwd=self.hupt_cwd)
         wall = time.perf_counter() - t0
-        to_ready = ready_in = paused = float("nan")
+        to_ready = ready_in = paused = execed = exit_to_exec = float("nan")
         for line in done.stderr.splitlines():
             if not (m := _PROGRESS.match(line)):
                 continue
@@ -399,8 +416,12 @@ class Runner:
                 to_ready, ready_in = float(m[1]), float(r[1])
             elif _PAUSED.search(m[2]):
                 paused = float(m[1])
+            elif r := _EXITED.search(m[2]):
+                exit_to_exec = float(r[1])
+            elif _EXECED.match(m[2]):
+                execed = float(m[1])
         return Reload(done.returncode == 0, wall * 1000, to_ready, ready_in, paused, done.stderr,
-                      t0)
+                      t0, execed, exit_to_exec)
 
     def hupt_pids(self, hupt_pid: int) -> set[int]:
         """hupt and every process of its generations."""
