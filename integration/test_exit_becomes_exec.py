@@ -14,7 +14,9 @@ the same one throughout (the handoff engaged).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from harness import (
     SERVERS,
     Procs,
     Started,
+    alive,
     free_port,
     go_cmd,
     hupt_cli,
@@ -35,7 +38,9 @@ from harness import (
     wait_for,
     wait_listening,
 )
-from load import Load, LoadResult, Target
+from load import Load, LoadResult, SlowRequest, Target
+
+from hupt.tracer import procfs
 
 pytestmark = pytest.mark.root
 
@@ -141,11 +146,14 @@ def _attached(a: Started) -> bool:
     return "supervising pid" in a.err.read_text() or a.poll() is not None
 
 
-def test_attach_go_shutdown(procs: Procs, go_server: Path) -> None:
+@pytest.mark.parametrize("kind", ["go", "node"])
+def test_attach(kind: str, procs: Procs, go_server: Path) -> None:
     """The server is this test's child: the test is the parent that must see no exit."""
     target: Target = ("127.0.0.1", free_port())
+    cmd = (go_cmd(go_server, target) if kind == "go" else
+           ["node", str(SERVERS / "drain_node_server.js"), f"127.0.0.1:{target[1]}"])
     t0 = time.monotonic()
-    s = spawn_server(procs, go_cmd(go_server, target), target)
+    s = spawn_server(procs, cmd, target)
     startup = time.monotonic() - t0
     a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
                      "--kill-timeout", "5", str(s.pid)], name="attach")
@@ -188,3 +196,28 @@ def test_a_failed_exec_at_the_exit_keeps_the_sockets_and_starts_afresh(
         time.sleep(0.3)
     assert load.result.failed == 0, load.result.summary() + h.log()
     assert listener_inode(target[1]) == inode, "the socket stayed held throughout"
+
+
+def test_hupt_killed_while_it_follows_the_exit_leaves_a_server_that_finishes(
+        procs: Procs, go_server: Path) -> None:
+    """A 3 s request keeps the Go server draining; hupt is SIGKILLed meanwhile.  The
+    kernel lets go of the server: the request completes and the server exits."""
+    target: Target = ("127.0.0.1", free_port())
+    h = procs.hupt("--exec", "--drain-signal", "TERM", cmd=go_cmd(go_server, target))
+    wait_listening(target, 20, proc=h)
+    server = int(str(generations(h.pid)[0]["pid"]))
+    slow = SlowRequest(target, 3.0).start()
+    slow.wait_accepted()
+    reload = subprocess.Popen([sys.executable, "-m", "hupt", "reload", str(h.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for("the reload to follow the exit", lambda: "its exit becomes the exec" in h.log())
+        wait_for("the server to be traced",
+                 lambda: int(procfs.status_fields(server)["TracerPid"]) == h.pid)
+        os.kill(h.pid, signal.SIGKILL)
+        h.popen.wait(10)
+        status, elapsed = slow.result()
+        assert status == 200 and elapsed >= 2.9, (status, elapsed)
+        wait_for("the server to exit", lambda: not alive(server), 20)
+    finally:
+        reload.wait(30)
