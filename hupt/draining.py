@@ -60,10 +60,12 @@ class Draining:
     def in_flight(self, gen: Generation) -> int | None:
         return self.sys.in_flight(gen.pids, gen.listened)
 
-    def pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> None:
-        for p in self.sys.pause(gen.number, pids, lives_on):
+    def pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> list[str]:
+        problems = self.sys.pause(gen.number, pids, lives_on)
+        for p in problems:
             log.warn(f"{gen}: could not stop accepting: {p}")
         gen.paused |= pids
+        return problems
 
     def resume(self, gen: Generation) -> list[str]:
         problems = self.sys.resume(gen.number)

@@ -205,7 +205,18 @@ class Reloader:
             return
         up.to(Phase.DRAINING)
         up.replacing, up.target = old, set(old.listened)
-        self.draining.drain(old, lives_on={old.pid})
+        old.lives_on = {old.pid}
+        problems = self.draining.pause(old, old.pids, old.lives_on)
+        if problems:
+            # It may still accept: an exec now would cut what it accepts meanwhile.
+            for p in self.draining.resume(old):
+                log.warn(f"{old}: resuming: {p}")
+            old.lives_on = set()
+            up.replacing = None
+            self._fail(up, f"{old} could not stop accepting ({'; '.join(problems)}); "
+                       "nothing was execed")
+            return
+        self.draining.start_draining(old)
         sig = self.opts.drain_signal
         if sig is not None:
             try:

@@ -33,8 +33,10 @@ from harness import (
     SERVERS,
     Procs,
     Started,
+    alive,
     children,
     free_port,
+    go_cmd,
     http_get,
     hupt_cli,
     hupt_env,
@@ -495,3 +497,37 @@ def test_attach_keeps_every_queue_of_a_reuseport_sharded_server(procs: Procs) ->
     assert {ino for w in workers for ino in socket_inodes(w)} >= set(group)
     r = hupt_cli("stop", str(s.pid))
     assert r.returncode == 0, r.stderr
+
+
+def test_attach_a_server_whose_hupt_was_killed(procs: Procs, go_server: Path) -> None:
+    """A killed hupt leaves its filter in the server, its listener gone: every call it
+    notifies fails with ENOSYS, forever.  A new `hupt attach` stacks its own filter
+    (which gets the notifications) and its injected calls pass both filters, so the
+    server is paused, drained and execed as any other (issue: every pause used to
+    fail with ENOSYS and the reload reported success while resetting connections)."""
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h = procs.hupt(cmd=go_cmd(go_server, target))
+    wait_listening(target, 20, proc=h)
+    server = int(http_get(target, "/pid")[1])
+    os.kill(h.pid, signal.SIGKILL)
+    h.popen.wait(10)
+    assert http_get(target)[0] == 200, "the server serves on without hupt"
+    assert set(thread_filters(server).values()) == {(0, 1)}, "the orphaned filter"
+    a = attach(procs, server, "--drain-signal", "TERM")
+    assert set(thread_filters(server).values()) == {(0, 2)}, "hupt's filter stacked on it"
+    inode = listener_inode(port)
+    with Load(target, fresh=2, keepalive=0, persistent=2) as load:
+        time.sleep(0.3)
+        for i in range(3):
+            r = hupt_cli("reload", str(server))
+            assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{a.log()}"
+            assert listener_inode(port) == inode
+            assert int(http_get(target, "/pid")[1]) == server, "the same process"
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary() + a.log()
+    assert "could not stop accepting" not in a.log(), a.log()
+    r = hupt_cli("stop", str(server))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(20) == 0, a.log()
+    wait_for("the server to exit", lambda: not alive(server), 20)

@@ -57,6 +57,7 @@ class FakeSystem:
         self.following: dict[int, int] = {}
         self.follow_results: dict[int, FollowResult] = {}  # what the next poll reports
         self.follow_error: Exception | None = None
+        self.pause_problems: list[str] = []  # what every pause reports
         self.exec_under_way = False  # unfollow finds the exec already started
 
     # -- test controls ---------------------------------------------------
@@ -214,7 +215,7 @@ class FakeSystem:
         self.paused_pids.setdefault(number, set()).update(pids)
         self.gens[number].paused = True
         self.events.append(f"pause {number}")
-        return []
+        return list(self.pause_problems)
 
     def seal(self, number: int, pids: set[int]) -> list[str]:
         self.sealed.setdefault(number, set()).update(pids)

@@ -602,3 +602,20 @@ def test_a_failed_exec_at_the_exit_whose_fresh_start_fails_too_keeps_trying(
     sup.tick()
     fresh = sup.gens[-1]
     assert fresh.state is State.STARTING and fresh.pid != old.pid
+
+
+def test_a_pause_that_failed_fails_the_exec_reload(fake: FakeSystem) -> None:
+    """An orphaned filter (a killed hupt's) answered the injected bind with ENOSYS:
+    the server may still accept, so nothing is execed and it serves on."""
+    sup = make(fake)
+    old = sup.gens[0]
+    fake.pause_problems = ["pid 101: injected bind dummy (autobind) failed: ENOSYS"]
+    w = reload_to_exec(sup, fake)
+    assert w.result is not None and not w.result[0]
+    assert "could not stop accepting" in w.result[1] and "ENOSYS" in w.result[1]
+    assert not any(e.startswith("exec") for e in fake.events), fake.events
+    assert fake.events[-1] == "resume 1"
+    assert sup.current is old and old.state is State.SERVING and sup.upgrade is None
+    fake.pause_problems = []
+    w2 = reload_to_exec(sup, fake)
+    assert "exec 1 -> 2" in fake.events and w2.result is None

@@ -43,7 +43,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import os
 from collections.abc import Iterable, Sequence
 
 from hupt.errors import AccessDenied, KernelError
@@ -84,12 +83,19 @@ RET_ENOSYS = ret_errno(errno.ENOSYS)
 # hupt's own syscalls injected into a filtered process (the dummy listener's
 # bind and listen when it stops accepting) must not be notified: the
 # supervisor is single-threaded and busy injecting, so nobody would answer and
-# the tracee would never stop.  Injected calls carry this per-instance value
-# in the sixth argument register (r9), which bind/listen/unlink(at) ignore;
-# the filter lets such calls through.  A program cannot learn it (reading a
-# filter back needs CAP_SYS_ADMIN), and guessing it would only let the program
-# bypass its own handoff.
-INJECTION_COOKIE = int.from_bytes(os.urandom(8), "little") | 1
+# the tracee would never stop.  Injected calls carry this value in the sixth
+# argument register (r9), which bind/listen/unlink(at) ignore; the filter lets
+# such calls through.
+# It is the same for every hupt, on purpose: a filter outlives the hupt that
+# installed it (filters cannot be removed), and a hupt that was killed leaves
+# one behind whose listener is gone, so that every call it notifies fails with
+# ENOSYS.  A later hupt (``hupt attach`` of that server) stacks its own filter,
+# which gets the server's notifications (the newest filter's USER_NOTIF wins a
+# tie), but its injected calls run through the orphan too: with a cookie of
+# its own they failed there, and no pause could work.  A program that learns
+# the value (it is in this file) gains nothing: it can only skip its own
+# handoff.  Chance: a bind whose unused r9 holds these 64 bits.
+INJECTION_COOKIE = 0x6875_7074_2D69_6E6A  # "hupt-inj"
 
 
 def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> list[Insn]:
