@@ -480,6 +480,12 @@ gracefully (as with hupt run). TERM/INT to hupt attach detach it instead: the
 server runs on without hupt, but the filter cannot be removed, so from then on
 its bind() and listen() calls fail with ENOSYS. On a terminal hupt attach
 explains this and asks before detaching; --yes skips both questions.
+
+A reload execs the command the server was started with, read from
+/proc/PID/cmdline. Many servers overwrite that with a title (nginx, redis,
+php-fpm, postgres, node's process.title, setproctitle): hupt then refuses to
+attach until the command is given after `--`, e.g.
+  hupt attach 1234 -- /usr/sbin/nginx -c /etc/nginx/nginx.conf
 """
 
 
@@ -492,6 +498,9 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         parents=[_globals(argparse.SUPPRESS)])
     at.add_argument("pid", type=_pid, metavar="PID",
                     help="the server's main process (the master of a pre-fork server)")
+    at.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="the command that starts the server, for reloads (default: its "
+                         "command line, unless the server rewrote it with a title)")
     at.add_argument("--yes", action="store_true",
                     help="do not ask for confirmation, before attaching or before detaching "
                          "(for scripts)")
@@ -538,6 +547,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
     from hupt.system import AttachRefused, become_subreaper, inspect_server
 
     pid = args.pid
+    given = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    if given and given[0].startswith("-"):
+        raise UsageError(f"hupt attach: {given[0]!r}: options go before the PID, the "
+                         "server's command after `--` (hupt attach [OPTIONS] PID -- CMD ...)")
     try:
         owner = control.find_instance(pid)
     except NotUnderHupt:
@@ -545,14 +558,26 @@ def cmd_attach(args: argparse.Namespace) -> int:
     else:
         raise AttachRefused(f"PID {pid} is already under hupt (pid {owner})")
     server = inspect_server(pid)
-    argv = [os.fsdecode(a) for a in server.argv]
-    if not argv:
-        raise AttachRefused(f"PID {pid} has an empty command line")
-    _confirm_attach(server, args.yes)
+    env = dict(_env_pair(e) for e in server.env if b"=" in e)
+    program: str | None
+    if given:
+        argv = given
+        program = _given_program(argv, env, server.cwd)
+    else:
+        argv = [os.fsdecode(a) for a in server.argv]
+        if not argv or not argv[0]:
+            raise AttachRefused(f"PID {pid} has an empty command line: give the command "
+                                f"(hupt attach {pid} -- CMD ARGS...)")
+        title = rewritten(argv, env, server.cwd)
+        if title is not None:
+            raise AttachRefused(f"PID {pid}'s command line looks rewritten by the server "
+                                f"({title}): a reload would exec that; give the command "
+                                f"(hupt attach {pid} -- CMD ARGS...)")
+        program = _attach_program(server, argv, env)
+    _confirm_attach(server, args.yes, argv)
     # From here until the supervisor's handlers are in place (Supervisor.run
     # unblocks), a stop signal must not kill hupt with the filter installed.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    env = dict(_env_pair(e) for e in server.env if b"=" in e)
     become_subreaper()  # for the command started afresh if an exec'd image fails
     fdlimit.raise_own()
     opts = Options(argv=argv, env=env, ready_timeout=args.ready_timeout,
@@ -560,7 +585,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
                    stop_signal=args.stop_signal, drain_signal=args.drain_signal,
                    exec_mode=True, cwd=server.cwd,
                    close_idle_ms=args.close_idle,
-                   program=_attach_program(server, argv, env),
+                   program=program,
                    detach_on_stop=True, confirm_detach=not args.yes)
     sup = Supervisor(LinuxSystem(exec_mode=True), opts)
     sup.adopt(pid)
@@ -588,11 +613,42 @@ def _attach_program(server: Server, argv: list[str], env: dict[str, str]) -> str
     return None if os.path.realpath(found) == os.path.realpath(server.exe) else server.exe
 
 
-def _confirm_attach(server: Server, yes: bool) -> None:
+def rewritten(argv: list[str], env: dict[str, str], cwd: str) -> str | None:
+    """Why ``argv`` (from /proc/PID/cmdline) looks like a process title, not a command;
+    None if it looks like the command.
+
+    A title is one string with spaces ("nginx: master process ...") or a name no
+    exec could run (node's process.title, setproctitle): argv[0] is not an
+    executable file, by path or on the server's PATH.
+    """
+    from hupt.system import find_program
+
+    shown = " ".join(argv)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    if len(argv) == 1 and " " in argv[0]:
+        return f"{shown!r} is one string with spaces"
+    try:
+        find_program(argv[0], env.get("PATH"), cwd)
+    except HuptError:
+        return f"{argv[0]!r} is not an executable file"
+    return None
+
+
+def _given_program(argv: list[str], env: dict[str, str], cwd: str) -> str:
+    """The program an explicit attach command runs: checked now, once."""
+    from hupt.system import find_program
+
+    try:
+        return find_program(argv[0], env.get("PATH"), cwd)
+    except HuptError as e:
+        raise UsageError(f"hupt attach: the command given: {e}") from e
+
+
+def _confirm_attach(server: Server, yes: bool, argv: list[str]) -> None:
     from hupt.supervisor import filtered_calls
     from hupt.system import AttachRefused
 
-    cmd = " ".join(os.fsdecode(a) for a in server.argv)
+    cmd = " ".join(argv)
     others = len(server.processes) - 1
     calls = filtered_calls({lst.address for lst in server.listeners})
     print(f"hupt attach: pid {server.pid} ({cmd})"

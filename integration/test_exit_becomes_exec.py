@@ -221,3 +221,36 @@ def test_hupt_killed_while_it_follows_the_exit_leaves_a_server_that_finishes(
         wait_for("the server to exit", lambda: not alive(server), 20)
     finally:
         reload.wait(30)
+
+
+def test_attach_nginx_quit_with_the_command_given(procs: Procs, tmp_path: Path) -> None:
+    """nginx rewrites its command line ("nginx: master process ..."): attach refuses it
+    alone, and takes the real command after `--`; then QUIT drains each master, whose
+    exit becomes the exec, under fresh and persistent clients."""
+    from test_reload_under_load import NGINX_CONF
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    cmd = [nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"]
+    t0 = time.monotonic()
+    s = spawn_server(procs, cmd, target)
+    startup = time.monotonic() - t0
+    wait_for("nginx's title", lambda: b"master process" in Path(f"/proc/{s.pid}/cmdline")
+             .read_bytes())
+    refused = hupt_cli("attach", "--yes", str(s.pid))
+    assert refused.returncode != 0 and "looks rewritten" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and f"hupt attach {s.pid} -- CMD" in refused.stderr
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "QUIT",
+                     "--kill-timeout", "5", str(s.pid), "--", *cmd], name="attach")
+    wait_for("hupt attach to take over", partial(_attached, a), 20)
+    assert a.poll() is None, a.log()
+    reloads(target, s.pid, lambda: hupt_cli("reload", str(s.pid)), startup + 2.0, a.log,
+            lambda: s.poll() is None)
+    r = hupt_cli("stop", str(s.pid))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(20) == 0, a.log()
+    s.popen.wait(20)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hupt import cli
@@ -43,3 +45,30 @@ def test_policies_reach_the_options() -> None:
     assert str(args.ready) == "http:/healthz" and args.revive and args.close_idle == 250
     assert args.unlink == ["/tmp/a", "/tmp/b"] and args.watch == ["src"]
     assert args.cmd[-2:] == ["srv", "-x"]
+
+
+def test_a_rewritten_command_line_is_told_from_a_command(tmp_path: Path) -> None:
+    from hupt.cli import rewritten
+
+    env = {"PATH": "/usr/bin:/bin"}
+    assert rewritten(["sh", "-c", "true"], env, str(tmp_path)) is None
+    assert rewritten(["/bin/sh"], env, str(tmp_path)) is None
+    why = rewritten(["nginx: master process /usr/sbin/nginx -g daemon off;"], env, "/")
+    assert why is not None and "one string with spaces" in why
+    why = rewritten(["my-node-title"], env, "/")  # node's process.title
+    assert why is not None and "not an executable file" in why
+
+
+def test_attach_takes_a_command_after_the_pid() -> None:
+    p = cli.build_parser()
+    args = p.parse_args(["attach", "--yes", "123", "--", "nginx", "-c", "/etc/nginx.conf"])
+    assert args.pid == 123 and args.cmd == ["nginx", "-c", "/etc/nginx.conf"]
+    assert p.parse_args(["attach", "123"]).cmd == []
+
+
+def test_attach_options_after_the_pid_are_refused_not_run(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["attach", "123", "--yes"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("hupt: error:") and "before the PID" in err
+    assert len(err.strip().splitlines()) == 1
