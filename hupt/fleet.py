@@ -368,6 +368,9 @@ class Fleet:
     def refuse_new(self) -> None:
         self.sys.refuse_new()
 
+    def listener_holders(self) -> dict[int, list[Address]]:
+        return self.sys.listener_holders()
+
     def close_listeners(self) -> None:
         self.sys.close_listeners()
 

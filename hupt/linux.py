@@ -505,6 +505,22 @@ class LinuxSystem:
     def close_listeners(self) -> None:
         self.listeners.close_all()
 
+    def listener_holders(self) -> dict[int, list[Address]]:
+        held = self.listeners.inodes()
+        out: dict[int, list[Address]] = {}
+        if not held:
+            return out
+        for pid in procfs.parent_map():
+            if pid == self._me:
+                continue
+            try:
+                found = {held[i] for i in procfs.socket_inodes(pid).values() if i in held}
+            except HuptError:
+                continue  # gone, or not ours to look at
+            if found:
+                out[pid] = sorted(found, key=str)
+        return out
+
     def listener_stats(self) -> list[dict[str, object]]:
         diag = self._sockdiag()
         out: list[dict[str, object]] = []

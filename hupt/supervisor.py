@@ -52,7 +52,7 @@ from hupt.revive import Reviver
 from hupt.safefs import write_pidfile
 from hupt.sdnotify import Notifier
 from hupt.snapshot import generation, snapshot
-from hupt.system import System
+from hupt.system import System, procname
 from hupt.upgrade import ReloadRecord, Upgrade, Waiter
 from hupt.watch import Watcher
 
@@ -235,7 +235,18 @@ class Supervisor:
             if g.state is State.SERVING:
                 self.draining.drain(g)
         # Nobody accepts any more: new clients are refused, not queued until hupt exits.
-        self.fleet.refuse_new()
+        # Unless a process still holds a listener itself (its pause failed, or it got
+        # the socket some other way): a shut-down listener makes its accept() fail
+        # with EINVAL at once, for ever, and servers log that in a tight loop.
+        holders = self.fleet.listener_holders()
+        if holders:
+            log.error("stopping: not refusing new connections: " + "; ".join(
+                f"pid {pid} ({procname(pid)}) still holds {', '.join(map(str, addrs))}"
+                for pid, addrs in sorted(holders.items()))
+                + " (a shut-down listener would make its accept() fail in a loop); "
+                "connections queue until they exit")
+        else:
+            self.fleet.refuse_new()
 
     def request_detach(self) -> None:
         self.detacher.request()

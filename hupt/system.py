@@ -163,6 +163,10 @@ class System(Protocol):
     def refuse_new(self) -> None:
         """hupt stops: clients connecting from now on are refused, not queued."""
 
+    def listener_holders(self) -> dict[int, list[Address]]:
+        """Processes (other than hupt) whose fd table holds a held listening socket
+        itself, not a paused stand-in: pid -> the addresses.  Read from /proc."""
+
     def close_listeners(self) -> None:
         """hupt exits: close every held socket (unix paths removed)."""
 
@@ -186,6 +190,15 @@ def watch_exit(pid: int) -> int:
     it; HuptError if ``pid`` is gone or not ours to watch.
     """
     return pidfd.pidfd_open(pid)
+
+
+def procname(pid: int) -> str:
+    """The command name of ``pid`` (its comm), or "?" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return os.fsdecode(f.read().strip()) or "?"
+    except OSError:
+        return "?"
 
 
 def parent_of(pid: int) -> int:

@@ -619,9 +619,10 @@ class Procs:
         return env
 
     def spawn(self, cmd: Sequence[str], *, name: str | None = None,
-              env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Started:
+              env: Mapping[str, str] | None = None, cwd: Path | None = None,
+              pass_fds: Sequence[int] = ()) -> Started:
         """Start cmd (extra env merged in) with stdout/stderr in files of the tmp dir."""
-        return self._start(Started, list(cmd), name or Path(cmd[0]).name, env, cwd)
+        return self._start(Started, list(cmd), name or Path(cmd[0]).name, env, cwd, pass_fds)
 
     def hupt(self, *opts: str, cmd: Sequence[str], env: Mapping[str, str] | None = None,
              cwd: Path | None = None, verbose: bool = False) -> HuptProcess:
@@ -633,12 +634,13 @@ class Procs:
         return started
 
     def _start(self, cls: type[Started], argv: list[str], name: str,
-               env: Mapping[str, str] | None, cwd: Path | None) -> Started:
+               env: Mapping[str, str] | None, cwd: Path | None,
+               pass_fds: Sequence[int] = ()) -> Started:
         n = len(self.started)
         out, err = self.dir / f"{n}-{name}.out", self.dir / f"{n}-{name}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                     env=self.env(env), cwd=cwd)
+                                     env=self.env(env), cwd=cwd, pass_fds=tuple(pass_fds))
         started = cls(popen, name, out, err)
         self.started.append(started)
         return started

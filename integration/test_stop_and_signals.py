@@ -162,3 +162,58 @@ def test_stop_now_ends_drains_at_once(procs: Procs) -> None:
     assert h.popen.wait(10) == 0
     assert time.monotonic() - t0 < 8
     conn.close()
+
+
+STRAY = """
+import socket, sys, time
+s = socket.socket(fileno=int(sys.argv[1]))
+s.setblocking(True)
+errors, last = 0, 0.0
+print(0, flush=True)
+while True:
+    try:
+        conn, _ = s.accept()
+        conn.close()
+    except OSError:
+        errors += 1  # EINVAL for ever once the listener is shut down
+    if time.monotonic() - last > 0.1:
+        last = time.monotonic()
+        print(errors, flush=True)
+"""
+
+
+def test_stop_names_a_process_still_holding_the_listener_and_does_not_shut_it(
+        procs: Procs) -> None:
+    """A process hupt cannot pause (here: one that got the listening socket some other
+    way) would spin on accept() failing with EINVAL if hupt shut the socket down at its
+    stop. hupt names it and leaves the socket listening."""
+    import os
+    import sys
+
+    from hupt.tracer import pidfd
+    from hupt.tracer import procfs as tprocfs
+
+    h, target = start_hupt(procs)
+    (server,) = h.descendants()  # the one generation's one process
+    inode = listener_inode(target[1])
+    fd = next(f for f, i in tprocfs.socket_inodes(server).items() if i == inode)
+    handle = pidfd.pidfd_open(server)
+    try:
+        copy = pidfd.pidfd_getfd(handle, fd)
+    finally:
+        os.close(handle)
+    try:
+        stray = procs.spawn([sys.executable, "-c", STRAY, str(copy)], name="stray",
+                            pass_fds=(copy,))
+    finally:
+        os.close(copy)
+    wait_for("the stray to report", lambda: stray.out.read_text().strip() or None)
+    r = hupt_cli("stop", str(h.pid))
+    assert r.returncode == 0, r.stderr
+    assert h.popen.wait(20) == 0, h.log()
+    assert f"pid {stray.pid} (python" in h.log() and "still holds" in h.log(), h.log()
+    time.sleep(0.5)
+    before = int(stray.out.read_text().split()[-1])
+    time.sleep(1.0)
+    after = int(stray.out.read_text().split()[-1])
+    assert after - before < 5, f"the stray spins on accept(): {before} -> {after} errors"

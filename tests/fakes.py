@@ -58,6 +58,8 @@ class FakeSystem:
         self.follow_results: dict[int, FollowResult] = {}  # what the next poll reports
         self.follow_error: Exception | None = None
         self.pause_problems: list[str] = []  # what every pause reports
+        self.holders: dict[int, list[Address]] = {}  # processes holding a listener itself
+        self.refused_new = False
         self.exec_under_way = False  # unfollow finds the exec already started
 
     # -- test controls ---------------------------------------------------
@@ -237,7 +239,11 @@ class FakeSystem:
         return self.listeners.keep_only(addresses)
 
     def refuse_new(self) -> None:
+        self.refused_new = True
         self.listeners.refuse_new()
+
+    def listener_holders(self) -> dict[int, list[Address]]:
+        return dict(self.holders)
 
     def close_listeners(self) -> None:
         self.listeners.close_all()

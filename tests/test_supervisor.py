@@ -626,3 +626,20 @@ def test_no_roll_back_to_a_generation_that_never_served(fake: FakeSystem) -> Non
     sup.fleet.rescan_soon()
     sup.tick()
     assert sup.stopping and sup.exit_code == 3
+
+
+def test_stop_refuses_new_connections_unless_a_process_still_holds_a_listener(
+        fake: FakeSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    sup = make(fake)
+    fake.holders = {4242: [A]}  # its pause failed: it holds the real listener
+    sup.request_stop()
+    assert not fake.refused_new, "a shut-down listener would spin its accept()"
+    err = capsys.readouterr().err
+    assert "pid 4242" in err and "still holds 127.0.0.1:8000" in err, err
+    sup2_fake = FakeSystem()
+    try:
+        sup2 = make(sup2_fake)
+        sup2.request_stop()
+        assert sup2_fake.refused_new
+    finally:
+        sup2_fake.close()
