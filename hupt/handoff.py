@@ -17,6 +17,15 @@ listen(fd, backlog)
     has no post-syscall hook, so doing the call ourselves is the only way
     to both raise the backlog and know it succeeded.
 
+getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN)
+    Servers that may inherit their sockets (gunicorn, haproxy) ask this after
+    bind() and call listen() only on a socket that does not listen yet.  The
+    held socket handed to them listens already, so they never call listen():
+    asked of a socket this generation was handed, the question counts as its
+    listen.  The call itself goes through unchanged (CONTINUE: read-only).
+    Each process counts once per address, whether it asked, listened or both
+    (--multi waits for every copy).
+
 unlink(path) / unlinkat(dirfd, path, 0)
     A held unix socket path is answered 0 and left in place: servers unlink
     their socket path before bind and at exit, which would cut every new
@@ -67,6 +76,8 @@ class Handoff:
     binds: dict[Address, int] = field(default_factory=dict)
     # Addresses this generation got by handoff (for status and tests).
     handed: set[Address] = field(default_factory=set)
+    # (process, address) already counted as listening: once each.
+    counted: set[tuple[int, Address]] = field(default_factory=set)
 
     def service(self) -> list[Address]:
         """Answer every pending notification; return the addresses newly listened on."""
@@ -96,6 +107,8 @@ class Handoff:
             return self._listen(n)
         elif n.nr in (SYS.unlink, SYS.unlinkat):
             self._unlink(n)
+        elif n.nr == SYS.getsockopt:
+            return self._acceptconn(n)
         else:
             self.notify.send_continue(n.id)
         return None
@@ -193,7 +206,7 @@ class Handoff:
                             held.sock)
                 held.raise_backlog(backlog, mine)
                 self.notify.send_result(n.id, 0)
-                return held.address
+                return self._count(n.pid, held.address)
             addr = self.pending.get(ino)
             if addr is None or not _bound_to(theirs, addr):
                 self.notify.send_continue(n.id)
@@ -213,7 +226,27 @@ class Handoff:
             first.close()
         self.notify.send_result(n.id, 0)
         log.debug(f"generation {self.generation}: holding new listener {addr}")
+        return self._count(n.pid, addr)
+
+    def _count(self, tid: int, addr: Address) -> Address | None:
+        """``addr`` if this is the first time process ``tid`` counts as listening on it."""
+        key = (procfs.tgid_of(tid), addr)
+        if key in self.counted:
+            return None
+        self.counted.add(key)
         return addr
+
+    # -- getsockopt(SO_ACCEPTCONN) ----------------------------------------
+    def _acceptconn(self, n: Notification) -> Address | None:
+        with _TheirSocket(n.pid, int(n.args[0])) as theirs:
+            ino = os.fstat(theirs.fileno()).st_ino if theirs is not None else None
+        self.notify.send_continue(n.id)
+        held = self.listeners.by_inode(ino) if ino is not None else None
+        if held is None or held.address not in self.handed:
+            return None
+        log.debug(f"generation {self.generation}: asked whether {held.address} listens "
+                  "(it does: counted as its listen)")
+        return self._count(n.pid, held.address)
 
     # -- unlink ----------------------------------------------------------
     def _unlink(self, n: Notification) -> None:

@@ -61,6 +61,8 @@ class _Notifications:
             h.generation = generation
             h.pending.clear()  # sockets of the program that was replaced
             h.binds.clear()
+            h.handed.clear()
+            h.counted.clear()  # the same process, a new program: it listens afresh
             h.close()
 
     def service(self) -> Serviced:

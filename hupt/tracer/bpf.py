@@ -204,12 +204,23 @@ def check(prog: Sequence[Insn], data_len: int) -> None:
 
 def run(prog: Sequence[Insn], data: bytes) -> int:
     """Run ``prog`` over ``data`` (a packed seccomp_data) and return the RET value."""
+    return _execute(prog, data)[0]
+
+
+def run_count(prog: Sequence[Insn], data: bytes) -> int:
+    """How many instructions ``prog`` executes over ``data`` (its cost for that syscall)."""
+    return _execute(prog, data)[1]
+
+
+def _execute(prog: Sequence[Insn], data: bytes) -> tuple[int, int]:
     check(prog, len(data))
     a = 0
     pc = 0
+    steps = 0
     while pc < len(prog):
         i = prog[pc]
         pc += 1
+        steps += 1
         if i.code == LD_W_ABS:
             (a,) = _WORD.unpack_from(data, i.k)
         elif i.code == ALU_AND_K:
@@ -217,7 +228,7 @@ def run(prog: Sequence[Insn], data: bytes) -> int:
         elif i.code == JMP_JA:
             pc += i.k
         elif i.code == RET_K:
-            return i.k
+            return i.k, steps
         else:
             pc += i.jt if _CONDITIONS[i.code](a, i.k) else i.jf
     raise InvalidProgram("fell off the end of the program")

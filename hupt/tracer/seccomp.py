@@ -55,7 +55,9 @@ from hupt.tracer.abi import (
     PR_SET_NO_NEW_PRIVS,
     SECCOMP_DATA_ARCH,
     SECCOMP_DATA_NR,
+    SO_ACCEPTCONN,
     SOCK_FPROG,
+    SOL_SOCKET,
     SYS,
     SYS_I386,
     X32_SYSCALL_BIT,
@@ -98,10 +100,16 @@ RET_ENOSYS = ret_errno(errno.ENOSYS)
 INJECTION_COOKIE = 0x6875_7074_2D69_6E6A  # "hupt-inj"
 
 
-def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> list[Insn]:
+def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE,
+                 acceptconn: bool = True) -> list[Insn]:
     """Notify these x86_64 syscalls, refuse their i386 forms and all x32 calls, allow the rest.
 
     A notified call whose sixth argument is ``cookie`` is allowed (hupt's own injections).
+    With ``acceptconn``, ``getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN)`` is notified too
+    (and no other getsockopt): servers that may inherit their sockets (gunicorn,
+    haproxy) ask it after bind() and skip listen() on a socket that listens
+    already, as the held socket handed to them does; hupt counts the question
+    as the listen it will not see.  Nothing asks it per request.
     """
     calls = sorted(set(notify))
     unguardable = [s.name for s in calls if s not in _I386_TWINS]
@@ -115,6 +123,7 @@ def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> li
         ld_abs(SECCOMP_DATA_NR),
         jge(X32_SYSCALL_BIT, jt="enosys"),
         *(jeq(nr, jt="notify") for nr in calls),
+        *([jeq(SYS.getsockopt, jt="getsockopt")] if acceptconn else []),
         ret(Ret.ALLOW),
         Label("not_x86_64"),
         jeq(AUDIT_ARCH_I386, jf="kill"),
@@ -125,8 +134,18 @@ def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> li
         # socketcall dispatches on the low 32 bits of its first argument.
         items += [jeq(SYS_I386.socketcall, jf="allow"), ld_abs(seccomp_data_arg(0)),
                   *(jeq(c, jt="enosys") for c in socketcalls)]
+    items += [ret(Ret.ALLOW)]  # end of the i386 checks
+    if acceptconn:
+        # getsockopt(fd, level, optname, ...): the low 32 bits of level and optname
+        # (ints); the high halves are whatever the caller's registers held.
+        items += [
+            Label("getsockopt"),
+            ld_abs(seccomp_data_arg(1)),
+            jeq(SOL_SOCKET, jf="allow"),
+            ld_abs(seccomp_data_arg(2)),
+            jeq(SO_ACCEPTCONN, jf="allow"),
+        ]
     items += [
-        ret(Ret.ALLOW),  # end of the i386 checks
         Label("notify"),
         ld_abs(seccomp_data_arg(5)),
         jeq(cookie & 0xFFFFFFFF, jf="user_notif"),

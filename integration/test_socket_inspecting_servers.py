@@ -1,0 +1,197 @@
+"""Servers that inspect the socket they bound: `getsockopt(SO_ACCEPTCONN)`, then
+listen() only on a socket that does not listen yet.
+
+haproxy and gunicorn (from release 23) do this to support inheriting their
+sockets.  Under hupt a new generation's bind() is answered with the held
+socket, which listens already, so such a server never calls listen(): hupt's
+filter notifies that one getsockopt question, and asked of a handed socket it
+counts as the listen.  Asserted for a server written here (it records what it
+did at each start) and for gunicorn with two sync workers: fork mode, --multi
+2, exec mode and hupt attach, 10 reloads under load each, 0 failed requests,
+each reload ready in well under --ready-timeout, the same listening socket
+throughout, every generation after the first skipping listen(), no zombie and
+only the last generation's processes left.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import (
+    SERVERS,
+    HuptProcess,
+    Procs,
+    Started,
+    free_port,
+    hupt_cli,
+    listener_inode,
+    spawn_server,
+    wait_for,
+    wait_listening,
+    zombie_children,
+)
+from load import Load, Target
+from supervision import generations, wait_single_generation
+
+pytestmark = pytest.mark.root
+
+RELOADS = 10
+READY_TIMEOUT = 20.0
+# Measured: 5 to 300 ms from start to ready.  A reload that waited for the ready
+# timeout (the listen() that never comes) would take 20 s.
+QUICK_MS = 5000
+READY_MS = re.compile(r"is ready in (\d+) ms")
+
+INSPECTING_SERVER = '''
+import os, socket, socketserver, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PORT, STARTS = int(sys.argv[1]), sys.argv[2]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+
+    def do_GET(self):
+        body = f"ok pid={os.getpid()} tag=\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # no getfqdn()
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def server_activate(self):
+        # As gunicorn and haproxy do with a socket they may have inherited.
+        if self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            how = "skipped listen"
+        else:
+            self.socket.listen(128)
+            how = "listened"
+        with open(STARTS, "a") as f:
+            f.write(f"{os.getpid()} {how}\\n")
+
+
+Server(("127.0.0.1", PORT), Handler).serve_forever()
+'''
+
+
+def inspecting_cmd(tmp_path: Path, port: int) -> tuple[list[str], Path]:
+    script, starts = tmp_path / "inspecting_server.py", tmp_path / "starts"
+    script.write_text(INSPECTING_SERVER)
+    return [sys.executable, str(script), str(port), str(starts)], starts
+
+
+def gunicorn_cmd(port: int) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
+            "--chdir", str(SERVERS), "--graceful-timeout", "5", "--no-control-socket",
+            "wsgi_app:app"]
+
+
+def quick(r: subprocess.CompletedProcess[str], i: int, log: str) -> None:
+    assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{log}"
+    m = READY_MS.search(r.stderr)
+    assert m is not None and int(m[1]) < QUICK_MS, f"reload {i + 1}: {r.stderr}"
+
+
+def run(procs: Procs, cmd: list[str], target: Target, *opts: str) -> HuptProcess:
+    h = procs.hupt(*opts, "--ready-timeout", f"{READY_TIMEOUT:g}", "--drain-timeout", "5",
+                   "--kill-timeout", "5", cmd=cmd)
+    wait_listening(target, 30, proc=h)
+    return h
+
+
+@pytest.mark.parametrize("opts", [(), ("--multi", "2"), ("--exec",)], ids=["fork", "multi", "exec"])
+def test_a_server_that_skips_listen_on_a_listening_socket(
+        opts: tuple[str, ...], procs: Procs, tmp_path: Path) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    cmd, starts = inspecting_cmd(tmp_path, port)
+    h = run(procs, cmd, target, *opts)
+    inode = listener_inode(port)
+    with Load(target, fresh=3, keepalive=1, conn_requests=10) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            quick(h.reload(), i, h.log())
+            assert listener_inode(port) == inode, "the same listening socket"
+            time.sleep(0.2)
+    assert load.result.failed == 0, load.result.summary()
+    assert load.result.ok > 50, load.result.summary()
+    hows = [line.split(" ", 1)[1] for line in starts.read_text().splitlines()]
+    copies = 2 if "--multi" in opts else 1
+    # The first start listened (a --multi copy after it may find the socket held).
+    assert hows[0] == "listened" and len(hows) == copies * (RELOADS + 1), hows
+    assert hows[copies:] == ["skipped listen"] * (RELOADS * copies), hows
+    if "--exec" not in opts:
+        wait_single_generation(h)
+    assert not zombie_children(h.pid)
+
+
+@pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_gunicorn_reloads_under_load(mode: str, procs: Procs) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    opts = ("--exec", "--drain-signal", "TERM") if mode == "exec" else ()
+    h = run(procs, gunicorn_cmd(port), target, *opts)
+    inode = listener_inode(port)
+    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            quick(h.reload(), i, h.log())
+            assert listener_inode(port) == inode, "the same listening socket"
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary()
+    assert load.result.ok > 50, load.result.summary()
+    if mode == "fork":
+        last = wait_single_generation(h)
+        assert len(generations(h)[last]) == 3, "a master and its two workers"
+    else:
+        def settled() -> bool:
+            return len(h.descendants()) == 3 and not zombie_children(h.pid)
+        wait_for("the master and its two workers alone", settled, 20)
+        for p in h.descendants():
+            assert not zombie_children(p), f"zombies under {p}"
+
+
+def test_gunicorn_attached(procs: Procs) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = spawn_server(procs, gunicorn_cmd(port), target)
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
+                     "--ready-timeout", f"{READY_TIMEOUT:g}", "--kill-timeout", "5", str(s.pid)],
+                    name="attach")
+    wait_for("hupt attach to take over", lambda: _attached(a), 20)
+    inode = listener_inode(port)
+    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            r = hupt_cli("reload", str(s.pid))
+            quick(r, i, a.log())
+            assert listener_inode(port) == inode
+            assert s.poll() is None, "the parent never sees an exit"
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary() + a.log()
+    assert not zombie_children(s.pid)
+    r = hupt_cli("stop", str(s.pid))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(30) == 0, a.log()
+    s.popen.wait(30)
+
+
+def _attached(a: Started) -> bool:
+    return "supervising pid" in a.err.read_text() or a.poll() is not None
