@@ -1,5 +1,6 @@
-"""Servers that inspect the socket they bound: `getsockopt(SO_ACCEPTCONN)`, then
-listen() only on a socket that does not listen yet.
+"""Pre-fork servers (gunicorn, node's cluster module) and servers that inspect the
+socket they bound: `getsockopt(SO_ACCEPTCONN)`, then listen() only on a socket
+that does not listen yet.
 
 haproxy and gunicorn (from release 23) do this to support inheriting their
 sockets.  Under hupt a new generation's bind() is answered with the held
@@ -10,7 +11,10 @@ did at each start) and for gunicorn with two sync workers: fork mode, --multi
 2, exec mode and hupt attach, 10 reloads under load each, 0 failed requests,
 each reload ready in well under --ready-timeout, the same listening socket
 throughout, every generation after the first skipping listen(), no zombie and
-only the last generation's processes left.
+only the last generation's processes left.  node's cluster module (a primary
+that accepts and hands connections to two workers, draining on SIGTERM):
+fork mode, exec mode and attach, with --drain-signal, under fresh and
+persistent clients.
 """
 
 from __future__ import annotations
@@ -195,3 +199,57 @@ def test_gunicorn_attached(procs: Procs) -> None:
 
 def _attached(a: Started) -> bool:
     return "supervising pid" in a.err.read_text() or a.poll() is not None
+
+
+# -- node's cluster module: a primary and two workers ---------------------------------------
+
+
+def cluster_cmd(port: int) -> list[str]:
+    return ["node", str(SERVERS / "cluster_server.js"), f"127.0.0.1:{port}", "2"]
+
+
+@pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_node_cluster_reloads_under_load(mode: str, procs: Procs) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    opts = ("--exec",) if mode == "exec" else ()
+    h = run(procs, cluster_cmd(port), target, *opts, "--drain-signal", "TERM")
+    inode = listener_inode(port)
+    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            quick(h.reload(), i, h.log())
+            assert listener_inode(port) == inode, "the same listening socket"
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary()
+    assert load.result.ok > 50, load.result.summary()
+
+    def settled() -> bool:
+        return len(h.descendants()) == 3 and not zombie_children(h.pid)
+    wait_for("the primary and its two workers alone", settled, 20)
+    for p in h.descendants():
+        assert not zombie_children(p), f"zombies under {p}"
+
+
+def test_node_cluster_attached(procs: Procs) -> None:
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = spawn_server(procs, cluster_cmd(port), target)
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
+                     "--ready-timeout", f"{READY_TIMEOUT:g}", "--kill-timeout", "5", str(s.pid)],
+                    name="attach")
+    wait_for("hupt attach to take over", lambda: _attached(a), 20)
+    inode = listener_inode(port)
+    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            quick(hupt_cli("reload", str(s.pid)), i, a.log())
+            assert listener_inode(port) == inode
+            assert s.poll() is None, "the parent never sees an exit"
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary() + a.log()
+    wait_for("no zombie under the primary", lambda: not zombie_children(s.pid), 10)
+    r = hupt_cli("stop", str(s.pid))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(30) == 0, a.log()
+    s.popen.wait(30)
