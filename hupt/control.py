@@ -1,6 +1,7 @@
 """The control socket: how ``hupt reload PID`` talks to a running ``hupt run``.
 
-One unix stream socket per hupt instance, named after hupt's PID, in a
+One unix stream socket per hupt instance, named after hupt's PID (and, in a
+PID namespace other than the initial one, the namespace: ``_ns_tag``), in a
 directory only its user can enter (root: /run/hupt; others:
 $XDG_RUNTIME_DIR/hupt, else /tmp/hupt-UID, mode 0700).  Every connection's
 peer credentials (SO_PEERCRED) are checked as well: only root or hupt's own
@@ -96,8 +97,40 @@ def runtime_dir(uid: int | None = None) -> str:
     return f"/tmp/hupt-{uid}"
 
 
+# The inode of the initial PID namespace (PROC_PID_INIT_INO, include/linux/proc_ns.h).
+_INIT_PID_NS = 0xEFFFFFFC
+
+
+@functools.cache
+def _ns_tag() -> str:
+    """What this PID namespace adds to a socket name: nothing in the initial one,
+    ``.ns<inode>`` in any other.
+
+    PIDs repeat across PID namespaces (every container's hupt may be PID 1) and
+    containers may share /run: named by PID alone, a second instance's socket
+    replaced the first one's, which removed it at exit.  A process sees the PIDs
+    of its own namespace, so a CLI finds the instances of its namespace, and
+    only those (``hupt status`` lists them alone).
+    """
+    try:
+        ino = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return "" if ino == _INIT_PID_NS else f".ns{ino}"
+
+
+def socket_name(pid: int) -> str:
+    return f"{pid}{_ns_tag()}.sock"
+
+
 def socket_path(pid: int, uid: int | None = None) -> str:
-    return os.path.join(runtime_dir(uid), f"{pid}.sock")
+    return os.path.join(runtime_dir(uid), socket_name(pid))
+
+
+def pid_of_socket(name: str) -> int | None:
+    """The PID a control socket's file name is for, if it is one of this namespace."""
+    base = name.removesuffix(_ns_tag() + ".sock")
+    return int(base) if base != name and base.isdigit() else None
 
 
 NAME_SUFFIX = ".name"
@@ -129,10 +162,7 @@ def _named_pid(link: str) -> int | None:
         target = os.readlink(link)
     except OSError:
         return None
-    base = target.removesuffix(".sock")
-    if "/" in target or not target.endswith(".sock") or not base.isdigit():
-        return None
-    return int(base)
+    return None if "/" in target else pid_of_socket(target)
 
 
 def find_named(name: str) -> int:
@@ -301,8 +331,8 @@ def find_instance(pid: int) -> int:
         path = socket_path(p)
         if os.path.exists(path) and (p != 1 or _answered_by(path, 1)):
             if os.path.islink(path):  # an attached server's alias: name the hupt behind it
-                target = os.path.basename(os.readlink(path)).removesuffix(".sock")
-                return int(target) if target.isdigit() else p
+                behind = pid_of_socket(os.path.basename(os.readlink(path)))
+                return behind if behind is not None else p
             return p
         try:
             p = parent_of(p)
@@ -433,7 +463,7 @@ class Peer:
 class ControlServer:
     def __init__(self, pid: int | None = None) -> None:
         d = ensure_runtime_dir()
-        self.path = os.path.join(d, f"{pid or os.getpid()}.sock")
+        self.path = os.path.join(d, socket_name(pid or os.getpid()))
         for stale in clean_stale(d, keep=self.path):
             log.info(f"removed {stale}: nobody answers on it (left by a hupt that was killed)")
         # Listening before it has its name (see the module's docstring).

@@ -59,9 +59,10 @@ def collect(pid: int | None) -> dict[str, Any]:
             return {"schema": SCHEMA, "version": control.version(), "instances": []}
         control.clean_stale(directory)  # sockets of killed hupts: nobody answers
         # An attached server's pid names a symlink to its hupt's socket: one instance.
-        pids = sorted(int(os.path.basename(p)[:-5])
-                      for p in glob.glob(os.path.join(directory, "*.sock"))
-                      if os.path.basename(p)[:-5].isdigit() and not os.path.islink(p))
+        # Only this PID namespace's: another one's PIDs mean nothing here.
+        pids = sorted(pid for p in glob.glob(os.path.join(directory, "*.sock"))
+                      if (pid := control.pid_of_socket(os.path.basename(p))) is not None
+                      and not os.path.islink(p))
     instances = []
     for p in pids:
         try:
