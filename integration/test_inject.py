@@ -17,6 +17,7 @@ epoll registrations, fd flags and fd table are what they were.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -34,7 +35,7 @@ from harness import Procs, Started, fdinfo_flags, listener_inode, settle
 from snapshots import thread_states, whole_view
 
 from hupt.errors import AccessDenied, InjectionError, NoSuchProcess
-from hupt.tracer import bpf, procfs, seccomp
+from hupt.tracer import bpf, pidfd, procfs, seccomp
 from hupt.tracer import ptrace as pt
 from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, SYS
 from hupt.tracer.accepting import (
@@ -487,3 +488,35 @@ def test_inject_filter_reaches_every_thread(procs: Procs) -> None:
     os.kill(s.pid, signal.SIGUSR1)
     out = settle(lambda: s.out.read_text(), lambda o: "bind failed" in o)
     assert f"bind failed {errno.ENOSYS}" in out
+
+
+def test_a_paused_tcp_listener_looks_like_a_tcp_socket_nobody_can_reach(procs: Procs) -> None:
+    """Servers ask a listener what it is (gunicorn unlinks a unix name it gets from
+    getsockname at exit): the stand-in is a TCP socket on loopback, listening, that
+    drops every SYN and is never readable."""
+    s, main, aux = start(procs, python_target("epoll_server.py", "plain"))
+    fds = listener_fds(s.pid, main)
+    paused = pause_listeners(s.pid, fds)
+    try:
+        handle = pidfd.pidfd_open(s.pid)
+        try:
+            stand_in = socket.socket(fileno=pidfd.pidfd_getfd(handle, fds[0]))
+        finally:
+            os.close(handle)
+        with stand_in:
+            assert stand_in.family == socket.AF_INET
+            host, port = stand_in.getsockname()
+            assert host == "127.0.0.1" and port not in (0, main)
+            assert stand_in.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            with socket.socket() as c:
+                c.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    c.connect(("127.0.0.1", port))
+                _, writable, _ = select.select([], [c], [], 0.5)
+                assert not writable, "a connection to the stand-in completed"
+            readable, _, _ = select.select([stand_in], [], [], 0.2)
+            assert not readable
+        assert ask(aux).endswith(b"ok\n"), "the process works on"
+    finally:
+        resume_listeners(s.pid, paused)
+    assert ask(main).endswith(b"ok\n")

@@ -233,6 +233,15 @@ O_CLOEXEC = 0o2000000
 # sockets
 SOL_SOCKET = 1
 SO_ACCEPTCONN = 30
+SO_ATTACH_FILTER = 26
+# struct sockaddr_in { sa_family_t sin_family; __be16 sin_port; struct in_addr sin_addr;
+#                      unsigned char sin_zero[8]; }
+SOCKADDR_IN = struct.Struct("<HH4s8x")
+# struct sockaddr_in6 { sa_family_t sin6_family; __be16 sin6_port; __be32 sin6_flowinfo;
+#                       struct in6_addr sin6_addr; __u32 sin6_scope_id; }
+SOCKADDR_IN6 = struct.Struct("<HHI16sI")
+SOCKADDR_MAX = 128  # struct sockaddr_storage
+BPF_RET_K = 0x06  # BPF_RET | BPF_K: a classic BPF "return k"
 AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10

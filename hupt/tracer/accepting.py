@@ -20,13 +20,22 @@ For each listener fd, in this order (the order is the kernel's, not ours):
    registration is keyed by (file, fd number) and DEL needs the fd to still
    name the file: done after the swap of step 3, DEL fails with ENOENT and
    the stale entry reports the listener forever, a busy loop.
-3. ``dup3`` a dummy over the listener fd: an AF_UNIX stream socket, bound
-   with a bare 2-byte sockaddr (autobind to a fresh abstract name, so no
-   file and no name collision), listening, with the listener's O_NONBLOCK
-   and the fd's close-on-exec flag.  It never becomes readable and never
-   reports an error or hang-up: accept() on it blocks or says EAGAIN, select
-   and poll never wake for it.  (An unconnected TCP socket reports POLLHUP
-   and makes selector loops spin.)  The dummy's own fd is closed again.
+3. ``dup3`` a dummy over the listener fd: a listening stream socket with
+   the listener's O_NONBLOCK and the fd's close-on-exec flag, which never
+   becomes readable and never reports an error or hang-up: accept() on it
+   blocks or says EAGAIN, select and poll never wake for it.  (An
+   unconnected TCP socket reports POLLHUP and makes selector loops spin.)
+   It is of the listener's family, because servers ask it what it is:
+   gunicorn, closing its listeners at exit, unlinks the path getsockname()
+   gives when it is a unix name, and a unix dummy in place of a TCP
+   listener made it fail with "embedded null character" at every
+   generation's exit.  A TCP listener gets a TCP dummy on loopback
+   (127.0.0.1 or ::1, port 0: an ephemeral port) with a socket filter that
+   drops every packet, so no connection to it ever completes; a unix
+   listener, or a TCP one whose loopback cannot be bound, an AF_UNIX dummy
+   bound with a bare 2-byte sockaddr (autobind to a fresh abstract name, so
+   no file and no name collision).  The family comes from an injected
+   getsockname() of the listener.  The dummy's own fd is closed again.
 4. Threads blocked in accept() were interrupted by the session and restart
    their accept on the dummy.
 
@@ -55,7 +64,8 @@ Limits:
   outside and makes ``pause_listeners`` refuse before changing anything.
 - A disarmed EPOLLONESHOT entry comes back armed for EPOLLERR|EPOLLHUP only,
   which a listener never reports.
-- ``getsockname`` on a paused fd sees the dummy's abstract unix address.
+- ``getsockname`` on a paused fd sees the dummy: the listener's family, but
+  a loopback address and another port (or an abstract unix name).
 
 Two more operations on a running, unmodified server use the same sessions:
 
@@ -94,7 +104,10 @@ from functools import partial
 from hupt.errors import HuptError, InjectionError, KernelError
 from hupt.tracer import pidfd, procfs, seccomp
 from hupt.tracer.abi import (
+    AF_INET,
+    AF_INET6,
     AF_UNIX,
+    BPF_RET_K,
     CAP_SYS_ADMIN,
     CLOSE_RANGE_CLOEXEC,
     CLOSE_RANGE_MAX_FD,
@@ -108,12 +121,17 @@ from hupt.tracer.abi import (
     O_NONBLOCK,
     PR_SET_NO_NEW_PRIVS,
     PTRACE_O_TRACEEXEC,
+    SO_ATTACH_FILTER,
     SOCK_CLOEXEC,
     SOCK_FILTER,
     SOCK_FPROG,
     SOCK_NONBLOCK,
     SOCK_STREAM,
     SOCKADDR_FAMILY,
+    SOCKADDR_IN,
+    SOCKADDR_IN6,
+    SOCKADDR_MAX,
+    SOL_SOCKET,
     SYS,
     FilterFlag,
     SeccompOp,
@@ -170,12 +188,12 @@ def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> Pa
         registrations = _registrations_of(t.pid, {fd: socks[fd] for fd in fds}, socks)
         base = _saved_fd_base(t.pid)
         paused = []
-        with t.scratch(SOCKADDR_FAMILY.size) as sockaddr:
-            t.write(sockaddr, SOCKADDR_FAMILY.pack(AF_UNIX))
+        with t.scratch(_DummyScratch.SIZE) as scratch:
+            mem = _DummyScratch(t, scratch)
             for fd in fds:
                 flags = procfs.fd_flags(t.pid, fd)
                 paused.append(_pause_one(
-                    t, fd, socks[fd], base, sockaddr,
+                    t, fd, socks[fd], base, mem,
                     cloexec=bool(flags & O_CLOEXEC), nonblock=bool(flags & O_NONBLOCK),
                     registrations=registrations[fd],
                 ))
@@ -249,7 +267,7 @@ def _nofile_soft_limit(pid: int) -> int:
     raise KernelError(errno.EINVAL, "read limits", f"/proc/{pid}/limits has no open-files line")
 
 
-def _pause_one(t: Tracee, fd: int, ino: int, base: int, sockaddr: int, *, cloexec: bool,
+def _pause_one(t: Tracee, fd: int, ino: int, base: int, mem: _DummyScratch, *, cloexec: bool,
                nonblock: bool, registrations: list[Registration]) -> PausedListener:
     saved = t.syscall(SYS.fcntl, fd, F_DUPFD_CLOEXEC, base, op=f"fcntl({fd}, F_DUPFD_CLOEXEC)")
     t.on_rollback(f"saved copy {saved} of fd {fd}",
@@ -259,7 +277,9 @@ def _pause_one(t: Tracee, fd: int, ino: int, base: int, sockaddr: int, *, cloexe
                   op=f"epoll_ctl({r.epfd}, DEL, {fd})")
         t.on_rollback(f"epoll {r.epfd} registration of fd {fd}",
                       partial(_epoll_add, t, r, fd))
-    dummy_ino = _swap_in_dummy(t, fd, sockaddr, cloexec=cloexec, nonblock=nonblock, saved=saved)
+    family = mem.family_of(fd)
+    dummy_ino = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock,
+                               saved=saved)
     return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations))
 
 
@@ -267,9 +287,10 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
     _dup3(t, p.saved, p.fd, p.cloexec)
 
     def undo_swap() -> None:
-        with t.scratch(SOCKADDR_FAMILY.size) as sockaddr:
-            t.write(sockaddr, SOCKADDR_FAMILY.pack(AF_UNIX))
-            _swap_in_dummy(t, p.fd, sockaddr, cloexec=p.cloexec, nonblock=p.nonblock, saved=None)
+        with t.scratch(_DummyScratch.SIZE) as scratch:
+            mem = _DummyScratch(t, scratch)
+            _swap_in_dummy(t, p.fd, mem, mem.family_of(p.saved), cloexec=p.cloexec,
+                           nonblock=p.nonblock, saved=None)
 
     t.on_rollback(f"listener back on fd {p.fd}", undo_swap)
     for r in p.registrations:
@@ -281,15 +302,58 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
                                   op=f"epoll_ctl({r.epfd}, DEL, {p.fd})"))
 
 
-def _swap_in_dummy(t: Tracee, fd: int, sockaddr: int, *, cloexec: bool, nonblock: bool,
-                   saved: int | None) -> int:
-    """Put a never-ready listening unix socket on ``fd``; return the dummy's inode.
+class _DummyScratch:
+    """What making dummies needs in the tracee's memory, written once per session:
+    the three sockaddrs, a one-instruction "drop everything" socket filter, and
+    room for a getsockname() answer."""
+
+    UNIX, IN, IN6, FPROG, INSN, NAME, NAMELEN = 0, 16, 32, 64, 80, 96, 96 + SOCKADDR_MAX
+    SIZE = NAMELEN + 8
+
+    def __init__(self, t: Tracee, base: int) -> None:
+        self.t, self.base = t, base
+        t.write(base + self.UNIX, SOCKADDR_FAMILY.pack(AF_UNIX))
+        t.write(base + self.IN, SOCKADDR_IN.pack(AF_INET, 0, bytes([127, 0, 0, 1])))
+        t.write(base + self.IN6, SOCKADDR_IN6.pack(AF_INET6, 0, 0, bytes(15) + b"\x01", 0))
+        t.write(base + self.INSN, SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
+        t.write(base + self.FPROG, SOCK_FPROG.pack(1, base + self.INSN))
+
+    def family_of(self, fd: int) -> int:
+        """The address family of the socket on ``fd`` in the tracee (getsockname)."""
+        self.t.write(self.base + self.NAMELEN, struct.pack("<I", SOCKADDR_MAX))
+        self.t.syscall(SYS.getsockname, fd, self.base + self.NAME, self.base + self.NAMELEN,
+                       op=f"getsockname({fd})")
+        (family,) = SOCKADDR_FAMILY.unpack(self.t.read(self.base + self.NAME,
+                                                      SOCKADDR_FAMILY.size))
+        return int(family)
+
+
+def _swap_in_dummy(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
+                   nonblock: bool, saved: int | None) -> int:
+    """Put a never-ready listening socket of ``family`` on ``fd`` (unix if that
+    cannot be had); return the dummy's inode.
 
     With ``saved``, the swap is registered to be undone by putting ``saved`` back.
     """
+    if family in (AF_INET, AF_INET6):
+        try:
+            return _swap_in(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock, saved=saved)
+        except InjectionError:
+            pass  # no loopback of that family to bind: a unix dummy does as well
+    return _swap_in(t, fd, mem, AF_UNIX, cloexec=cloexec, nonblock=nonblock, saved=saved)
+
+
+def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
+             nonblock: bool, saved: int | None) -> int:
     kind = SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0)
-    with t.temporary_fd(SYS.socket, AF_UNIX, kind, 0, op="socket(AF_UNIX) for the dummy") as dummy:
-        t.syscall(SYS.bind, dummy, sockaddr, SOCKADDR_FAMILY.size, op="bind dummy (autobind)")
+    where, size = {AF_UNIX: (mem.UNIX, SOCKADDR_FAMILY.size), AF_INET: (mem.IN, SOCKADDR_IN.size),
+                   AF_INET6: (mem.IN6, SOCKADDR_IN6.size)}[family]
+    with t.temporary_fd(SYS.socket, family, kind, 0, op=f"socket({family}) for the dummy") as dummy:
+        if family != AF_UNIX:
+            # Before it listens: no SYN to it is ever answered.
+            t.syscall(SYS.setsockopt, dummy, SOL_SOCKET, SO_ATTACH_FILTER, mem.base + mem.FPROG,
+                      SOCK_FPROG.size, op="setsockopt(SO_ATTACH_FILTER) on the dummy")
+        t.syscall(SYS.bind, dummy, mem.base + where, size, op="bind dummy")
         t.syscall(SYS.listen, dummy, 1, op="listen on dummy")
         ino = procfs.socket_inodes(t.pid).get(dummy)
         if ino is None:
