@@ -512,11 +512,16 @@ class LinuxSystem:
         out: dict[int, list[Address]] = {}
         if not held:
             return out
+        # A paused process keeps its listener on a high close-on-exec fd (to be put
+        # back on resume): that copy accepts nothing, so it does not count.
+        saved = {(p.pid, one.saved) for rec in self._gens.values() for p in rec.paused
+                 for one in p.listeners}
         for pid in procfs.parent_map():
             if pid == self._me:
                 continue
             try:
-                found = {held[i] for i in procfs.socket_inodes(pid).values() if i in held}
+                found = {held[i] for fd, i in procfs.socket_inodes(pid).items()
+                         if i in held and (pid, fd) not in saved}
             except HuptError:
                 continue  # gone, or not ours to look at
             if found:
