@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -176,9 +177,15 @@ def test_gunicorn_reloads_under_load(mode: str, procs: Procs) -> None:
 
 
 def test_gunicorn_attached(procs: Procs) -> None:
+    attached_reloads(procs, gunicorn_cmd)
+
+
+def attached_reloads(procs: Procs, cmd: Callable[[int], list[str]]) -> None:
+    """The server started without hupt, attached with --drain-signal TERM, reloaded
+    under fresh and persistent clients; this test is its parent and sees no exit."""
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    s = spawn_server(procs, gunicorn_cmd(port), target)
+    s = spawn_server(procs, cmd(port), target)
     a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
                      "--ready-timeout", f"{READY_TIMEOUT:g}", "--kill-timeout", "5", str(s.pid)],
                     name="attach")
@@ -187,13 +194,12 @@ def test_gunicorn_attached(procs: Procs) -> None:
     with Load(target, fresh=4, keepalive=0, persistent=2) as load:
         time.sleep(0.3)
         for i in range(RELOADS):
-            r = hupt_cli("reload", str(s.pid))
-            quick(r, i, a.log())
+            quick(hupt_cli("reload", str(s.pid)), i, a.log())
             assert listener_inode(port) == inode
             assert s.poll() is None, "the parent never sees an exit"
             time.sleep(0.3)
     assert load.result.failed == 0, load.result.summary() + a.log()
-    assert not zombie_children(s.pid)
+    wait_for("no zombie under the master", lambda: not zombie_children(s.pid), 10)
     r = hupt_cli("stop", str(s.pid))
     assert r.returncode == 0, r.stderr
     assert a.popen.wait(30) == 0, a.log()
@@ -235,24 +241,4 @@ def test_node_cluster_reloads_under_load(mode: str, procs: Procs) -> None:
 
 
 def test_node_cluster_attached(procs: Procs) -> None:
-    port = free_port()
-    target: Target = ("127.0.0.1", port)
-    s = spawn_server(procs, cluster_cmd(port), target)
-    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-signal", "TERM",
-                     "--ready-timeout", f"{READY_TIMEOUT:g}", "--kill-timeout", "5", str(s.pid)],
-                    name="attach")
-    wait_for("hupt attach to take over", lambda: _attached(a), 20)
-    inode = listener_inode(port)
-    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
-        time.sleep(0.3)
-        for i in range(RELOADS):
-            quick(hupt_cli("reload", str(s.pid)), i, a.log())
-            assert listener_inode(port) == inode
-            assert s.poll() is None, "the parent never sees an exit"
-            time.sleep(0.3)
-    assert load.result.failed == 0, load.result.summary() + a.log()
-    wait_for("no zombie under the primary", lambda: not zombie_children(s.pid), 10)
-    r = hupt_cli("stop", str(s.pid))
-    assert r.returncode == 0, r.stderr
-    assert a.popen.wait(30) == 0, a.log()
-    s.popen.wait(30)
+    attached_reloads(procs, cluster_cmd)

@@ -124,6 +124,27 @@ def started(procs: Procs, tmp: Path, *extra: str) -> Parented:
     return p
 
 
+def exits_into_the_image(p: Parented, tmp: Path) -> dict[str, Any]:
+    """Follow ``p``, SIGTERM it: its exit becomes NEW_IMAGE, same PID, no exit seen."""
+    report_path, argv = image(tmp)
+    trap = ExitToExec(p.pid, os.fsencode(sys.executable), argv, [])
+    trap.arm()
+    os.kill(p.pid, signal.SIGTERM)
+    report = run_until_over(trap)
+    assert report.outcome is Outcome.EXECED, report
+    got: dict[str, Any] = wait_for("the new image's report", lambda: report_path.exists()
+                                   and json.loads(report_path.read_text()))
+    assert got["pid"] == p.pid
+    time.sleep(0.3)
+    assert p.exits() == []
+    return got
+
+
+def kill_and_see_it(p: Parented) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    wait_for("the parent to see the exit", lambda: p.exits() or None)
+
+
 def untraced(pid: int) -> bool:
     return all(int(procfs.status_fields(t)["TracerPid"]) == 0 for t in procfs.threads(pid))
 
@@ -184,19 +205,9 @@ def test_a_pending_signal_of_the_old_machinery_is_discarded(procs: Procs,
     """SIGIO, timers, USR1/2 pending at the exit (nginx's master had SIGIO pending)
     would kill the new image, whose handlers are gone: discarded, and the exec goes on."""
     p = started(procs, tmp_path, "pending=SIGUSR1", "pending=SIGIO")
-    report_path, argv = image(tmp_path)
-    trap = ExitToExec(p.pid, os.fsencode(sys.executable), argv, [])
-    trap.arm()
-    os.kill(p.pid, signal.SIGTERM)
-    report = run_until_over(trap)
-    assert report.outcome is Outcome.EXECED, report
-    got = wait_for("the new image's report",
-                   lambda: report_path.exists() and json.loads(report_path.read_text()))
-    assert got["pid"] == p.pid and got["sigpnd"] == got["shdpnd"] == "0000000000000000", got
-    time.sleep(0.3)
-    assert p.exits() == []
-    os.kill(p.pid, signal.SIGKILL)
-    wait_for("the parent to see the exit", lambda: p.exits() or None)
+    got = exits_into_the_image(p, tmp_path)
+    assert got["sigpnd"] == got["shdpnd"] == "0000000000000000", got
+    kill_and_see_it(p)
 
 
 def test_released_server_runs_and_exits_untraced(procs: Procs, tmp_path: Path) -> None:
@@ -241,16 +252,5 @@ def test_static_go_server_exits_into_the_exec(procs: Procs, tmp_path: Path,
     target: Target = ("127.0.0.1", free_port())
     p = Parented(procs, tmp_path, go_cmd(go_server, target))
     wait_listening(target, 20)
-    report_path, argv = image(tmp_path)
-    trap = ExitToExec(p.pid, os.fsencode(sys.executable), argv, [])
-    trap.arm()
-    os.kill(p.pid, signal.SIGTERM)
-    report = run_until_over(trap)
-    assert report.outcome is Outcome.EXECED, report
-    got = wait_for("the new image's report",
-                   lambda: report_path.exists() and json.loads(report_path.read_text()))
-    assert got["pid"] == p.pid
-    time.sleep(0.3)
-    assert p.exits() == []
-    os.kill(p.pid, signal.SIGKILL)
-    wait_for("the parent to see the exit", lambda: p.exits() or None)
+    exits_into_the_image(p, tmp_path)
+    kill_and_see_it(p)

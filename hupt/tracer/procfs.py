@@ -255,37 +255,27 @@ def ppid_of(pid: int) -> int:
         raise KernelError(errno.EINVAL, "read stat", str(e)) from e
 
 
-def parent_map() -> dict[int, int]:
-    """Every process visible in /proc mapped to its parent; vanishing processes are skipped."""
-    out: dict[int, int] = {}
+def _all_stats() -> Iterator[Stat]:
+    """The stat line of every process visible in /proc; vanishing ones are skipped."""
     with kernel_errors("list /proc"):
         names = os.listdir(PROC)
     for name in names:
         if not name.isdigit():
             continue
         try:
-            st = parse_stat(_read_bytes(f"{PROC}/{name}/stat"))
+            yield parse_stat(_read_bytes(f"{PROC}/{name}/stat"))
         except (OSError, ValueError):
             continue  # exited between listdir and read
-        out[st.pid] = st.ppid
-    return out
+
+
+def parent_map() -> dict[int, int]:
+    """Every process visible in /proc mapped to its parent."""
+    return {st.pid: st.ppid for st in _all_stats()}
 
 
 def zombie_children(parent: int) -> list[int]:
     """The children of ``parent`` that have exited and wait to be reaped (state Z)."""
-    out: list[int] = []
-    with kernel_errors("list /proc"):
-        names = os.listdir(PROC)
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            st = parse_stat(_read_bytes(f"{PROC}/{name}/stat"))
-        except (OSError, ValueError):
-            continue
-        if st.ppid == parent and st.state == "Z":
-            out.append(st.pid)
-    return out
+    return [st.pid for st in _all_stats() if st.ppid == parent and st.state == "Z"]
 
 
 def threads(pid: int) -> list[int]:

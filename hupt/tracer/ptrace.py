@@ -317,14 +317,9 @@ def waitstop(tid: int, timeout: float, *, reap_exit: bool = True) -> Stop:
     polls = 0
     delay = 1e-5
     while True:
-        if not reap_exit and _peek_exited(tid):
-            return Stop(tid, StopKind.EXITED)
-        try:
-            got, status = os.waitpid(tid, os.WNOHANG | WALL)
-        except ChildProcessError:
-            return Stop(tid, StopKind.EXITED)
-        if got == tid:
-            return classify(tid, status)
+        stop = poll_stop(tid, reap_exit=reap_exit)
+        if stop is not None:
+            return stop
         if time.monotonic() >= deadline:
             raise KernelError(errno.ETIMEDOUT, "waitpid",
                               f"thread {tid} did not stop in {timeout}s")
