@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--after-reload", metavar="CMD",
                      help="shell command run once a reload succeeded; its failure is "
                           "reported, not fatal")
+    _add_metrics(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -336,7 +337,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                    revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
                    watch=args.watch, before_reload=args.before_reload,
                    after_reload=args.after_reload, close_idle_ms=args.close_idle,
-                   multi=args.multi)
+                   multi=args.multi, metrics=args.metrics,
+                   metrics_allow_remote=args.metrics_allow_remote)
     sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
     # Taken for good (atomically) when the control socket opens, before generation 1.
     sup.endpoint.name = args.name
@@ -520,6 +522,29 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                           "accepting: it finishes its requests, closes its keep-alive "
                           "connections and exits, and hupt turns that exit into the exec of "
                           "its program (same PID; its parent never sees an exit)")
+    _add_metrics(at)
+
+
+def _metrics_address(text: str) -> object:
+    from hupt.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    """--metrics (hupt/metrics.py), for run and attach."""
+    p.add_argument("--metrics", type=_metrics_address, metavar="ADDR",
+                   help="serve Prometheus metrics (GET /metrics: reloads by outcome and "
+                        "their durations, generations by state, in-flight connections, "
+                        "accept queues, uptime, version) from hupt's own loop on ADDR: "
+                        "127.0.0.1:PORT, [::1]:PORT, localhost:PORT or unix:PATH")
+    p.add_argument("--metrics-allow-remote", action="store_true",
+                   help="let --metrics listen on an address other hosts can reach "
+                        "(0.0.0.0:PORT, a LAN address); the endpoint has no "
+                        "authentication, so it is refused without this")
 
 
 def _add_drain_signal(p: argparse.ArgumentParser, help: str) -> None:
@@ -586,8 +611,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
                    exec_mode=True, cwd=server.cwd,
                    close_idle_ms=args.close_idle,
                    program=program,
-                   detach_on_stop=True, confirm_detach=not args.yes)
+                   detach_on_stop=True, confirm_detach=not args.yes,
+                   metrics=args.metrics, metrics_allow_remote=args.metrics_allow_remote)
     sup = Supervisor(LinuxSystem(exec_mode=True), opts)
+    sup.open_metrics()  # a refused --metrics address before the server is touched
     sup.adopt(pid)
     log.info(f"pid {os.getpid()}: supervising pid {pid}; reload with `hupt reload {pid}`")
     return sup.run()
