@@ -1,7 +1,7 @@
 """hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``,
-``hupt status``.  reload, stop and status name an instance by a PID, by its
-name (``hupt run --name``) or by ``--pidfile PATH``; ``-v`` goes before or
-after the command's name.
+``hupt status``, ``hupt completion``.  reload, stop and status name an instance
+by a PID, by its name (``hupt run --name``) or by ``--pidfile PATH``; ``-v``
+goes before or after the command's name.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -10,6 +10,10 @@ failed (e.g. a reload that did not produce a serving generation), 2 bad usage,
 nothing to talk to, or a path or peer refused as unsafe, 3 no outcome within
 ``hupt reload --timeout`` (the reload may still be going on); ``hupt run``
 exits with the server's status.
+
+The shell completions (hupt/completion.py) and the man page (hupt/manpage.py,
+docs/hupt.1) are generated from this parser: regenerate docs/hupt.1 after
+changing a help text (tests/test_manpage.py says so).
 """
 
 from __future__ import annotations
@@ -274,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=common)
     _add_target(ss, optional=True)
     ss.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_completion_parser(sub)
     return p
 
 
@@ -292,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_attach(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "completion":
+            return cmd_completion(args)
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
     except (UsageError, NotUnderHupt, Refused) as e:
@@ -703,4 +710,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         status.dump(doc)
     else:
         status.render(doc)
+    return 0
+
+
+# -- hupt completion --------------------------------------------------------------------------
+
+COMPLETION_EPILOG = """\
+install (bash):
+  hupt completion bash > /etc/bash_completion.d/hupt
+  eval "$(hupt completion bash)"                # or in ~/.bashrc
+install (zsh):
+  hupt completion zsh > "${fpath[1]}/_hupt"     # then compinit
+  source <(hupt completion zsh)                 # or in ~/.zshrc, after compinit
+"""
+
+
+def _add_completion_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    c = sub.add_parser(
+        "completion", help="print a shell completion script (bash, zsh)", description=(
+            "Print a completion script for SHELL, generated from this hupt's own command "
+            "line: commands, options, signal names, files, --ready policies, and the "
+            "names and PIDs of this user's running instances."),
+        epilog=COMPLETION_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_globals(argparse.SUPPRESS)])
+    c.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL",
+                   help="bash or zsh")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from hupt.completion import script
+
+    sys.stdout.write(script(args.shell))
     return 0

@@ -10,7 +10,8 @@ from hupt import cli
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["reload", "--help"],
-                                  ["stop", "--help"], ["attach", "--help"], ["status", "--help"]])
+                                  ["stop", "--help"], ["attach", "--help"], ["status", "--help"],
+                                  ["completion", "--help"]])
 def test_help_for_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(argv)

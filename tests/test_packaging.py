@@ -10,7 +10,8 @@ Asserted: the MIT licence file is in both, with PEP 639 metadata
 (License-Expression, License-File, no legacy License field or licence
 classifier); the classifiers; the version; the console script; the README as
 long description with no relative link (PyPI has nowhere to resolve one
-against); the changelog in the sdist.
+against); the man page in the wheel's data (PREFIX/share/man/man1); the
+changelog in the sdist.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def test_the_long_description_has_no_relative_link(built: Built) -> None:
     targets = re.findall(r"\]\(([^)\s]*)\)", body) + re.findall(r'href="([^"]*)"', body)
     relative = [t for t in targets if not re.match(r"https?://", t)]
     assert not relative, relative
+
+
+def test_the_man_page_is_installed_where_man_finds_it(built: Built) -> None:
+    page = (REPO / "docs" / "hupt.1").read_text()
+    assert built.wheel_text(f"{NAME}.data/data/share/man/man1/hupt.1") == page
+    assert built.sdist_text("docs/hupt.1") == page
 
 
 def test_the_sdist_has_the_changelog_and_what_the_tests_need(built: Built) -> None:
