@@ -50,8 +50,9 @@ Exposure: no authentication, no TLS.  A TCP address must be a loopback one
 (127.0.0.0/8, ::1, localhost) unless ``--metrics-allow-remote`` is given:
 the figures name hupt's version, listeners and process counts, and a port
 open to other hosts should be a deliberate choice (with a firewall in
-front).  A unix socket is reached by whoever its directory and mode (hupt's
-umask) let in; an existing socket nobody answers on (left by a killed hupt)
+front).  A unix socket is reached by whoever its directory and mode let in
+(connecting takes write permission; the mode is hupt's umask's: with 022 only
+hupt's user); an existing socket nobody answers on (left by a killed hupt)
 is replaced, anything else at the path is refused.
 """
 
@@ -403,7 +404,7 @@ class MetricsEndpoint:
     def _on_client(self, c: _Client, mask: int) -> None:
         if c.out is None and mask & selectors.EVENT_READ:
             self._read(c)
-        if c.out is not None and c.fd in self._clients:
+        if c.out is not None and self._clients.get(c.fd) is c:  # not dropped meanwhile
             self._write(c)
 
     def _read(self, c: _Client) -> None:
