@@ -55,7 +55,16 @@ def _runtime_dir(indent: str) -> str:
              f"{indent}echo \"$XDG_RUNTIME_DIR/hupt\"",
              "else echo \"/tmp/hupt-$UID\"; fi",
              "}"]
-    return "\n".join(line if line[0] in "#_}" else indent + line for line in lines) + "\n"
+    lines += ["",
+              "# What a control socket's name carries after the PID in this PID namespace:",
+              "# nothing in the initial one, .ns<inode> in another (hupt in a container).",
+              "_hupt_ns_tag() {",
+              "local ino",
+              "ino=$(stat -L -c %i /proc/self/ns/pid 2>/dev/null) || return 0",
+              "[[ $ino == 4026531836 ]] || printf '.ns%s' \"$ino\"",
+              "}"]
+    return "\n".join(line if not line or line[0] in "#_}" else indent + line
+                     for line in lines) + "\n"
 
 
 # -- bash ------------------------------------------------------------------------------------
@@ -121,14 +130,22 @@ _hupt_positional() {{
 }}
 
 {_runtime_dir("    ")}
-# Instance names and PIDs: the control sockets and names in this user's runtime directory.
+# Instance names and PIDs: the names and control sockets in this user's runtime directory
+# (PID.sock, or PID<tag>.sock of this PID namespace).
 _hupt_instances() {{
-    local dir f
+    local dir f stem tag
     dir=$(_hupt_runtime_dir)
+    tag=$(_hupt_ns_tag)
     for f in "$dir"/*.name "$dir"/*.sock; do
         [[ -e $f || -L $f ]] || continue
         f=${{f##*/}}
-        printf '%s\\n' "${{f%.*}}"
+        if [[ $f == *.name ]]; then
+            printf '%s\\n' "${{f%.name}}"
+            continue
+        fi
+        stem=${{f%.sock}}
+        [[ -n $tag ]] && stem=${{stem%"$tag"}}
+        [[ $stem =~ ^[0-9]+$ ]] && printf '%s\\n' "$stem"
     done
 }}
 
@@ -303,12 +320,19 @@ def zsh(root: Command | None = None) -> str:
 #   source <(hupt completion zsh)                 # in ~/.zshrc, after compinit
 
 {_runtime_dir("  ")}
-# Instance names and PIDs: the control sockets and names in this user's runtime directory.
+# Instance names and PIDs: the names and control sockets in this user's runtime directory
+# (PID.sock, or PID<tag>.sock of this PID namespace).
 _hupt_instances() {{
-  local dir expl
+  local dir expl f stem tag
   local -a found
   dir=$(_hupt_runtime_dir)
-  found=( $dir/*.name(N:t:r) $dir/*.sock(N:t:r) )
+  tag=$(_hupt_ns_tag)
+  found=( $dir/*.name(N:t:r) )
+  for f in $dir/*.sock(N:t); do
+    stem=${{f%.sock}}
+    [[ -n $tag ]] && stem=${{stem%$tag}}
+    [[ $stem == <-> ]] && found+=( $stem )
+  done
   _wanted instances expl 'hupt instance (name or PID)' compadd -a found
 }}
 

@@ -104,6 +104,7 @@ def test_bash_completes_instances_from_the_runtime_directory(
     (rd / "123.sock").write_text("")
     (rd / "456.sock").symlink_to("123.sock")  # an attached server's alias
     (rd / ".123.sock.ab12").write_text("")  # a socket not yet renamed into place
+    (rd / "789.ns4026532999.sock").write_text("")  # a hupt of another PID namespace
     (rd / "lock").write_text("")
     for line in ("hupt reload ", "hupt stop ", "hupt status "):
         (replies,) = complete_bash(bash_script, line, runtime_dir=rd)
