@@ -1,7 +1,7 @@
 """hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``,
-``hupt status``.  reload, stop and status name an instance by a PID, by its
-name (``hupt run --name``) or by ``--pidfile PATH``; ``-v`` goes before or
-after the command's name.
+``hupt status``, ``hupt completion``.  reload, stop and status name an instance
+by a PID, by its name (``hupt run --name``) or by ``--pidfile PATH``; ``-v``
+goes before or after the command's name.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -10,6 +10,10 @@ failed (e.g. a reload that did not produce a serving generation), 2 bad usage,
 nothing to talk to, or a path or peer refused as unsafe, 3 no outcome within
 ``hupt reload --timeout`` (the reload may still be going on); ``hupt run``
 exits with the server's status.
+
+The shell completions (hupt/completion.py) and the man page (hupt/manpage.py,
+docs/hupt.1) are generated from this parser: regenerate docs/hupt.1 after
+changing a help text (tests/test_manpage.py says so).
 """
 
 from __future__ import annotations
@@ -241,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--after-reload", metavar="CMD",
                      help="shell command run once a reload succeeded; its failure is "
                           "reported, not fatal")
+    _add_metrics(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -273,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=common)
     _add_target(ss, optional=True)
     ss.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_completion_parser(sub)
     return p
 
 
@@ -291,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_attach(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "completion":
+            return cmd_completion(args)
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
     except (UsageError, NotUnderHupt, Refused) as e:
@@ -336,7 +344,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                    revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
                    watch=args.watch, before_reload=args.before_reload,
                    after_reload=args.after_reload, close_idle_ms=args.close_idle,
-                   multi=args.multi)
+                   multi=args.multi, metrics=args.metrics,
+                   metrics_allow_remote=args.metrics_allow_remote)
     sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
     # Taken for good (atomically) when the control socket opens, before generation 1.
     sup.endpoint.name = args.name
@@ -520,6 +529,29 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                           "accepting: it finishes its requests, closes its keep-alive "
                           "connections and exits, and hupt turns that exit into the exec of "
                           "its program (same PID; its parent never sees an exit)")
+    _add_metrics(at)
+
+
+def _metrics_address(text: str) -> object:
+    from hupt.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    """--metrics (hupt/metrics.py), for run and attach."""
+    p.add_argument("--metrics", type=_metrics_address, metavar="ADDR",
+                   help="serve Prometheus metrics (GET /metrics: reloads by outcome and "
+                        "their durations, generations by state, in-flight connections, "
+                        "accept queues, uptime, version) from hupt's own loop on ADDR: "
+                        "127.0.0.1:PORT, [::1]:PORT, localhost:PORT or unix:PATH")
+    p.add_argument("--metrics-allow-remote", action="store_true",
+                   help="let --metrics listen on an address other hosts can reach "
+                        "(0.0.0.0:PORT, a LAN address); the endpoint has no "
+                        "authentication, so it is refused without this")
 
 
 def _add_drain_signal(p: argparse.ArgumentParser, help: str) -> None:
@@ -586,8 +618,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
                    exec_mode=True, cwd=server.cwd,
                    close_idle_ms=args.close_idle,
                    program=program,
-                   detach_on_stop=True, confirm_detach=not args.yes)
+                   detach_on_stop=True, confirm_detach=not args.yes,
+                   metrics=args.metrics, metrics_allow_remote=args.metrics_allow_remote)
     sup = Supervisor(LinuxSystem(exec_mode=True), opts)
+    sup.open_metrics()  # a refused --metrics address before the server is touched
     sup.adopt(pid)
     log.info(f"pid {os.getpid()}: supervising pid {pid}; reload with `hupt reload {pid}`")
     return sup.run()
@@ -676,4 +710,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         status.dump(doc)
     else:
         status.render(doc)
+    return 0
+
+
+# -- hupt completion --------------------------------------------------------------------------
+
+COMPLETION_EPILOG = """\
+install (bash):
+  hupt completion bash > /etc/bash_completion.d/hupt
+  eval "$(hupt completion bash)"                # or in ~/.bashrc
+install (zsh):
+  hupt completion zsh > "${fpath[1]}/_hupt"     # then compinit
+  source <(hupt completion zsh)                 # or in ~/.zshrc, after compinit
+"""
+
+
+def _add_completion_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    c = sub.add_parser(
+        "completion", help="print a shell completion script (bash, zsh)", description=(
+            "Print a completion script for SHELL, generated from this hupt's own command "
+            "line: commands, options, signal names, files, --ready policies, and the "
+            "names and PIDs of this user's running instances."),
+        epilog=COMPLETION_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_globals(argparse.SUPPRESS)])
+    c.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL",
+                   help="bash or zsh")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from hupt.completion import script
+
+    sys.stdout.write(script(args.shell))
     return 0

@@ -3,7 +3,8 @@
 hupt's supervisor is single-threaded (so that fork() in spawn is safe and no
 state needs a lock).  Everything it reacts to arrives here: a generation's
 notify fd, an attached root's pidfd, the signal wakeup pipe, the control
-socket and its clients, hook output, sd_notify datagrams, ready probes.
+socket and its clients, the --metrics endpoint and its clients, hook output,
+sd_notify datagrams, ready probes.
 
 A file descriptor is registered with the handler that serves it.  A
 component with timers is a ``Timer``: ``deadline()`` says when it next has

@@ -6,6 +6,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from hupt.address import Address
 from hupt.loop import STRICT_ENV
 from hupt.readiness import Policy
 
@@ -50,3 +51,7 @@ class Options:
     # instead of stopping the server; confirm_detach asks on the terminal first.
     detach_on_stop: bool = False
     confirm_detach: bool = False
+    # --metrics: where to serve Prometheus metrics (hupt/metrics.py); an address other
+    # hosts can reach only with --metrics-allow-remote.
+    metrics: Address | None = None
+    metrics_allow_remote: bool = False

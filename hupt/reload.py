@@ -46,6 +46,7 @@ from hupt.fleet import Fleet, PendingExec
 from hupt.generations import Generation, State
 from hupt.hooks import Hook, HookRunner
 from hupt.loop import Loop
+from hupt.metrics import ReloadStats
 from hupt.readiness import ReadinessCheck
 from hupt.system import Followed, FollowResult
 from hupt.upgrade import Phase, ReloadRecord, Upgrade, Waiter
@@ -72,6 +73,7 @@ class Reloader:
         self._on_over = on_over
         self.upgrade: Upgrade | None = None
         self.history: list[ReloadRecord] = []
+        self.stats = ReloadStats()  # every reload since hupt started (--metrics)
 
     @property
     def replacing(self) -> Generation | None:
@@ -439,10 +441,11 @@ class Reloader:
         up.to(Phase.DONE if ok else Phase.FAILED)
         if self.upgrade is up:
             self.upgrade = None
-        self.history.append(ReloadRecord(
-            time.time(), (self.loop.now() - up.started_at) * 1000, ok, reason,
-            up.gen.number if up.gen is not None else None))
+        took, at = self.loop.now() - up.started_at, time.time()
+        self.history.append(ReloadRecord(at, took * 1000, ok, reason,
+                                         up.gen.number if up.gen is not None else None))
         del self.history[:-HISTORY]
+        self.stats.record(ok, took, at, revive=up.revive)
         if ok:
             assert up.gen is not None
             self.announcer.serving(up.gen)

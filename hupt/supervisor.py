@@ -14,7 +14,7 @@ with timers is ticked by the loop; what a part finds out about the others
 to whoever must react: routing is this module's job, and only this
 module's.  The other parts: announce.py (sd_notify to the service
 manager), revive.py (--revive, --multi copies), detach.py (hupt attach
-letting go), snapshot.py (hupt status).
+letting go), snapshot.py (hupt status), metrics.py (--metrics).
 
 The invariant, checked by the loop after every step: at most one
 generation is STARTING, and it is the upgrade's (hupt/upgrade.py).
@@ -46,6 +46,7 @@ from hupt.fleet import (
 from hupt.generations import Generation, State, describe
 from hupt.hooks import HookRunner
 from hupt.loop import Loop
+from hupt.metrics import MetricsEndpoint, render
 from hupt.options import Options, servers_env
 from hupt.reload import Reloader, fmt
 from hupt.revive import Reviver
@@ -122,6 +123,8 @@ class Supervisor:
         self.detacher = Detacher(self.fleet, self.announcer, loop,
                                  confirm=options.confirm_detach, reloading=self._reloading)
         self.endpoint = ControlEndpoint(loop, self)
+        self.metrics = (MetricsEndpoint(loop, options.metrics, self.metrics_text)
+                        if options.metrics is not None else None)
         loop.on_wake("signals", self._handle_signals)
         loop.add_timer("membership", self.fleet)
         loop.add_timer("drain", self.draining)
@@ -277,6 +280,21 @@ class Supervisor:
     def generations(self) -> list[dict[str, Any]]:
         return [generation(g) for g in self.fleet.gens if g.alive]
 
+    def metrics_text(self) -> str:
+        """--metrics: the Prometheus text of what is there now (hupt/metrics.py)."""
+        from hupt.control import version
+
+        self.settle()
+        doc = self.status()
+        doc.update(name=self.endpoint.name, version=version(), started_at=self.started_at)
+        return render(doc, self.reloader.stats)
+
+    def open_metrics(self) -> None:
+        """Serve --metrics (UsageError if its address is refused or taken); before
+        anything starts, so that a bad address starts nothing."""
+        if self.metrics is not None and not self.metrics.opened:
+            self.metrics.open(self.opts.metrics_allow_remote)
+
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
         """Run until every generation has exited; return hupt's exit status."""
@@ -293,6 +311,7 @@ class Supervisor:
         try:
             if self._control:
                 self.endpoint.open()
+            self.open_metrics()
             if self.fleet.current is None:
                 self.start()
             while True:
@@ -311,6 +330,8 @@ class Supervisor:
             for w in self._stop_waiters:  # before their connections are closed below
                 w.done(True, f"stopped (exit status {code})")
             self.endpoint.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.fleet.close()
             self.hooks.close()
             self.fleet.close_listeners()

@@ -10,7 +10,8 @@ from hupt import cli
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["reload", "--help"],
-                                  ["stop", "--help"], ["attach", "--help"], ["status", "--help"]])
+                                  ["stop", "--help"], ["attach", "--help"], ["status", "--help"],
+                                  ["completion", "--help"]])
 def test_help_for_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -29,6 +30,8 @@ def test_help_for_every_command(argv: list[str], capsys: pytest.CaptureFixture[s
     (["reload", "abc"], "not a PID"),
     (["reload"], "required"),
     (["frobnicate"], "invalid choice"),
+    (["run", "--metrics", "9100", "--", "x"], "not an address"),
+    (["run", "--metrics", "example.com:9100", "--", "x"], "not an IP address"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], needle: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
