@@ -19,6 +19,7 @@ changing a help text (tests/test_manpage.py says so).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -56,6 +57,14 @@ hupt runs a server and, on reload, starts a new generation of the same
 command; when it bind()s an address the old generation holds, it gets the
 same listening socket, so no connection is refused or reset. The old
 generation stops accepting, finishes its in-flight connections and exits.
+"""
+
+RELOAD_EPILOG = """\
+changing the command (for this generation and every later one):
+  hupt reload web --env LOG_LEVEL=debug --unset-env OLD_FLAG
+  hupt reload web -- ./server --workers 8      # a new argv, after --
+The change is kept only if the reload succeeds: a new command that fails
+leaves the old generation serving and the command as it was.
 """
 
 RUN_EPILOG = """\
@@ -135,6 +144,24 @@ def _name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _env_setting(text: str) -> tuple[str, str]:
+    from hupt.command import env_pair
+
+    try:
+        return env_pair(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _env_key(text: str) -> str:
+    from hupt.command import check_key
+
+    try:
+        return check_key(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _target(text: str) -> int | str:
     """A PID (all digits) or an instance's name (hupt run --name)."""
     return _pid(text) if text.isdigit() else _name(text)
@@ -180,20 +207,48 @@ def _add_target(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
                         "server's own pidfile)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each command's options, built only for the command being run: a control
+# command (hupt status, hupt reload) does not pay for the others' (issue 14).
+COMMANDS = {
+    "run": "run a server under hupt",
+    "reload": "reload a server and wait for the outcome",
+    "stop": "stop a server gracefully and wait",
+    "attach": "take over a running server, without restarting it",
+    "status": "show generations, listeners and recent reloads",
+    "completion": "print a shell completion script (bash, zsh)",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """hupt's parser; with ``only``, that command's options alone are defined (the
+    others are listed, for ``hupt --help``, but their options are not built)."""
     p = _Parser(prog="hupt", description=DESCRIPTION, epilog=EXIT_HELP,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 parents=[_globals(False)])
     p.add_argument("--version", action=_Version, help="print hupt's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    common = [_globals(argparse.SUPPRESS)]
+    builders = {"run": _run_parser, "reload": _reload_parser, "stop": _stop_parser,
+                "attach": _add_attach_parser, "status": _status_parser,
+                "completion": _add_completion_parser}
+    for name, help in COMMANDS.items():
+        if only is None or only == name:
+            builders[name](sub, help)
+        else:
+            sub.add_parser(name, help=help, add_help=False)
+    return p
 
+
+def _common() -> list[_Parser]:
+    return [_globals(argparse.SUPPRESS)]
+
+
+def _run_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     run = sub.add_parser(
-        "run", help="run a server under hupt", description=(
+        "run", help=help, description=(
             "Run CMD as generation 1 and supervise it; hupt's own PID stays the same across "
             "reloads, so systemd or supervisord can watch it."),
         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=common)
+        parents=_common())
     _add_timeouts(
         run,
         ready="a new generation must be ready (see --ready) within S seconds, or the reload "
@@ -229,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "sockets (one accept queue, not SO_REUSEPORT); a reload replaces "
                           "all N; a copy that exits on its own is replaced with --revive "
                           "(default: 1)")
+    run.add_argument("--chdir", metavar="DIR",
+                     help="start every generation in DIR, entered afresh by this path each "
+                          "time (a symlink swapped by a deploy is followed; relative "
+                          "programs are looked up there too)")
+    run.add_argument("--env-file", metavar="PATH",
+                     help="add the KEY=VALUE lines of PATH to the servers' environment; "
+                          "read again at every reload (a missing or malformed file fails "
+                          "the reload, nothing is started)")
     run.add_argument("--pidfile", metavar="PATH", help="write hupt's own PID to PATH")
     run.add_argument("--name", type=_name, metavar="NAME",
                      help="name this instance: `hupt reload NAME`, `hupt status NAME`, "
@@ -249,43 +312,74 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
+
+def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     rl = sub.add_parser(
-        "reload", help="reload a server and wait for the outcome", description=(
-            "Reload the server PID belongs to (hupt's PID or any process of the server) and "
-            "wait: exit 0 once the new generation serves; 1 with the reason if it failed "
-            "(the old generation keeps serving); 2 if PID is not under a hupt of this user; "
-            "3 if --timeout expired first (the reload may still be going on)."),
-        parents=common)
+        "reload", help=help, description=(
+            "Reload the server PID belongs to (hupt's PID or any process of the server)\n"
+            "and wait: exit 0 once the new generation serves; 1 with the reason if it\n"
+            "failed (the old generation keeps serving); 2 if PID is not under a hupt of\n"
+            "this user; 3 if --timeout expired first (the reload may still be going on)."),
+        usage="hupt reload [-h] [--timeout S] [--env K=V] [--unset-env K] "
+              "(PID|NAME | --pidfile PATH) [-- NEW ARGV...]",
+        epilog=RELOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=_common())
     _add_target(rl)
     rl.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                     help="give up waiting after S seconds, exit status 3 (the reload goes "
                          "on)")
+    rl.add_argument("--env", type=_env_setting, action="append", default=[], metavar="K=V",
+                    help="set K=V in the environment of this and every later generation "
+                         "(kept only if the reload succeeds); repeatable")
+    rl.add_argument("--unset-env", type=_env_key, action="append", default=[], metavar="K",
+                    help="remove K from the environment of this and every later "
+                         "generation; repeatable")
 
+
+def _stop_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     st = sub.add_parser(
-        "stop", help="stop a server gracefully and wait", description=(
+        "stop", help=help, description=(
             "Stop the hupt instance PID belongs to: every generation stops accepting, "
-            "drains, and exits."), parents=common)
+            "drains, and exits."), parents=_common())
     _add_target(st)
     st.add_argument("--now", action="store_true",
                     help="do not wait for in-flight connections: end every drain at once")
-    _add_attach_parser(sub)
 
+
+def _status_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     ss = sub.add_parser(
-        "status", help="show generations, listeners and recent reloads", description=(
+        "status", help=help, description=(
             "Show every hupt instance of this user (or the one PID belongs to): generations "
             "(number, PIDs, state, age, in-flight connections), listeners (accept queue, "
             "backlog) and the last reloads. --json prints the documented schema-1 document."),
-        parents=common)
+        parents=_common())
     _add_target(ss, optional=True)
     ss.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_completion_parser(sub)
-    return p
+
+
+def command_of(args: Sequence[str]) -> str | None:
+    """The command named in ``args`` (its first word that is not an option), if any."""
+    for a in args:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a if a in COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(args_list)
+        command = command_of(args_list)
+        new_argv = None
+        if command == "reload" and "--" in args_list:  # hupt reload PID -- NEW ARGV...
+            cut = args_list.index("--")
+            args_list, new_argv = args_list[:cut], args_list[cut + 1:]
+            if not new_argv:
+                raise UsageError("hupt reload: nothing after `--`: give the new command "
+                                 "(hupt reload PID -- CMD ARGS...)")
+        args = build_parser(command).parse_args(args_list)
+        args.new_argv = new_argv
         log.configure(verbose=args.verbose)
         if args.command == "run":
             return cmd_run(args)
@@ -332,12 +426,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hupt.supervisor import Options, Supervisor
     from hupt.system import become_subreaper
 
+    chdir, env_file = _deploy_paths(args)
     ensure_runtime_dir()  # an unsafe one is refused before anything starts
     if args.name is not None:
         _name_free(args.name)
     become_subreaper()
     fdlimit.raise_own()  # for control clients; each generation starts with the limit as it was
-    opts = Options(argv=cmd, ready_timeout=args.ready_timeout,
+    opts = Options(argv=cmd, chdir=chdir, env_file=env_file, ready_timeout=args.ready_timeout,
                    drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
                    stop_signal=args.stop_signal, drain_signal=args.drain_signal,
                    exec_mode=args.exec_mode, ready=args.ready,
@@ -352,6 +447,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     named = f" as {args.name!r}" if args.name else ""
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}{named}")
     return sup.run()
+
+
+def _deploy_paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """--chdir and --env-file as absolute paths (symlinks kept: they are followed
+    afresh at every start), checked now: a bad one starts nothing (exit status 2)."""
+    from hupt.command import logical_dir, read_env_file
+
+    chdir = env_file = None
+    if args.chdir is not None:
+        chdir = logical_dir(args.chdir)
+        if not os.path.isdir(chdir):
+            raise UsageError(f"--chdir {args.chdir}: no such directory")
+    if args.env_file is not None:
+        env_file = logical_dir(args.env_file)
+        try:
+            read_env_file(env_file)
+        except HuptError as e:
+            raise UsageError(str(e)) from None
+    return chdir, env_file
 
 
 def _name_free(name: str) -> None:
@@ -439,12 +553,19 @@ def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
                 if msg.get("ok"):
                     print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
                     return 0
-                _fail(f"{verb} failed: {msg.get('reason', 'unknown reason')}")
+                _fail(f"{verb} failed: {_explain(str(msg.get('reason', 'unknown reason')))}")
                 return EXIT_FAILED
     finally:
         if status is not None:
             status.stop()
     return EXIT_FAILED
+
+
+def _explain(reason: str) -> str:
+    if reason == "unknown command 'change'":
+        return ("this hupt does not know `hupt reload --env/--unset-env/-- ARGV` (it runs an "
+                "older version): nothing was changed or reloaded; restart it with this one")
+    return reason
 
 
 def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
@@ -465,7 +586,25 @@ def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    return _talk(_required(resolve(args)), {"cmd": "reload"}, args.timeout, "reload")
+    return _talk(_required(resolve(args)), _reload_request(args), args.timeout, "reload")
+
+
+def _reload_request(args: argparse.Namespace) -> dict[str, object]:
+    """{"cmd": "reload"}, or with --env/--unset-env/-- ARGV a "change" (hupt/command.py)."""
+    from hupt import control
+    from hupt.command import Change
+
+    new_argv: list[str] | None = getattr(args, "new_argv", None)
+    change = Change(new_argv, dict(args.env), list(args.unset_env))
+    if not change:
+        return {"cmd": "reload"}
+    req: dict[str, object] = {"cmd": "change", **change.wire()}
+    size = len(json.dumps(req)) + 1
+    if size > control.MAX_REQUEST:
+        raise UsageError(f"hupt reload: the change is too long for one request ({size} "
+                         f"bytes, at most {control.MAX_REQUEST}): put the variables in the "
+                         f"instance's --env-file")
+    return req
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -498,9 +637,9 @@ attach until the command is given after `--`, e.g.
 """
 
 
-def _add_attach_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_attach_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     at = sub.add_parser(
-        "attach", help="take over a running server, without restarting it", description=(
+        "attach", help=help, description=(
             "Take over the server PID (started by a shell, systemd...) and supervise it in "
             "the foreground; from then on `hupt reload PID` reloads it in exec mode."),
         epilog=ATTACH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -725,9 +864,9 @@ install (zsh):
 """
 
 
-def _add_completion_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_completion_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     c = sub.add_parser(
-        "completion", help="print a shell completion script (bash, zsh)", description=(
+        "completion", help=help, description=(
             "Print a completion script for SHELL, generated from this hupt's own command "
             "line: commands, options, signal names, files, --ready policies, and the "
             "names and PIDs of this user's running instances."),

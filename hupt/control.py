@@ -14,6 +14,8 @@ someone else.
 Protocol: the client sends one JSON object on a line, {"cmd": "reload"}; the
 server answers with JSON lines, {"event": "progress", "message": ...} as the
 reload goes, and finally {"event": "result", "ok": bool, "reason": str}.
+{"cmd": "change", "argv": [...], "env": {...}, "unset_env": [...]} is a reload
+with a changed command (hupt/command.py; ``hupt reload --env ... -- ARGV``).
 
 PID lookup: hupt is a child subreaper, so every process of a server has the
 hupt that supervises it among its ancestors; ``find_instance`` walks up from

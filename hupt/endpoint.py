@@ -30,12 +30,15 @@ import errno
 import functools
 import math
 import selectors
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hupt import fdlimit, log
 from hupt.control import ControlServer, Message, Peer, version
 from hupt.loop import Loop
 from hupt.upgrade import PeerWaiter, Waiter
+
+if TYPE_CHECKING:
+    from hupt.command import Change
 
 # The CLI sends its request as soon as it is connected: ten seconds leave room
 # for a loaded machine, or a person typing into socat.
@@ -52,7 +55,8 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO})
 
 
 class Commands(Protocol):
-    def request_reload(self, waiter: Waiter | None = None) -> None: ...
+    def request_reload(self, waiter: Waiter | None = None, *,
+                       change: Change | None = None) -> None: ...
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None: ...
 
@@ -241,6 +245,8 @@ class ControlEndpoint:
         c = self._commands
         if cmd == "reload":
             c.request_reload(PeerWaiter(peer))
+        elif cmd == "change":
+            self._change(peer, msg)
         elif cmd == "stop":
             peer.send({"event": "progress", "message": "stopping"})
             # Stop first: a reload in progress is abandoned, so ending the drains
@@ -262,6 +268,24 @@ class ControlEndpoint:
         else:
             peer.send({"event": "result", "ok": False, "reason": f"unknown command {cmd!r}"})
             peer.finish()
+
+
+    def _change(self, peer: Peer, msg: Message) -> None:
+        """``hupt reload --env/--unset-env/-- ARGV``: a reload with a changed command.
+
+        A command of its own, not a field of ``reload``: a hupt older than it
+        answers "unknown command" instead of reloading with the command unchanged.
+        """
+        from hupt.command import Change
+        from hupt.errors import UsageError
+
+        try:
+            change = Change.from_wire(msg)
+        except UsageError as e:
+            peer.send({"event": "result", "ok": False, "reason": str(e)})
+            peer.finish()
+            return
+        self._commands.request_reload(PeerWaiter(peer), change=change)
 
 
 def _reserve(soft: int) -> int:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.address import Address
+from hupt.command import Change, environment
 from hupt.control import ensure_runtime_dir
 from hupt.errors import HuptError
 from hupt.generations import Generation, State
@@ -56,6 +57,17 @@ SCAN_RETRY = 0.1
 # A drain still going after this long says what holds it, once.
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a new generation runs: the command as it is now, with a reload's change."""
+
+    argv: list[str]
+    env: dict[str, str]  # before hupt's own additions (HUPT_GEN, NOTIFY_SOCKET)
+    program: str | None  # the file to execve when argv[0] does not name it (attach)
+    cwd: str | None  # where it starts and its program is looked up (None: hupt's)
+    chdir: str | None  # --chdir: entered by path at each start, an exec's too
+
+
 @dataclass
 class PendingExec:
     """The image an exec in place is about to start: its number and environment."""
@@ -64,6 +76,7 @@ class PendingExec:
     path: str
     env: dict[str, str]
     ready: Listener | None  # --ready notify: the NOTIFY_SOCKET it will be given
+    launch: Launch  # what it runs
 
 
 @dataclass(frozen=True)
@@ -154,25 +167,52 @@ class Fleet:
     def still_running(self, pids: Iterable[int]) -> set[int]:
         return self.sys.alive(pids)
 
-    def program(self) -> str:
+    def program(self, launch: Launch | None = None) -> str:
         """The file an exec runs now (raises HuptError if there is none)."""
+        la = launch or self.launch()
+        return self.sys.find_program(la.argv, la.env, la.cwd, la.program)
+
+    # -- the command --------------------------------------------------------------
+    def launch(self, change: Change | None = None) -> Launch:
+        """What a generation started now runs: the command, ``change`` applied, the
+        env file read again (raises HuptError in one line if it cannot be used)."""
         o = self.opts
-        return self.sys.find_program(o.argv, o.env, o.cwd, o.program)
+        if o.chdir is not None and not os.path.isdir(o.chdir):
+            raise HuptError(f"--chdir {o.chdir}: no such directory")
+        argv, program = o.argv, o.program
+        changes = o.env_changes
+        if change is not None:
+            if change.argv is not None:
+                argv, program = change.argv, None  # looked up by its own argv[0]
+            changes = change.changes(changes)
+        env = environment(o.env, o.env_file, changes)
+        return Launch(list(argv), env, program, o.chdir or o.cwd, o.chdir)
+
+    def commit(self, change: Change) -> None:
+        """A reload with ``change`` succeeded: it is the command from now on."""
+        o = self.opts
+        if change.argv is not None:
+            o.argv, o.program = list(change.argv), None
+        o.env_changes = change.changes(o.env_changes)
+        log.info(f"the command is now: {' '.join(o.argv)}"
+                 + (f" ({change.describe(argv=False)})" if change.env or change.unset else ""))
 
     # -- new generations --------------------------------------------------------
-    def spawn(self, copies: int = 1) -> Generation:
+    def spawn(self, copies: int = 1, launch: Launch | None = None) -> Generation:
         """Start the command as a new generation (raises HuptError if it cannot start)."""
+        la = launch or self.launch()
         number = self.next_number()
         self._unlink_files()
-        env, ready = self._env(number)
+        env, ready = self._env(number, la.env)
         try:
-            pid, fd = self._start_copy(number, env)
+            pid, fd = self._start_copy(number, env, la.argv, la.program, la.cwd)
         except HuptError:
             if ready is not None:
                 ready.close()
             raise
         gen = Generation(number, pid, self.sys.now(), pids={pid}, copies=[pid], env=env,
-                         ready_socket=ready)
+                         ready_socket=ready, argv=list(la.argv), program=la.program,
+                         cwd=la.cwd)
         self.gens.append(gen)
         self._watch(gen, fd, None)
         log.debug(f"spawned {gen}")
@@ -183,7 +223,9 @@ class Fleet:
         """Start ``n`` more copies of ``gen``: their binds get its held sockets."""
         for _ in range(n):
             try:
-                pid, _fd = self._start_copy(gen.number, gen.env or {})  # same notify group
+                # The generation's own command (the current one may have changed since).
+                pid, _fd = self._start_copy(gen.number, gen.env or {}, gen.argv, gen.program,
+                                            gen.cwd)  # same notify group
             except HuptError as e:
                 log.error(f"{gen}: starting a copy: {e}")
                 return
@@ -197,7 +239,7 @@ class Fleet:
         got = self.sys.attach(number, pid)
         now = self.sys.now()
         gen = Generation(number, pid, now, pids={pid}, listened=set(got.listened),
-                         env=dict(self.opts.env))
+                         env=dict(self.opts.env), argv=list(self.opts.argv))
         gen.to(State.SERVING)
         gen.ready_at = now
         self.gens.append(gen)
@@ -205,33 +247,37 @@ class Fleet:
         self.current = gen
         return gen, got.problems
 
-    def exec_in_place(self, old: Generation, path: str) -> Generation:
-        """Make ``old``'s root execve ``path``; the new image is a new generation
-        with the same root pid, which takes over ``old``'s watch (raises HuptError)."""
+    def exec_in_place(self, old: Generation, path: str, launch: Launch) -> Generation:
+        """Make ``old``'s root execve ``path`` with ``launch``'s argv and environment (in
+        its --chdir); the new image is a new generation with the same root pid, which
+        takes over ``old``'s watch (raises HuptError)."""
         number = self.next_number()
         self._unlink_files()
-        env, ready = self._env(number)
+        env, ready = self._env(number, launch.env)
         try:
-            self.sys.exec_in_place(old.number, number, old.pid, path, self.opts.argv, env)
+            self.sys.exec_in_place(old.number, number, old.pid, path, launch.argv, env,
+                                   cwd=launch.chdir)
         except HuptError:
             if ready is not None:
                 ready.close()
             raise
-        return self._image(old, PendingExec(number, path, env, ready))
+        return self._image(old, PendingExec(number, path, env, ready, launch))
 
-    def follow_exit(self, old: Generation, path: str) -> PendingExec:
+    def follow_exit(self, old: Generation, path: str, launch: Launch) -> PendingExec:
         """Exec mode with --drain-signal: ``old``'s root is followed until its exit,
-        which becomes the exec of ``path`` (raises HuptError if it cannot be)."""
+        which becomes the exec of ``path`` with ``launch`` (raises HuptError if it
+        cannot be)."""
         number = self.next_number()
         self._unlink_files()
-        env, ready = self._env(number)
+        env, ready = self._env(number, launch.env)
         try:
-            self.sys.follow_exit(old.number, number, old.pid, path, self.opts.argv, env)
+            self.sys.follow_exit(old.number, number, old.pid, path, launch.argv, env,
+                                 cwd=launch.chdir)
         except HuptError:
             if ready is not None:
                 ready.close()
             raise
-        return PendingExec(number, path, env, ready)
+        return PendingExec(number, path, env, ready, launch)
 
     def exit_followed(self, old: Generation, pending: PendingExec,
                       *, let_go: bool = False) -> FollowResult | None:
@@ -248,8 +294,10 @@ class Fleet:
 
     def _image(self, old: Generation, pending: PendingExec) -> Generation:
         number, env, ready = pending.number, pending.env, pending.ready
+        la = pending.launch
         gen = Generation(number, old.pid, self.sys.now(), pids={old.pid}, env=env,
-                         ready_socket=ready)
+                         ready_socket=ready, argv=list(la.argv), program=la.program,
+                         cwd=la.cwd)
         self.gens.append(gen)
         self._watch(gen, old.notify_fd, old.exit_fd)
         old.notify_fd = old.exit_fd = None
@@ -260,16 +308,16 @@ class Fleet:
         old.left_behind = set(old.pids)
         return gen
 
-    def _start_copy(self, number: int, env: dict[str, str]) -> tuple[int, int]:
-        argv = self.opts.argv
-        if self.opts.program is not None:  # argv[0] does not name it (attach)
-            argv = [self.opts.program, *argv[1:]]
-        return self.sys.spawn(number, argv, env, self.opts.cwd)
+    def _start_copy(self, number: int, env: dict[str, str], argv: list[str],
+                    program: str | None, cwd: str | None) -> tuple[int, int]:
+        if program is not None:  # argv[0] does not name it (attach)
+            argv = [program, *argv[1:]]
+        return self.sys.spawn(number, argv, env, cwd)
 
-    def _env(self, number: int) -> tuple[dict[str, str], Listener | None]:
-        """Generation ``number``'s environment, spawned or exec'd: the servers'
-        one, with --ready notify a NOTIFY_SOCKET of hupt's own."""
-        env = dict(self.opts.env)
+    def _env(self, number: int, base: dict[str, str]) -> tuple[dict[str, str], Listener | None]:
+        """Generation ``number``'s environment, spawned or exec'd: ``base`` (the
+        command's), with --ready notify a NOTIFY_SOCKET of hupt's own."""
+        env = dict(base)
         if self.opts.ready.kind != "notify":
             return env, None
         directory = ensure_runtime_dir()  # checked: never a symlink, never someone else's

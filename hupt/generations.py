@@ -109,6 +109,11 @@ class Generation:
     env: dict[str, str] | None = None
     ready_socket: Listener | None = None
     sent_ready: bool = False
+    # The command it runs (hupt reload -- ARGV changes it for later generations):
+    # argv, the file exec'd when argv[0] does not name it, where it started.
+    argv: list[str] = field(default_factory=list)
+    program: str | None = None
+    cwd: str | None = None
 
     def to(self, state: State) -> None:
         if state is self.state:

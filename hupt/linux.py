@@ -227,22 +227,27 @@ class LinuxSystem:
         return [os.fsencode(f"{k}={v}") for k, v in env.items()]
 
     def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
-                      argv: list[str], env: dict[str, str]) -> None:
+                      argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         from hupt.tracer import accepting
 
-        accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
-                                self._exec_env(number, env), path=os.fsencode(path))
+        try:
+            accepting.exec_in_place(pid, [os.fsencode(a) for a in argv],
+                                    self._exec_env(number, env), path=os.fsencode(path),
+                                    cwd=os.fsencode(cwd) if cwd is not None else None)
+        except ValueError as e:
+            raise HuptError(str(e)) from e
         self._moved(number, new_number)
 
     def follow_exit(self, number: int, new_number: int, pid: int, path: str,
-                    argv: list[str], env: dict[str, str]) -> None:
+                    argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         from hupt.tracer.syscall_stops import ExitToExec
 
         if number in self._following:
             raise HuptError(f"generation {number} is followed already")
         try:
             tracer = ExitToExec(pid, os.fsencode(path), [os.fsencode(a) for a in argv],
-                                self._exec_env(number, env))
+                                self._exec_env(number, env),
+                                cwd=os.fsencode(cwd) if cwd is not None else None)
         except ValueError as e:
             raise HuptError(str(e)) from e
         tracer.arm()

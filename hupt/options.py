@@ -37,6 +37,14 @@ class Options:
     exec_mode: bool = False
     cwd: str | None = None  # where the command starts and is looked up (None: hupt's)
     program: str | None = None  # the file to execve (None: argv[0], looked up on PATH)
+    # --chdir: the directory every generation starts in, entered afresh by this
+    # path at each start (exec mode: at each exec too), symlinks and all.
+    chdir: str | None = None
+    # --env-file: KEY=VALUE lines added to the environment, read at every start.
+    env_file: str | None = None
+    # hupt reload --env/--unset-env kept so far (None: unset), over env and env_file;
+    # ``argv`` (and ``program``) change with hupt reload -- ARGV (hupt/command.py).
+    env_changes: dict[str, str | None] = field(default_factory=dict)
     ready: Policy = field(default_factory=lambda: Policy("listen"))
     revive: bool = False
     pidfile: str | None = None

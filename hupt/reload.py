@@ -53,6 +53,7 @@ from hupt.upgrade import Phase, ReloadRecord, Upgrade, Waiter
 
 if TYPE_CHECKING:
     from hupt.announce import Announcer
+    from hupt.command import Change
     from hupt.options import Options
 
 HISTORY = 20
@@ -81,12 +82,21 @@ class Reloader:
         return self.upgrade.replacing if self.upgrade is not None else None
 
     # -- requests --------------------------------------------------------------
-    def request(self, waiter: Waiter, *, revive: bool = False) -> None:
+    def request(self, waiter: Waiter, *, revive: bool = False,
+                change: Change | None = None) -> None:
+        """Reload; with ``change``, with a changed command (kept if the reload succeeds)."""
         if self.upgrade is not None:
+            if change:
+                waiter.done(False, f"a reload is in progress ({self.upgrade}): a changed "
+                            "command needs a reload of its own; try again once it is over")
+                return
             waiter.progress(f"joining the reload already in progress ({self.upgrade})")
             self.upgrade.waiters.append(waiter)
             return
-        up = self.upgrade = Upgrade(self.loop.now(), [waiter], revive=revive)
+        up = self.upgrade = Upgrade(self.loop.now(), [waiter], revive=revive,
+                                    change=change or None)
+        if up.change is not None:
+            up.tell(f"changing the command: {up.change.describe()}")
         if not revive:  # bringing a crashed server back is no reload to the manager
             self.announcer.reloading()
         if self.opts.before_reload and not revive:
@@ -114,11 +124,17 @@ class Reloader:
     def _launch(self, up: Upgrade) -> None:
         """Start the new generation (exec mode: drain the serving one first)."""
         cur = self.fleet.current
+        try:
+            # The command now: the env file is read again, the change applied.
+            up.launch = self.fleet.launch(up.change)
+        except HuptError as e:
+            self._fail(up, f"{e}; nothing was started")
+            return
         if self.opts.exec_mode and cur is not None:
             self._begin_exec(up, cur)
             return
         try:
-            gen = self.fleet.spawn(self.opts.multi)
+            gen = self.fleet.spawn(self.opts.multi, up.launch)
         except HuptError as e:
             self._fail(up, str(e))
             return
@@ -200,8 +216,9 @@ class Reloader:
             self._fail(up, f"exec mode reloads the process hupt started, pid {old.pid}, "
                        "which has exited (did the server daemonize?)")
             return
+        assert up.launch is not None
         try:
-            path = self.fleet.program()
+            path = self.fleet.program(up.launch)
         except HuptError as e:
             self._fail(up, f"cannot exec: {e}")
             return
@@ -222,7 +239,7 @@ class Reloader:
         sig = self.opts.drain_signal
         if sig is not None:
             try:
-                up.follow = self.fleet.follow_exit(old, path)
+                up.follow = self.fleet.follow_exit(old, path, up.launch)
             except HuptError as e:
                 log.warn(f"{old}: its exit cannot be followed ({e}); it drains without "
                          f"{signal_name(sig)} and execs once drained")
@@ -253,9 +270,10 @@ class Reloader:
                 if got is not None:
                     self._followed(up, old, pending, got)
                 return
+        assert up.launch is not None  # set before anything was paused
         try:
-            path = self.fleet.program()
-            gen = self.fleet.exec_in_place(old, path)
+            path = self.fleet.program(up.launch)
+            gen = self.fleet.exec_in_place(old, path, up.launch)
         except HuptError as e:
             self._exec_failed(up, old, f"{old} could not exec the program: {e}")
             return
@@ -438,6 +456,7 @@ class Reloader:
     def finish(self, up: Upgrade, ok: bool, reason: str, *, tell_manager: bool = True) -> None:
         """Every outcome of an upgrade ends here."""
         self._release(up)
+        reason = self._settle_change(up, ok, reason)
         up.to(Phase.DONE if ok else Phase.FAILED)
         if self.upgrade is up:
             self.upgrade = None
@@ -460,6 +479,18 @@ class Reloader:
             return
         for w in up.waiters:
             w.done(ok, reason)
+
+    def _settle_change(self, up: Upgrade, ok: bool, reason: str) -> str:
+        """A changed command is the command from now on if the reload succeeded;
+        otherwise it is dropped, and the reason says so."""
+        change, up.change = up.change, None
+        if change is None:
+            return reason
+        if ok:
+            self.fleet.commit(change)
+            return f"{reason}; the command is changed ({change.describe()})"
+        log.warn(f"the command change ({change.describe()}) is not kept: the reload failed")
+        return f"{reason}; the command is unchanged"
 
     def _after_done(self, waiters: list[Waiter], reason: str, hook: Hook) -> None:
         if hook.status != 0:  # reported, not fatal: the new generation serves

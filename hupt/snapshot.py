@@ -4,12 +4,15 @@ for how the CLI shows it)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hupt.draining import oldest_connection, signal_name
 from hupt.generations import Generation, State
 from hupt.system import System
 from hupt.upgrade import ReloadRecord
+
+if TYPE_CHECKING:
+    from hupt.options import Options
 
 _COUNTED = (State.SERVING, State.DRAINING, State.RETIRING, State.FAILED)
 
@@ -17,6 +20,13 @@ _COUNTED = (State.SERVING, State.DRAINING, State.RETIRING, State.FAILED)
 def generation(g: Generation) -> dict[str, Any]:
     return {"number": g.number, "pid": g.pid, "pids": sorted(g.pids), "state": g.state.value,
             "listening": sorted(str(a) for a in g.listened)}
+
+
+def deploy_fields(opts: Options) -> dict[str, Any]:
+    """What a deploy changes (hupt/command.py): --chdir, --env-file, and the
+    environment changes kept from hupt reload --env/--unset-env (null: unset)."""
+    return {"chdir": opts.chdir, "env_file": opts.env_file,
+            "env_changes": dict(opts.env_changes)}
 
 
 def snapshot(system: System, gens: list[Generation], *, command: list[str], exec_mode: bool,
@@ -28,6 +38,7 @@ def snapshot(system: System, gens: list[Generation], *, command: list[str], exec
             continue
         doc = generation(g)
         doc.update({
+            "command": list(g.argv),
             "age_s": round(now - g.started_at, 3),
             "ready_ms": (round((g.ready_at - g.started_at) * 1000, 1)
                          if g.ready_at is not None else None),

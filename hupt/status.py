@@ -7,10 +7,13 @@ Fields are only ever added within a schema version::
      "instances": [
        {"hupt_pid": 1234, "name": "web", "version": "0.1.0",
         "command": ["python3", "-m", "http.server"],
+        "chdir": "/srv/app/current", "env_file": "/etc/app.env",
+        "env_changes": {"LOG_LEVEL": "debug", "OLD_FLAG": null},
         "mode": "fork", "state": "running" | "reloading" | "down" | "stopping",
         "uptime_s": 12.5,
         "generations": [
           {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",
+           "command": ["python3", "-m", "http.server"],
            "age_s": 2.0, "ready_ms": 57.0, "in_flight": 0,
            "draining_s": null, "drain_signal": null, "oldest_connection_s": null,
            "listening": ["127.0.0.1:8000"]}],
@@ -32,6 +35,14 @@ least; null unless draining), ``reloads`` the last 20, oldest first.
 The top-level ``version`` is the CLI's; an instance's ``version`` is that of
 the hupt running it (they differ after an upgrade until it restarts), its
 ``name`` the one given with ``hupt run --name`` (or null).
+
+What a deploy changes (hupt/command.py): an instance's ``command`` is the one
+the next reload runs (``hupt reload -- ARGV`` changes it once a reload with
+it succeeded), a generation's ``command`` the one it was started with;
+``chdir`` is ``hupt run --chdir`` (null without), ``env_file`` its
+``--env-file`` (null without), ``env_changes`` every variable set (a string)
+or unset (null) by ``hupt reload --env/--unset-env`` and kept so far.  A hupt
+older than these fields leaves them out.
 """
 
 from __future__ import annotations
@@ -128,10 +139,32 @@ def render(doc: dict[str, Any]) -> None:
         _render_plain(doc)
 
 
+def _deploy(inst: dict[str, Any]) -> list[str]:
+    """What a deploy changed (absent from a hupt older than --chdir/--env-file)."""
+    out = []
+    if inst.get("chdir"):
+        out.append(f"chdir {inst['chdir']}")
+    if inst.get("env_file"):
+        out.append(f"env file {inst['env_file']}")
+    changes = inst.get("env_changes") or {}
+    if changes:
+        out.append("env changed: " + ", ".join(
+            f"{k}={v}" if v is not None else f"unset {k}" for k, v in changes.items()))
+    return out
+
+
+def _other_command(inst: dict[str, Any], g: dict[str, Any]) -> str | None:
+    """A generation's command when it is not the instance's (started before a change)."""
+    cmd = g.get("command")
+    return " ".join(cmd) if cmd and cmd != inst["command"] else None
+
+
 def _render_plain(doc: dict[str, Any]) -> None:
     for inst in doc["instances"]:
         print(f"hupt {inst['hupt_pid']}{_named(inst)} ({inst['mode']}, {inst['state']}, up "
               f"{_age(inst['uptime_s'])}): {' '.join(inst['command'])}")
+        for line in _deploy(inst):
+            print(f"  {line}")
         for g in inst["generations"]:
             fl = "-" if g["in_flight"] is None else g["in_flight"]
             took = g.get("draining_s")
@@ -139,6 +172,9 @@ def _render_plain(doc: dict[str, Any]) -> None:
             print(f"  generation {g['number']:<3} {g['state']:<9} pid {g['pid']:<7} "
                   f"age {_age(g['age_s']):<8} in flight {fl:<4} {drain}"
                   f"{', '.join(g['listening'])}")
+            other = _other_command(inst, g)
+            if other:
+                print(f"    runs {other}")
         for line in _holdups(inst):
             print(f"  {line}")
         for listener in inst["listeners"]:
@@ -162,6 +198,8 @@ def _render_rich(doc: dict[str, Any]) -> None:
         console.print(f"[bold]hupt {inst['hupt_pid']}{escape(_named(inst))}[/] {inst['mode']} "
                       f"mode, {inst['state']}, up {_age(inst['uptime_s'])}: "
                       f"[cyan]{' '.join(inst['command'])}[/]")
+        for line in _deploy(inst):
+            console.print(f"[dim]{escape(line)}[/]")
         t = Table("gen", "state", "pid", "processes", "age", "in flight", "draining",
                   "listening", box=None, pad_edge=False)
         for g in inst["generations"]:
@@ -171,7 +209,9 @@ def _render_rich(doc: dict[str, Any]) -> None:
                       str(len(g["pids"])), _age(g["age_s"]),
                       "-" if g["in_flight"] is None else str(g["in_flight"]),
                       "-" if took is None else _age(took),
-                      ", ".join(g["listening"]))
+                      ", ".join(g["listening"])
+                      + (f" (runs {escape(other)})" if (other := _other_command(inst, g))
+                         else ""))
         console.print(t)
         for line in _holdups(inst):
             console.print(f"[yellow]{line}[/]")

@@ -26,7 +26,7 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hupt import log
 from hupt.announce import Announcer, ServiceManager
@@ -52,10 +52,13 @@ from hupt.reload import Reloader, fmt
 from hupt.revive import Reviver
 from hupt.safefs import write_pidfile
 from hupt.sdnotify import Notifier
-from hupt.snapshot import generation, snapshot
+from hupt.snapshot import deploy_fields, generation, snapshot
 from hupt.system import System, procname
 from hupt.upgrade import ReloadRecord, Upgrade, Waiter
 from hupt.watch import Watcher
+
+if TYPE_CHECKING:
+    from hupt.command import Change
 
 __all__ = ["FORWARDED", "KEEP_EXITED", "Options", "Supervisor", "Waiter", "filtered_calls",
            "servers_env"]
@@ -207,7 +210,9 @@ class Supervisor:
         self.fleet.refresh()
         self.loop.run_later()
 
-    def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False) -> None:
+    def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False,
+                       change: Change | None = None) -> None:
+        """Reload (``change``: with a changed command, kept if the reload succeeds)."""
         w = waiter or Waiter()
         if self.reloader.upgrade is None:
             # The generation to pause later: its processes as they are now (in
@@ -217,7 +222,7 @@ class Supervisor:
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
-        self.reloader.request(w, revive=revive)
+        self.reloader.request(w, revive=revive, change=change)
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None:
         if waiter is not None:
@@ -273,9 +278,11 @@ class Supervisor:
         state = ("stopping" if self.stopping
                  else "down" if self.reviver.pending or (up is not None and up.revive)
                  else "reloading" if up is not None else "running")
-        return snapshot(self.sys, self.fleet.gens, command=self.opts.argv,
-                        exec_mode=self.opts.exec_mode, state=state,
-                        uptime=time.time() - self.started_at, history=self.reloader.history)
+        doc = snapshot(self.sys, self.fleet.gens, command=self.opts.argv,
+                       exec_mode=self.opts.exec_mode, state=state,
+                       uptime=time.time() - self.started_at, history=self.reloader.history)
+        doc.update(deploy_fields(self.opts))
+        return doc
 
     def generations(self) -> list[dict[str, Any]]:
         return [generation(g) for g in self.fleet.gens if g.alive]

@@ -86,12 +86,13 @@ class System(Protocol):
         """
 
     def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
-                      argv: list[str], env: dict[str, str]) -> None:
-        """Make ``pid``, the root of generation ``number``, execve ``path`` in place.
+                      argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
+        """Make ``pid``, the root of generation ``number``, execve ``path`` in place
+        (after a chdir to ``cwd``, if given: --chdir, entered afresh by its path).
 
         On success its notify fd belongs to generation ``new_number``.  On
-        failure (HuptError) it runs the old program on, its listeners still
-        paused.
+        failure (HuptError) it runs the old program on, in its old working
+        directory, its listeners still paused.
         """
 
     def service(self, number: int) -> Serviced: ...
@@ -119,10 +120,11 @@ class System(Protocol):
         """Undo every ``pause`` of generation ``number``; return problems."""
 
     def follow_exit(self, number: int, new_number: int, pid: int, path: str,
-                    argv: list[str], env: dict[str, str]) -> None:
+                    argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         """Follow ``pid``, the root of generation ``number``, until it exits: its exit
-        becomes an execve of ``path`` (as ``exec_in_place``, the root then belongs
-        to ``new_number``).  The server runs on meanwhile.
+        becomes an execve of ``path`` (after a chdir to ``cwd``, if given; as
+        ``exec_in_place``, the root then belongs to ``new_number``).  The server
+        runs on meanwhile.
 
         Raises HuptError if it cannot be followed (then nothing changed).
         """

@@ -42,8 +42,9 @@ from hupt.address import Address
 from hupt.generations import Generation
 
 if TYPE_CHECKING:
+    from hupt.command import Change
     from hupt.control import Peer
-    from hupt.fleet import PendingExec
+    from hupt.fleet import Launch, PendingExec
     from hupt.hooks import Hook
     from hupt.readiness import ReadinessCheck
 
@@ -101,6 +102,9 @@ class Upgrade:
     waiters: list[Waiter]
     revive: bool = False  # bringing a dead server back: no reload to the service manager
     fresh: bool = False  # exec mode: the command started afresh after the new image failed
+    # hupt reload --env/--unset-env/-- ARGV: kept as the command only if this succeeds.
+    change: Change | None = None
+    launch: Launch | None = None  # what the new generation runs (set when it is started)
     phase: Phase = Phase.NEW
     deadline: float = math.inf  # LISTENING and CONFIRMING end here
     target: set[Address] = field(default_factory=set)  # what the new generation must take

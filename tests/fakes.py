@@ -42,6 +42,8 @@ class FakeSystem:
         self.sealed: dict[int, set[int]] = {}
         self.execs: list[tuple[list[str], dict[str, str]]] = []  # argv, env of each exec
         self.spawns: list[tuple[list[str], dict[str, str]]] = []  # and of each spawn
+        self.cwds: list[str | None] = []  # the directory of each spawn
+        self.exec_cwds: list[str | None] = []  # the directory each exec enters (--chdir)
         self.reaped: list[tuple[int, int]] = []
         self.reaped_for: list[tuple[int, set[int]]] = []  # parent, zombies it must reap
         self.spawn_error: Exception | None = None
@@ -112,6 +114,7 @@ class FakeSystem:
         if self.spawn_error is not None:
             raise self.spawn_error
         self.spawns.append((list(argv), dict(env)))
+        self.cwds.append(cwd)
         self.next_pid += 1
         g = self.gens.get(number)
         if g is not None and not g.hung_up:  # --multi: another copy, same notify group
@@ -141,9 +144,10 @@ class FakeSystem:
         return path or f"/bin/{argv[0]}"
 
     def exec_in_place(self, number: int, new_number: int, pid: int, path: str,
-                      argv: list[str], env: dict[str, str]) -> None:
+                      argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         self.events.append(f"exec {number} -> {new_number}")
         self.execs.append((list(argv), dict(env)))
+        self.exec_cwds.append(cwd)
         if self.exec_error is not None:
             raise self.exec_error
         old = self.gens[number]
@@ -155,12 +159,13 @@ class FakeSystem:
 
     # -- following a root's exit (exec mode with --drain-signal) ----------------
     def follow_exit(self, number: int, new_number: int, pid: int, path: str,
-                    argv: list[str], env: dict[str, str]) -> None:
+                    argv: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         self.events.append(f"follow {number}")
         if self.follow_error is not None:
             raise self.follow_error
         self.following[number] = new_number
         self.execs.append((list(argv), dict(env)))
+        self.exec_cwds.append(cwd)
 
     def exit_followed(self, number: int) -> FollowResult | None:
         got = self.follow_results.pop(number, None)

@@ -44,6 +44,8 @@ class SYS(IntEnum):
     exit = 60
     wait4 = 61
     fcntl = 72
+    chdir = 80
+    fchdir = 81
     unlink = 87
     prctl = 157
     gettid = 186
@@ -51,6 +53,7 @@ class SYS(IntEnum):
     restart_syscall = 219
     epoll_ctl = 233
     tgkill = 234
+    openat = 257
     unlinkat = 263
     exit_group = 231
     accept4 = 288

@@ -407,13 +407,18 @@ def exec_image(base: int, path: bytes, argv: Sequence[bytes],
 
 
 def exec_in_place(pid: int, argv: Sequence[bytes], envp: Sequence[bytes], *,
-                  path: bytes | None = None, timeout: float = 5.0) -> None:
-    """Make process ``pid`` execve ``path`` (default ``argv[0]``) with ``argv`` and ``envp``.
+                  path: bytes | None = None, cwd: bytes | None = None,
+                  timeout: float = 5.0) -> None:
+    """Make process ``pid`` execve ``path`` (default ``argv[0]``) with ``argv`` and ``envp``,
+    in directory ``cwd`` if given (a chdir by that path first: ``hupt run --chdir``).
 
     Its fds 0-2 are passed on, every other fd is closed by the exec.  On
-    failure (InjectionError with execve's errno) the process runs on as before.
+    failure (InjectionError with the chdir's or execve's errno) the process
+    runs on as before, in its old working directory.
     """
     exe = path if path is not None else argv[0]
+    if cwd is not None and b"\0" in cwd:
+        raise ValueError("a directory cannot contain NUL bytes")
     with Tracee.seize(pid, timeout=timeout, options=PTRACE_O_TRACEEXEC) as t:
         flags = {fd: procfs.fd_flags(pid, fd) for fd in _open_fds(pid)}
         t.syscall(SYS.close_range, 3, CLOSE_RANGE_MAX_FD, CLOSE_RANGE_CLOEXEC,
@@ -424,10 +429,30 @@ def exec_in_place(pid: int, argv: Sequence[bytes], envp: Sequence[bytes], *,
         _set_cloexec(t, stdio, False)
         t.on_rollback("close-on-exec of stdio", partial(_set_cloexec, t, stdio, True))
         size = len(exec_image(0, exe, argv, envp)[0])
-        with t.scratch(size) as base:
+        extra = len(cwd) + 3 if cwd is not None else 0
+        with t.scratch(size + extra) as base:
             blob, path_addr, argv_addr, envp_addr = exec_image(base, exe, argv, envp)
             t.write(base, blob)
+            if cwd is not None:
+                _enter(t, base + len(blob), cwd)
             t.execve(path_addr, argv_addr, envp_addr)
+
+
+AT_FDCWD = -100
+
+
+def _enter(t: Tracee, at: int, cwd: bytes) -> None:
+    """chdir(cwd) in the tracee (``at``: scratch room for the strings), undone if the
+    block fails: the old directory is kept open (close-on-exec) to fchdir back to."""
+    t.write(at, cwd + b"\0.\0")
+    dot = at + len(cwd) + 1
+    old = t.syscall(SYS.openat, AT_FDCWD, dot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                    op="open its working directory")
+    t.on_rollback("the working directory's fd", partial(t.syscall, SYS.close, old,
+                                                         op=f"close({old})"))
+    t.syscall(SYS.chdir, at, op=f"chdir {os.fsdecode(cwd)}")
+    t.on_rollback("the working directory", partial(t.syscall, SYS.fchdir, old,
+                                                   op=f"fchdir({old})"))
 
 
 def _open_fds(pid: int) -> list[int]:

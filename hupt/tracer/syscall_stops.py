@@ -169,13 +169,16 @@ class ExitToExec:
     """The root process of a draining generation, traced until its exit becomes an exec."""
 
     def __init__(self, pid: int, path: bytes, argv: Sequence[bytes], envp: Sequence[bytes], *,
-                 timeout: float = 5.0) -> None:
+                 cwd: bytes | None = None, timeout: float = 5.0) -> None:
         # Built now, so that a NUL byte is refused before anything is touched.
         from hupt.tracer.accepting import exec_image
 
         exec_image(0, path, argv, envp)
+        if cwd is not None and b"\0" in cwd:
+            raise ValueError("a directory cannot contain NUL bytes")
         self.pid = pid
         self._path, self._argv, self._envp = path, list(argv), list(envp)
+        self._cwd = cwd  # entered (chdir) just before the execve: hupt run --chdir
         self.timeout = timeout
         self.phase = Phase.NEW
         self._threads: dict[int, _Thread] = {}
@@ -386,7 +389,9 @@ class ExitToExec:
         if res < 0:
             raise KernelError(-res, "close_range(CLOSE_RANGE_CLOEXEC)", f"thread {th.tid}")
         size = len(exec_image(0, self._path, self._argv, self._envp)[0])
-        length = max(PAGE, -(-(size + 8 + 3 * KERNEL_SIGACTION.size) // PAGE) * PAGE)
+        cwd = self._cwd
+        extra = 3 * KERNEL_SIGACTION.size + (len(cwd) + 1 if cwd is not None else 0)
+        length = max(PAGE, -(-(size + 8 + extra) // PAGE) * PAGE)
         addr = self._run(th, entry, SYS.mmap, 0, length, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS, -1 & pt.U64, 0)
         if -MAX_ERRNO <= pt.signed(addr) < 0:
@@ -397,6 +402,13 @@ class ExitToExec:
             mem.write(addr, blob)
             if stale:
                 self._discard(th, entry, mem, addr + -(-len(blob) // 8) * 8, stale)
+            if cwd is not None:
+                # No way back is needed: if the exec fails, the process exits as it meant to.
+                at = addr + -(-len(blob) // 8) * 8 + 3 * KERNEL_SIGACTION.size
+                mem.write(at, cwd + b"\0")
+                res = self._run(th, entry, SYS.chdir, at)
+                if res < 0:
+                    raise KernelError(-res, f"chdir {os.fsdecode(cwd)}", f"thread {th.tid}")
         late = self._fatal_pending(th.tid)
         if late:
             raise KernelError(errno.EAGAIN, "exec", f"{signal_names(late)} pending")

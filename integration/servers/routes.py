@@ -3,6 +3,8 @@
     /           "ok pid=<pid> tag=<$HUPT_TEST_TAG>\\n"   (which generation served)
     /pid        "<pid>\\n"
     /slow?ms=N  sleep N ms, then answer like "/"       (an in-flight request)
+    /whoami     JSON: pid, cwd, argv, the DEPLOY_* environment variables and the
+                contents of ./RELEASE (null if none): what a deploy changed
 
 The pid is read per request, not at import, so a forked or re-executed
 generation reports itself.
@@ -10,7 +12,9 @@ generation reports itself.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +34,15 @@ def respond(target: str) -> tuple[int, bytes]:
         return 200, ok_body()
     if url.path == "/pid":
         return 200, f"{os.getpid()}\n".encode()
+    if url.path == "/whoami":
+        try:
+            with open("RELEASE") as f:
+                release: str | None = f.read().strip()
+        except OSError:
+            release = None
+        return 200, json.dumps({
+            "pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv, "release": release,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("DEPLOY_")}}).encode()
     if url.path == "/slow":
         try:
             ms = int(parse_qs(url.query).get("ms", ["0"])[0])
