@@ -57,6 +57,7 @@ import compileall
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -455,6 +456,41 @@ class Runner:
         if not printed:
             raise RuntimeError(f"date printed nothing:\n{proc.log()}")
         return (int(printed[0]) - t0) / 1e6
+
+    def command_ms(self, argv: Sequence[str], timeout: float = 20.0) -> float:
+        """Wall ms of a command, launch to exit (a CLI command's whole cost); stdout and
+        stderr to files, as every command here."""
+        with self.cpus.on(self.cpus.server):
+            t0 = time.perf_counter()
+            proc = self.procs.spawn(argv, name="cli", env=self.hupt_env, cwd=self.hupt_cwd)
+        # Popen.wait(timeout) polls (sleeps up to 50 ms between looks): a pidfd says
+        # at once.
+        fd = os.pidfd_open(proc.pid)
+        try:
+            exited = select.select([fd], [], [], timeout)[0]
+            end = time.perf_counter()
+        finally:
+            os.close(fd)
+        if not exited:
+            self.stop(proc)
+            raise RuntimeError(f"{argv} did not exit within {timeout:g} s")
+        proc.popen.wait()
+        return (end - t0) * 1000
+
+    def idle_hupt(self, name: str) -> Started:
+        """A `hupt run --name NAME` of a server that does nothing, for control commands;
+        returned once its control socket answers."""
+        proc = self.procs.hupt("--name", name, cmd=["sleep", "3600"], env=self.hupt_env,
+                               cwd=self.hupt_cwd)
+        deadline = time.monotonic() + 20
+        while subprocess.run([sys.executable, "-m", "hupt", "status", name],
+                             capture_output=True, env={**hupt_env(os.environ),
+                                                       **(self.hupt_env or {})},
+                             cwd=self.hupt_cwd).returncode != 0:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"hupt run --name {name} did not answer:\n{proc.log()}")
+            time.sleep(0.05)
+        return proc
 
     def python_startup(self, timeout: float = 20.0) -> float:
         """ms from launching the interpreter to its first statement (site included)."""

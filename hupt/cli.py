@@ -421,9 +421,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
                          "one process)")
     from hupt.control import ensure_runtime_dir
+    from hupt.launch import abandon, start_first
     from hupt.linux import LinuxSystem
-    from hupt.sdnotify import Notifier
-    from hupt.supervisor import Options, Supervisor
+    from hupt.options import Options
     from hupt.system import become_subreaper
 
     chdir, env_file = _deploy_paths(args)
@@ -441,11 +441,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                    after_reload=args.after_reload, close_idle_ms=args.close_idle,
                    multi=args.multi, metrics=args.metrics,
                    metrics_allow_remote=args.metrics_allow_remote)
-    sup = Supervisor(LinuxSystem(exec_mode=args.exec_mode), opts, notifier=Notifier())
-    # Taken for good (atomically) when the control socket opens, before generation 1.
-    sup.endpoint.name = args.name
+    system = LinuxSystem(exec_mode=args.exec_mode)
     named = f" as {args.name!r}" if args.name else ""
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}{named}")
+    # Generation 1 starts before the supervisor is even imported, which happens
+    # while the server starts (hupt/launch.py); the name is taken for good
+    # (atomically) with the control socket, before generation 1. Not with
+    # --metrics: a refused or taken address must start nothing, and its
+    # endpoint is the supervisor's (it opens before generation 1, as before).
+    first = start_first(system, opts, name=args.name) if opts.metrics is None else None
+    try:
+        from hupt.sdnotify import Notifier
+        from hupt.supervisor import Supervisor
+
+        sup = Supervisor(system, opts, notifier=Notifier(), first=first)
+        sup.endpoint.name = args.name
+    except BaseException:
+        if first is not None:
+            abandon(first)
+        raise
     return sup.run()
 
 
@@ -531,33 +545,19 @@ def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
     from hupt import control
 
     start = time.monotonic()
-    status = None
-    if sys.stderr.isatty():
-        from rich.console import Console
-
-        console = Console(stderr=True, highlight=False)
-        status = console.status(f"{verb} (hupt {hupt_pid})")
-        status.start()
-    try:
-        for msg in control.request(hupt_pid, cmd, timeout=timeout):
-            t = f"{(time.monotonic() - start) * 1000:7.0f} ms"
-            if msg.get("event") == "progress":
-                if status is not None:
-                    status.console.print(f"[dim]{t}[/] {msg['message']}")
-                else:
-                    print(f"{t} {msg['message']}", file=sys.stderr)
-            elif msg.get("event") == "result":
-                if status is not None:
-                    status.stop()
-                    status = None
-                if msg.get("ok"):
-                    print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
-                    return 0
-                _fail(f"{verb} failed: {_explain(str(msg.get('reason', 'unknown reason')))}")
-                return EXIT_FAILED
-    finally:
-        if status is not None:
-            status.stop()
+    # On a terminal the timings are dim; no rich: a control round trip should
+    # cost little more than starting the interpreter (issue 14).
+    dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
+    for msg in control.request(hupt_pid, cmd, timeout=timeout):
+        t = f"{(time.monotonic() - start) * 1000:7.0f} ms"
+        if msg.get("event") == "progress":
+            print(f"{dim}{t}{plain} {msg['message']}", file=sys.stderr, flush=True)
+        elif msg.get("event") == "result":
+            if msg.get("ok"):
+                print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
+                return 0
+            _fail(f"{verb} failed: {_explain(str(msg.get('reason', 'unknown reason')))}")
+            return EXIT_FAILED
     return EXIT_FAILED
 
 

@@ -33,7 +33,7 @@ import selectors
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hupt import fdlimit, log
-from hupt.control import ControlServer, Message, Peer, version
+from hupt.control import ControlServer, Message, Peer, listen_as, version
 from hupt.loop import Loop
 from hupt.upgrade import PeerWaiter, Waiter
 
@@ -90,16 +90,10 @@ class ControlEndpoint:
         self._at_limit = False
         loop.add_timer("control", self)
 
-    def open(self) -> None:
-        """Listen; with a name, take it (UsageError if a live hupt has it: nothing started)."""
-        server = ControlServer()
-        if self.name is not None:
-            try:
-                server.claim_name(self.name)
-            except BaseException:
-                server.close()
-                raise
-        self._server = server
+    def open(self, server: ControlServer | None = None) -> None:
+        """Listen; with a name, take it (UsageError if a live hupt has it: nothing started).
+        ``server``: one opened already, its name taken (hupt/launch.py's start_first)."""
+        self._server = server if server is not None else listen_as(self.name)
         self._listen()
         for pid in self.aliases:
             self._server.alias(pid)

@@ -26,26 +26,31 @@ How they stop (pause, drain, retire) is hupt/draining.py.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hupt import log
 from hupt.address import Address
-from hupt.command import Change, environment
-from hupt.control import ensure_runtime_dir
 from hupt.errors import HuptError
 from hupt.generations import Generation, State
+from hupt.launch import (
+    Launch,
+    Started,
+    generation_env,
+    launch_of,
+    start_generation,
+    unlink_files,
+)
 from hupt.loop import Loop
-from hupt.sdnotify import Listener
 from hupt.system import Followed, FollowResult, System
 
 if TYPE_CHECKING:
+    from hupt.command import Change
     from hupt.options import Options
+    from hupt.sdnotify import Listener
 
 MEMBERS_POLL = 1.0
 MEMBERS_IDLE_POLL = 10.0
@@ -55,17 +60,6 @@ KEEP_EXITED = 10
 SCAN_ROUNDS = 4
 SCAN_RETRY = 0.1
 # A drain still going after this long says what holds it, once.
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What a new generation runs: the command as it is now, with a reload's change."""
-
-    argv: list[str]
-    env: dict[str, str]  # before hupt's own additions (HUPT_GEN, NOTIFY_SOCKET)
-    program: str | None  # the file to execve when argv[0] does not name it (attach)
-    cwd: str | None  # where it starts and its program is looked up (None: hupt's)
-    chdir: str | None  # --chdir: entered by path at each start, an exec's too
 
 
 @dataclass
@@ -176,17 +170,7 @@ class Fleet:
     def launch(self, change: Change | None = None) -> Launch:
         """What a generation started now runs: the command, ``change`` applied, the
         env file read again (raises HuptError in one line if it cannot be used)."""
-        o = self.opts
-        if o.chdir is not None and not os.path.isdir(o.chdir):
-            raise HuptError(f"--chdir {o.chdir}: no such directory")
-        argv, program = o.argv, o.program
-        changes = o.env_changes
-        if change is not None:
-            if change.argv is not None:
-                argv, program = change.argv, None  # looked up by its own argv[0]
-            changes = change.changes(changes)
-        env = environment(o.env, o.env_file, changes)
-        return Launch(list(argv), env, program, o.chdir or o.cwd, o.chdir)
+        return launch_of(self.opts, change)
 
     def commit(self, change: Change) -> None:
         """A reload with ``change`` succeeded: it is the command from now on."""
@@ -200,19 +184,18 @@ class Fleet:
     # -- new generations --------------------------------------------------------
     def spawn(self, copies: int = 1, launch: Launch | None = None) -> Generation:
         """Start the command as a new generation (raises HuptError if it cannot start)."""
-        la = launch or self.launch()
-        number = self.next_number()
-        self._unlink_files()
-        env, ready = self._env(number, la.env)
-        try:
-            pid, fd = self._start_copy(number, env, la.argv, la.program, la.cwd)
-        except HuptError:
-            if ready is not None:
-                ready.close()
-            raise
-        gen = Generation(number, pid, self.sys.now(), pids={pid}, copies=[pid], env=env,
-                         ready_socket=ready, argv=list(la.argv), program=la.program,
-                         cwd=la.cwd)
+        started = start_generation(self.sys, self.opts, self.next_number(),
+                                   launch or self.launch())
+        return self.record(started, copies)
+
+    def record(self, started: Started, copies: int = 1) -> Generation:
+        """A generation just spawned (by ``spawn``, or by hupt run before the
+        supervisor existed) is watched, and its other copies are started."""
+        pid, la = started.pid, started.launch
+        number, fd = started.number, started.fd
+        gen = Generation(number, pid, self.sys.now(), pids={pid}, copies=[pid],
+                         env=started.env, ready_socket=started.ready, argv=list(la.argv),
+                         program=la.program, cwd=la.cwd)
         self.gens.append(gen)
         self._watch(gen, fd, None)
         log.debug(f"spawned {gen}")
@@ -252,8 +235,8 @@ class Fleet:
         its --chdir); the new image is a new generation with the same root pid, which
         takes over ``old``'s watch (raises HuptError)."""
         number = self.next_number()
-        self._unlink_files()
-        env, ready = self._env(number, launch.env)
+        unlink_files(self.opts)
+        env, ready = generation_env(self.opts, number, launch.env)
         try:
             self.sys.exec_in_place(old.number, number, old.pid, path, launch.argv, env,
                                    cwd=launch.chdir)
@@ -268,8 +251,8 @@ class Fleet:
         which becomes the exec of ``path`` with ``launch`` (raises HuptError if it
         cannot be)."""
         number = self.next_number()
-        self._unlink_files()
-        env, ready = self._env(number, launch.env)
+        unlink_files(self.opts)
+        env, ready = generation_env(self.opts, number, launch.env)
         try:
             self.sys.follow_exit(old.number, number, old.pid, path, launch.argv, env,
                                  cwd=launch.chdir)
@@ -313,23 +296,6 @@ class Fleet:
         if program is not None:  # argv[0] does not name it (attach)
             argv = [program, *argv[1:]]
         return self.sys.spawn(number, argv, env, cwd)
-
-    def _env(self, number: int, base: dict[str, str]) -> tuple[dict[str, str], Listener | None]:
-        """Generation ``number``'s environment, spawned or exec'd: ``base`` (the
-        command's), with --ready notify a NOTIFY_SOCKET of hupt's own."""
-        env = dict(base)
-        if self.opts.ready.kind != "notify":
-            return env, None
-        directory = ensure_runtime_dir()  # checked: never a symlink, never someone else's
-        listener = Listener(directory, f"{os.getpid()}.{number}.notify")
-        env["NOTIFY_SOCKET"] = listener.path
-        return env, listener
-
-    def _unlink_files(self) -> None:
-        """--unlink: what a generation must not find when it starts (a stale pidfile)."""
-        for path in self.opts.unlink:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
     # -- watching -------------------------------------------------------------------
     def _watch(self, gen: Generation, notify_fd: int | None, exit_fd: int | None) -> None:

@@ -1,11 +1,11 @@
-"""hupt's own messages: on stderr, coloured with rich on a terminal, plain lines otherwise.
+"""hupt's own messages: on stderr, coloured on a terminal, plain lines otherwise.
 
 The server's stdout and stderr pass through untouched; hupt never writes to
 stdout from ``hupt run`` so a server's output can be piped as before.  Plain
 lines carry a timestamp and "hupt[PID]:" so they can be told apart from the
-server's in a journal.  rich is imported only when stderr is a terminal:
-it costs tens of milliseconds that ``hupt run`` should not spend before the
-server starts.
+server's in a journal.  Colours are ANSI escapes written directly: rich
+would cost tens of milliseconds that ``hupt run`` should not spend before
+the server starts, even on a terminal.
 
 One error repeating (a fault hit at every wake-up, a flood of bad control
 requests) must not grow a log without bound: of identical lines (same kind
@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
 
-_console: Any = None
 _verbose = False
 _is_tty = sys.stderr.isatty()
-_STYLE = {"info": "cyan", "ok": "green", "warn": "yellow", "error": "bold red", "debug": "dim"}
+# SGR codes: cyan, green, yellow, bold red, dim.
+_STYLE = {"info": "36", "ok": "32", "warn": "33", "error": "1;31", "debug": "2"}
 
 REPEAT_WINDOW = 10.0
 REPEAT_BURST = 5
@@ -46,10 +45,9 @@ _seen: dict[tuple[str, str], _Seen] = {}
 
 
 def configure(*, verbose: bool = False, color: bool | None = None) -> None:
-    global _console, _verbose, _is_tty
+    global _verbose, _is_tty
     _verbose = verbose or bool(os.environ.get("HUPT_DEBUG"))
     _is_tty = sys.stderr.isatty() if color is None else color
-    _console = None
     _seen.clear()  # a fresh start: nothing counted
 
 
@@ -91,26 +89,17 @@ def flush() -> None:
 
 
 def _write(kind: str, msg: str) -> None:
-    global _console
     # A message that cannot be written (the terminal hung up, stderr closed)
     # must never take the supervisor, and so the servers' handoffs, down.
     try:
         if _is_tty:
-            if _console is None:
-                from rich.console import Console
-
-                _console = Console(stderr=True, highlight=False)
-            _console.print(f"[{_STYLE[kind]}]hupt[/]: {_escape(msg)}", style=None)
-            return
-        stamp = time.strftime("%H:%M:%S")
-        sys.stderr.write(f"{stamp} hupt[{os.getpid()}]: {kind}: {msg}\n")
+            line = f"\x1b[{_STYLE[kind]}mhupt\x1b[0m: {msg}\n"
+        else:
+            line = f"{time.strftime('%H:%M:%S')} hupt[{os.getpid()}]: {kind}: {msg}\n"
+        sys.stderr.write(line)
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-
-
-def _escape(msg: str) -> str:
-    return msg.replace("[", r"\[")
 
 
 def info(msg: str) -> None:

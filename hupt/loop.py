@@ -34,7 +34,6 @@ import functools
 import math
 import os
 import selectors
-import traceback
 from collections.abc import Callable
 from typing import Protocol
 
@@ -172,6 +171,8 @@ class Loop:
         except InvariantViolation:
             raise
         except Exception:
+            import traceback
+
             log.error(f"internal error {where} (a bug in hupt; please report it):\n"
                       + traceback.format_exc().rstrip())
 

@@ -129,12 +129,12 @@ def _named(inst: dict[str, Any]) -> str:
 
 
 def render(doc: dict[str, Any]) -> None:
-    """Tables on a terminal (rich), plain text otherwise."""
+    """Tables on a terminal, plain text otherwise."""
     if not doc["instances"]:
         print("no hupt instance of this user is running", file=sys.stderr)
         return
     if sys.stdout.isatty():
-        _render_rich(doc)
+        _render_tty(doc)
     else:
         _render_plain(doc)
 
@@ -186,48 +186,61 @@ def _render_plain(doc: dict[str, Any]) -> None:
                   f"{r['duration_ms']:.0f} ms  {r['reason']}")
 
 
-def _render_rich(doc: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+_STYLE = {"serving": "32", "starting": "36", "draining": "33", "retiring": "33",
+          "failed": "31", "exited": "2"}
 
-    console = Console()
-    style = {"serving": "green", "starting": "cyan", "draining": "yellow",
-             "retiring": "yellow", "failed": "red", "exited": "dim"}
+
+def _ansi(code: str, text: str) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if code else text
+
+
+def _table(headers: list[str], rows: list[list[tuple[str, str]]]) -> list[str]:
+    """Aligned columns, headers bold; each cell is (text, ANSI style code)."""
+    widths = [max([len(h), *(len(r[i][0]) for r in rows)]) for i, h in enumerate(headers)]
+    widths[-1] = 0  # the last column is not padded
+    out = []
+    for r in [[(h, "1") for h in headers], *rows]:
+        out.append("  ".join(_ansi(code, text.ljust(w)) for (text, code), w
+                             in zip(r, widths, strict=True)))
+    return out
+
+
+def _render_tty(doc: dict[str, Any]) -> None:
+    """Tables for a person at a terminal (without rich: hupt status starts fast)."""
     for inst in doc["instances"]:
-        console.print(f"[bold]hupt {inst['hupt_pid']}{escape(_named(inst))}[/] {inst['mode']} "
-                      f"mode, {inst['state']}, up {_age(inst['uptime_s'])}: "
-                      f"[cyan]{' '.join(inst['command'])}[/]")
+        head = f"hupt {inst['hupt_pid']}{_named(inst)}"
+        print(f"{_ansi('1', head)} {inst['mode']} mode, {inst['state']}, up "
+              f"{_age(inst['uptime_s'])}: "
+              f"{_ansi('36', ' '.join(inst['command']))}")
         for line in _deploy(inst):
-            console.print(f"[dim]{escape(line)}[/]")
-        t = Table("gen", "state", "pid", "processes", "age", "in flight", "draining",
-                  "listening", box=None, pad_edge=False)
+            print(_ansi("2", line))
+        rows = []
         for g in inst["generations"]:
             st = g["state"]
             took = g.get("draining_s")
-            t.add_row(str(g["number"]), f"[{style.get(st, '')}]{st}[/]", str(g["pid"]),
-                      str(len(g["pids"])), _age(g["age_s"]),
-                      "-" if g["in_flight"] is None else str(g["in_flight"]),
-                      "-" if took is None else _age(took),
-                      ", ".join(g["listening"])
-                      + (f" (runs {escape(other)})" if (other := _other_command(inst, g))
-                         else ""))
-        console.print(t)
+            listening = ", ".join(g["listening"])
+            other = _other_command(inst, g)
+            rows.append([(str(g["number"]), ""), (st, _STYLE.get(st, "")), (str(g["pid"]), ""),
+                         (str(len(g["pids"])), ""), (_age(g["age_s"]), ""),
+                         ("-" if g["in_flight"] is None else str(g["in_flight"]), ""),
+                         ("-" if took is None else _age(took), ""),
+                         (listening + (f" (runs {other})" if other else ""), "")])
+        for line in _table(["gen", "state", "pid", "processes", "age", "in flight",
+                            "draining", "listening"], rows):
+            print(line)
         for line in _holdups(inst):
-            console.print(f"[yellow]{line}[/]")
-        lt = Table("listener", "queued", "backlog", box=None, pad_edge=False)
-        for listener in inst["listeners"]:
-            lt.add_row(listener["address"], _or_dash(listener["queued"]),
-                       _or_dash(listener["backlog"]))
-        console.print(lt)
+            print(_ansi("33", line))
+        print("\n".join(_table(["listener", "queued", "backlog"], [
+            [(lst["address"], ""), (_or_dash(lst["queued"]), ""), (_or_dash(lst["backlog"]), "")]
+            for lst in inst["listeners"]])))
         if inst["reloads"]:
-            rt = Table("reload at", "took", "outcome", box=None, pad_edge=False)
+            rows = []
             for r in inst["reloads"][-5:]:
                 when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
-                outcome = "[green]ok[/]" if r["ok"] else f"[red]failed[/]: {r['reason']}"
-                rt.add_row(when, f"{r['duration_ms']:.0f} ms", outcome)
-            console.print(rt)
-        console.print()
+                outcome = ("ok", "32") if r["ok"] else (f"failed: {r['reason']}", "31")
+                rows.append([(when, ""), (f"{r['duration_ms']:.0f} ms", ""), outcome])
+            print("\n".join(_table(["reload at", "took", "outcome"], rows)))
+        print()
 
 
 def dump(doc: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ from hupt.watch import Watcher
 
 if TYPE_CHECKING:
     from hupt.command import Change
+    from hupt.launch import First
 
 __all__ = ["FORWARDED", "KEEP_EXITED", "Options", "Supervisor", "Waiter", "filtered_calls",
            "servers_env"]
@@ -97,9 +98,11 @@ class _FileWatch:
 
 class Supervisor:
     def __init__(self, system: System, options: Options, *, control: bool = True,
-                 notifier: ServiceManager | None = None) -> None:
+                 notifier: ServiceManager | None = None, first: First | None = None) -> None:
         self.sys = system
         self.opts = options
+        # hupt run: generation 1, started before this was built (hupt/launch.py).
+        self._first = first
         self.stopping = False
         self.exit_code: int | None = None
         self.started_at = time.time()
@@ -186,11 +189,17 @@ class Supervisor:
 
     # -- entry points --------------------------------------------------------------------
     def start(self) -> None:
-        """Start generation 1 (raises HuptError if it cannot start)."""
-        if self.opts.pidfile:
-            write_pidfile(self.opts.pidfile, os.getpid())  # one line if it cannot be
-            self._pidfile_written = True
-        gen = self.fleet.spawn()
+        """Start generation 1 (raises HuptError if it cannot start), or take the one
+        hupt run started already."""
+        first, self._first = self._first, None
+        if first is not None:
+            self._pidfile_written = first.pidfile is not None
+            gen = self.fleet.record(first.started)
+        else:
+            if self.opts.pidfile:
+                write_pidfile(self.opts.pidfile, os.getpid())  # one line if it cannot be
+                self._pidfile_written = True
+            gen = self.fleet.spawn()
         gen.to(State.SERVING)
         gen.ready_at = self.sys.now()
         self.fleet.current = gen
@@ -310,14 +319,18 @@ class Supervisor:
         handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2,
                    *FORWARDED)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
-        # hupt attach blocks them while it takes the server over (a default
-        # SIGTERM then would leave the server with a filter nobody answers);
-        # those that came meanwhile are delivered now, to the handler.
+        # hupt attach blocks them while it takes the server over, hupt run while
+        # generation 1 starts before the supervisor is built (a default SIGTERM
+        # then would leave the server with a filter nobody answers); those that
+        # came meanwhile are delivered now, to the handler.
+        first = self._first
+        if first is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, first.mask)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         self.loop.add(rfd, lambda mask: _drain_pipe(rfd))
         try:
             if self._control:
-                self.endpoint.open()
+                self.endpoint.open(first.control if first is not None else None)
             self.open_metrics()
             if self.fleet.current is None:
                 self.start()

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from hupt.address import Address
 from hupt.errors import HuptError
-from hupt.tracer import pidfd, procfs, subreaper
 
 if TYPE_CHECKING:
     from hupt.tracer.attach import AttachRefused as AttachRefused
@@ -182,6 +181,8 @@ def become_subreaper() -> None:
     it by walking down from hupt's children, and ``hupt reload PID`` finds
     hupt by walking up from any of the server's processes.
     """
+    from hupt.tracer import subreaper
+
     subreaper.become_subreaper()
 
 
@@ -191,6 +192,8 @@ def watch_exit(pid: int) -> int:
     Unlike the pid it never names a process that reused it.  The caller closes
     it; HuptError if ``pid`` is gone or not ours to watch.
     """
+    from hupt.tracer import pidfd
+
     return pidfd.pidfd_open(pid)
 
 
@@ -205,6 +208,8 @@ def procname(pid: int) -> str:
 
 def parent_of(pid: int) -> int:
     """The parent process id of ``pid``; HuptError if it cannot be read (gone)."""
+    from hupt.tracer import procfs
+
     return procfs.ppid_of(pid)
 
 

@@ -44,8 +44,9 @@ from hupt.generations import Generation
 if TYPE_CHECKING:
     from hupt.command import Change
     from hupt.control import Peer
-    from hupt.fleet import Launch, PendingExec
+    from hupt.fleet import PendingExec
     from hupt.hooks import Hook
+    from hupt.launch import Launch
     from hupt.readiness import ReadinessCheck
 
 

@@ -8,14 +8,25 @@ point covers them all; its result is checked here and nowhere else.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 from typing import Any
 
 from hupt.errors import from_errno
 from hupt.tracer.abi import SYS
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    """glibc by its soname; else whatever libc find_library names.  Not find_library
+    first: on Linux it runs ``ldconfig -p`` (a process, milliseconds) at every start."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 

@@ -1,0 +1,113 @@
+"""A CLI that starts fast (issue 14 item 10), against real processes.
+
+Asserted: `hupt status PID` and `hupt reload PID` talk to a live hupt without
+importing rich, pyroute2, python-ptrace, hupt's tracer or supervisor;
+`hupt run` starts generation 1 before it imports the supervisor (what it
+has imported when it forks the server is bounded), and the server it
+started that early is supervised as any other (reloaded, stopped); a TERM
+that reaches hupt in that window is a graceful stop, not a dead hupt with a
+server nobody answers.  Wall times are bench/bench.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import Procs, Started, free_port, health_cmd, hupt_cli, hupt_env, wait_listening
+from load import Target
+
+pytestmark = pytest.mark.root
+
+# Never needed by a control round trip (prefixes).
+CONTROL_HEAVY = ("rich", "pyroute2", "ptrace", "ctypes", "importlib.metadata", "hupt.tracer",
+                 "hupt.supervisor", "hupt.linux", "hupt.fleet", "hupt.reload")
+# Imported by hupt run only once generation 1 has started.
+AFTER_THE_EXEC = ("rich", "pyroute2", "ptrace", "importlib.metadata", "hupt.supervisor",
+                  "hupt.fleet", "hupt.reload", "hupt.upgrade", "hupt.endpoint", "hupt.draining",
+                  "hupt.announce", "hupt.hooks", "hupt.revive", "hupt.detach", "hupt.watch",
+                  "hupt.snapshot", "hupt.tracer.attach", "hupt.tracer.inject",
+                  "hupt.tracer.sockdiag", "hupt.tracer.accepting")
+
+CLI = """
+import json, sys
+from hupt import cli
+code = cli.main({argv!r})
+print("\\n" + json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
+"""
+
+# hupt run, recording what it has imported at its first fork (generation 1's);
+# with TERM, it also sends itself SIGTERM right after that fork.
+RUN = """
+import json, os, signal, sys
+real = os.fork
+def fork():
+    os.fork = real
+    with open({out!r}, "w") as f:
+        json.dump(sorted(sys.modules), f)
+    pid = real()
+    if pid and {term!r}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return pid
+os.fork = fork
+from hupt import cli
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def heavy(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in names)]
+
+
+def cli_modules(*argv: str) -> tuple[int, list[str]]:
+    r = subprocess.run([sys.executable, "-c", CLI.format(argv=list(argv))], capture_output=True,
+                       text=True, timeout=60, env=hupt_env(os.environ), stdin=subprocess.DEVNULL)
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    return int(doc["code"]), list(doc["modules"])
+
+
+def start_recorded(procs: Procs, tmp_path: Path, *,
+                   term: bool = False) -> tuple[Started, Target, Path]:
+    target: Target = ("127.0.0.1", free_port())
+    out = tmp_path / "modules.json"
+    argv = ["run", "--", *health_cmd(target)]
+    h = procs.spawn([sys.executable, "-c", RUN.format(out=str(out), term=term, argv=argv)],
+                    name="hupt")
+    return h, target, out
+
+
+def test_hupt_run_starts_the_server_before_it_imports_the_supervisor(
+        procs: Procs, tmp_path: Path) -> None:
+    h, target, out = start_recorded(procs, tmp_path)
+    wait_listening(target, 20, proc=h)
+    before = json.loads(out.read_text())
+    assert heavy(before, AFTER_THE_EXEC) == [], "imported before generation 1's exec"
+    assert "hupt.tracer.spawn" in before
+    # Supervised as any generation: reloaded, shown, stopped.
+    pid = h.pid
+    code, modules = cli_modules("reload", str(pid))
+    assert code == 0
+    assert heavy(modules, CONTROL_HEAVY) == [], "hupt reload PID"
+    code, modules = cli_modules("status", str(pid))
+    assert code == 0
+    assert heavy(modules, CONTROL_HEAVY) == [], "hupt status PID"
+    r = hupt_cli("status", "--json", str(pid))
+    (inst,) = json.loads(r.stdout)["instances"]
+    assert [g["state"] for g in inst["generations"]][-1] == "serving"
+    assert [r["ok"] for r in inst["reloads"]] == [True]
+    r = hupt_cli("stop", str(pid), timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert h.popen.wait(10) == 0
+
+
+def test_a_term_while_hupt_run_is_still_starting_is_a_graceful_stop(
+        procs: Procs, tmp_path: Path) -> None:
+    h, _target, _out = start_recorded(procs, tmp_path, term=True)
+    assert h.popen.wait(20) == 0
+    err = h.err.read_text()
+    assert "Traceback" not in err, err
+    assert "stopping" in err, err  # and the server stopped with it: procs.finish checks
