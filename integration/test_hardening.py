@@ -53,7 +53,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches users: needs
 # modules are imported as root, then the child becomes ``uid`` and runs the CLI.
 AS_USER = """
 import os, sys
+# What the commands import lazily too (argparse's gettext needs locale):
+import argparse, gettext, json, locale, signal, socket, struct
 import hupt.cli, hupt.control, hupt.status, hupt.supervisor, hupt.linux, hupt.sdnotify
+import hupt.launch, hupt.command
 uid = int(sys.argv[1])
 os.setgroups([])
 os.setresgid(uid, uid, uid)
