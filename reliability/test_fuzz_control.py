@@ -56,6 +56,7 @@ from hupt import control, endpoint
 from reliability.common import (
     FORM,
     Record,
+    control_client,
     fd_targets,
     fds_and_rss,
     ms,
@@ -139,28 +140,7 @@ def parse(raw: bytes) -> list[dict[str, Any]]:
 
 
 def connected(h: HuptProcess, timeout: float = HANG_UP) -> socket.socket:
-    """A client connected to hupt's control socket, `timeout` on each operation.
-
-    A unix socket with a timeout is non-blocking: connect() fails with EAGAIN at
-    once while hupt's listen backlog is full (clients arriving faster than its loop
-    accepts them) instead of waiting for room as a blocking one does. It is tried
-    again, as the kernel would, until `timeout`.
-    """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            s.connect(control.socket_path(h.pid))
-            return s
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                s.close()
-                raise
-            time.sleep(0.002)
-        except BaseException:
-            s.close()
-            raise
+    return control_client(h.pid, timeout)
 
 
 def send(s: socket.socket, data: bytes) -> None:

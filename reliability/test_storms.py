@@ -1,11 +1,11 @@
 """Storms: signals and control clients by the hundred, and reloads that meet a stop.
 
-- A SIGHUP storm: bursts of SIGHUPs (300 in the short form) sent as fast as
-  kill() goes, while reloads requested over the control socket run. A SIGHUP
-  that comes while a reload is starting joins it, so the storm coalesces into
-  a few reloads; hupt answers its control socket within a second all along,
-  its log does not grow with every signal, no request fails, and one
-  generation is left in the end.
+- A SIGHUP storm: bursts of SIGHUPs (6 of 100 in the short form), as fast as
+  kill() goes or a millisecond apart, while reloads requested over the control
+  socket run back to back. A SIGHUP that comes while a reload is in progress
+  joins it, so the storm coalesces into a few reloads; hupt answers its
+  control socket within milliseconds all along, its log does not grow with
+  every signal, no request fails, and one generation is left in the end.
 - Concurrent `hupt reload` clients: rounds of six started at once. Each exits
   0 with "reload done"; those that came while a reload was starting joined it.
 - A reload meeting a stop: `hupt reload` clients and `hupt stop` at once
@@ -25,6 +25,7 @@ gets ready only when the test says so (servers/variant_server.py --wait-while).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -71,6 +72,7 @@ from reliability.common import (
 # step in the loop takes milliseconds, a /proc scan on a loaded machine a little more:
 # measured, 30 ms at most).
 RESPONSIVE = 2.0
+REPEATED = re.compile(r"repeated (\d+) times")
 
 
 def _go_hupt(procs: Procs, go_server: Path) -> tuple[HuptProcess, Target]:
@@ -92,7 +94,6 @@ def test_sighup_storm_coalesces_while_reloads_run(procs: Procs, go_server: Path,
         wait_single_generation(h)
         fds0, _ = record.start(h.pid)
         first = max(generations(h))
-        started = time.monotonic()
 
         storming = threading.Event()
         storming.set()
@@ -107,15 +108,19 @@ def test_sighup_storm_coalesces_while_reloads_run(procs: Procs, go_server: Path,
 
         reloader = Background(reloads)
         pings = []
-        for _ in range(bursts):
+        for burst in range(bursts):
+            # As fast as kill() goes (the kernel merges a SIGHUP sent while one is
+            # pending: hupt sees a few), then a millisecond apart (hupt sees most).
+            pace = 0.001 if burst % 2 else 0.0
             for _ in range(per_burst):
                 os.kill(h.pid, signal.SIGHUP)
+                if pace:
+                    time.sleep(pace)
             pings.append(ping_seconds(h))
             time.sleep(0.2)
         storming.clear()
         times = reloader.result(120)
         last = wait_single_generation(h)
-        elapsed = time.monotonic() - started
         time.sleep(0.3)
     res = load.result
     sighups = bursts * per_burst
@@ -125,20 +130,33 @@ def test_sighup_storm_coalesces_while_reloads_run(procs: Procs, go_server: Path,
     _, rss1 = fds_and_rss(h.pid)
     fds1 = settled_fds(h.pid, fds0)
     record.end(fds1, rss1)
-    logged = h.log().count("SIGHUP: reloading")
-    record.note(f"{sighups} SIGHUPs in {bursts} bursts + {len(times)} reloads: "
-                f"{new} generations; ping median {ms(median(pings))}, max {ms(max(pings))}; "
+    lines = [line for line in h.err.read_text().splitlines() if "SIGHUP: reloading" in line]
+    repeated = [int(m[1]) for line in lines if (m := REPEATED.search(line))]
+    logged = len(lines)
+    # Those the log counted; those of its last window may not be counted yet.
+    delivered = logged - len(repeated) + sum(repeated)
+    record.note(f"{sighups} SIGHUPs sent in {bursts} bursts, at least {delivered} received, "
+                f"+ {len(times)} reloads over the control socket: {new} generations; "
+                f"ping median {ms(median(pings))}, max {ms(max(pings))}; "
                 f"{logged} 'SIGHUP' log lines")
 
     assert res.failed == 0, res.summary()
     assert h.poll() is None, h.log()
+    # Every reload succeeded, those the signals started too (hupt/tracer/notify.py:
+    # a signal during NOTIF_ADDFD once failed the bind that should get the socket).
+    assert "reload failed" not in h.log(), h.log()[-3000:]
     assert max(pings) < RESPONSIVE, pings
     assert len(times) >= 2, "the reloads did not run along the storm"
-    # Coalesced: far fewer generations than signals (one per reload asked over the
-    # control socket at most, and a few per burst).
-    assert len(times) <= new <= len(times) + 3 * bursts, (new, h.log()[-3000:])
-    # The log says it a few times per window, then how many times it was repeated.
-    assert logged <= 5 * (elapsed // 10 + 2), logged
+    # Coalesced: a SIGHUP that comes while a reload is in progress joins it, and
+    # one sent while another is pending is merged by the kernel. Measured: 600 sent,
+    # 120 to 150 received, 10 generations on top of the 28 reloads asked; 10,000,
+    # over 2,000, 120 on top of 160.
+    assert len(times) <= new <= len(times) + sighups // 10, (new, h.log()[-3000:])
+    # The log grows with the reloads, not with the signals: "SIGHUP: reloading" a few
+    # times per window (log.py), then how many times it was repeated. A line that
+    # repeats makes way once 64 other lines have come (each reload writes a few), so
+    # it comes back a few times per reload storm, never once per signal.
+    assert logged <= new + 10, (logged, delivered)
     assert fds1 <= fds0, f"hupt holds {fds1 - fds0} more fds: {fd_targets(h.pid)}"
     no_traceback(h)
     stop_gracefully(h)
