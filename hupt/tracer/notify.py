@@ -21,6 +21,10 @@ this fd.  What one has to know to answer correctly:
   with SA_RESTART the syscall then comes back under a new id.  RECV,
   ID_VALID, SEND and ADDFD report ENOENT for it: ``recv`` returns None,
   ``id_valid`` False, ``send_*`` and ``addfd`` raise NotificationGone.
+* ADDFD blocks until the caller has taken the fd, and fails with EINTR if
+  hupt takes a signal meanwhile (no SA_RESTART); the kernel then withdraws
+  the request (nothing installed) unless the caller took the fd already, in
+  which case ADDFD reports that outcome instead.  An EINTR is asked again.
 * SEND's ``error`` is a negative errno; ``send_result`` takes the positive
   one.  CONTINUE runs the syscall as if unfiltered, with arguments re-read
   from the target's memory: never use it to approve something checked
@@ -130,11 +134,23 @@ class NotifyFd:
         self._send(nid, val, -error, 0)
 
     def addfd(self, nid: int, srcfd: int, newfd: int, *, cloexec: bool) -> int:
-        """Install our ``srcfd`` as fd ``newfd`` of the caller (closing what was there)."""
-        buf = bytearray(NOTIF_ADDFD.pack(nid, ADDFD_FLAG_SETFD, srcfd, newfd,
-                                         O_CLOEXEC if cloexec else 0))
-        return ioctl_buf(self.fileno(), IOCTL_NOTIF_ADDFD, buf, op="seccomp NOTIF_ADDFD",
-                         notify=True)
+        """Install our ``srcfd`` as fd ``newfd`` of the caller (closing what was there).
+
+        ADDFD waits for the caller to take the fd; a signal to hupt meanwhile (a
+        SIGHUP, a SIGCHLD: Python's handlers are installed without SA_RESTART)
+        makes it fail with EINTR, the request withdrawn and nothing installed.
+        It is asked again: an EINTR would otherwise fail a bind that should have
+        got the held socket.
+        """
+        while True:
+            buf = bytearray(NOTIF_ADDFD.pack(nid, ADDFD_FLAG_SETFD, srcfd, newfd,
+                                             O_CLOEXEC if cloexec else 0))
+            try:
+                return ioctl_buf(self.fileno(), IOCTL_NOTIF_ADDFD, buf,
+                                 op="seccomp NOTIF_ADDFD", notify=True)
+            except KernelError as e:
+                if e.errno != errno.EINTR:
+                    raise
 
     def enable_sync_wakeup(self) -> bool:
         """Ask for synchronous wake-ups (faster round trips); False if the kernel lacks them."""
