@@ -623,6 +623,26 @@ def _line(msg: Message) -> bytes:
     return json.dumps(msg).encode() + b"\n"
 
 
+def _connect(s: socket.socket, path: str, deadline: float | None) -> None:
+    """connect(), waiting for room in hupt's backlog until ``deadline``.
+
+    A unix socket with a timeout is non-blocking underneath, and its connect()
+    fails with EAGAIN at once while the listener's backlog is full (clients
+    arriving faster than hupt's loop accepts them, or hupt busy for a moment),
+    where a blocking one waits for room.  A client with a timeout waits too.
+    """
+    delay = 0.005
+    while True:
+        try:
+            s.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise TimeoutError("hupt's control backlog stayed full") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterator[Message]:
     """Send ``msg`` to the hupt with PID ``hupt_pid`` and yield its answers until the result."""
     path = socket_path(hupt_pid)
@@ -630,7 +650,7 @@ def request(hupt_pid: int, msg: Message, timeout: float | None = None) -> Iterat
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
-        s.connect(path)
+        _connect(s, path, deadline)
     except TimeoutError as e:
         s.close()
         raise ControlTimeout(f"hupt {hupt_pid} did not answer within {timeout:g} s") from e

@@ -14,8 +14,8 @@
   (none starts a generation), the request in flight is answered, and hupt
   exits 0 with nothing left behind.
 - More clients than hupt's control backlog while hupt is frozen for a moment:
-  a `hupt status` among them should wait for its answer. It does not yet
-  (marked xfail, strict: it fails loudly once fixed, to be unmarked).
+  a `hupt status` among them waits for its answer (its connect() used to fail
+  with EAGAIN at once).
 
 The static Go server runs with `--drain-signal TERM` (see test_soak.py) where
 the test is about hupt; the reload meeting a stop needs a generation that
@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from harness import (
     Background,
     HuptProcess,
@@ -266,11 +265,6 @@ def test_reloads_meeting_a_stop(procs: Procs, tmp_path: Path, record: Record) ->
 BACKLOG = 16  # hupt/control.py: ControlServer listens with this backlog
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a CLI client with a timeout (`hupt status`, `hupt reload --timeout`) connects "
-    "with a non-blocking socket, and connect() on a unix socket whose backlog is full fails "
-    "with EAGAIN at once: 'cannot reach hupt: Resource temporarily unavailable' instead of "
-    "waiting for hupt to accept, as a client without a timeout does"))
 def test_cli_waits_while_the_control_backlog_is_full(procs: Procs, go_server: Path) -> None:
     """hupt frozen for a moment (SIGSTOP: a loaded machine, a long step of its loop)
     while more clients than its listen backlog arrive: a `hupt status` among them
