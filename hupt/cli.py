@@ -1,7 +1,7 @@
 """hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``,
-``hupt status``, ``hupt completion``.  reload, stop and status name an instance
-by a PID, by its name (``hupt run --name``) or by ``--pidfile PATH``; ``-v``
-goes before or after the command's name.
+``hupt status``, ``hupt signal``, ``hupt completion``.  reload, stop, status and
+signal name an instance by a PID, by its name (``hupt run --name``) or by
+``--pidfile PATH``; ``-v`` goes before or after the command's name.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -41,7 +41,8 @@ EXIT_HELP = """\
 exit status:
   0    success (hupt run: the server's own status, 128+N if signal N ended it)
   1    the operation failed: a reload that did not produce a serving
-       generation (the old one keeps serving), a stop hupt did not finish
+       generation (the old one keeps serving), a stop hupt did not finish,
+       a signal with no generation to send it to
   2    bad usage; PID not under a hupt of this user, or no instance with
        that NAME; hupt run --name with a name in use; an unsafe runtime
        directory, pidfile or control socket refused (nothing was started)
@@ -76,8 +77,9 @@ signals to hupt: HUP reload; TERM/INT stop gracefully (a second INT stops at
 once); USR2 end every drain now. USR1, QUIT, WINCH, ALRM, IO, PWR, STKFLT and
 the real-time signals are forwarded to the serving generation's main process
 (each copy's with --multi), as if sent to the server's own PID: `kill -USR1`
-reopens its logs. Job-control signals (TSTP, TTIN, TTOU, CONT) and those the
-kernel raises for hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
+reopens its logs (`hupt signal` does it by name, and says who got it).
+Job-control signals (TSTP, TTIN, TTOU, CONT) and those the kernel raises for
+hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
 """
 
 
@@ -215,6 +217,7 @@ COMMANDS = {
     "stop": "stop a server gracefully and wait",
     "attach": "take over a running server, without restarting it",
     "status": "show generations, listeners and recent reloads",
+    "signal": "send a signal to the server's processes",
     "completion": "print a shell completion script (bash, zsh)",
 }
 
@@ -229,7 +232,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     builders = {"run": _run_parser, "reload": _reload_parser, "stop": _stop_parser,
                 "attach": _add_attach_parser, "status": _status_parser,
-                "completion": _add_completion_parser}
+                "signal": _add_signal_parser, "completion": _add_completion_parser}
     for name, help in COMMANDS.items():
         if only is None or only == name:
             builders[name](sub, help)
@@ -391,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_attach(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "signal":
+            return cmd_signal(args)
         if args.command == "completion":
             return cmd_completion(args)
         build_parser().print_help(sys.stderr)
@@ -881,3 +886,45 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
     sys.stdout.write(script(args.shell))
     return 0
+
+
+# -- hupt signal ---------------------------------------------------------------------------------
+
+SIGNAL_EPILOG = """\
+The signal goes where a signal sent to the server's own PID would: to the
+main process hupt started (each copy's with --multi; a server that
+daemonized: every process of its generation), not to every worker. With
+--all, to each live generation's: the one starting, the serving one and
+those still draining (log reopening reaches the old code too). hupt
+forwards the same signals when they are sent to hupt itself (see hupt run
+--help); hupt signal also sends those hupt uses (HUP, TERM, INT, USR2...)
+and reports which generations and PIDs got it.
+
+examples:
+  hupt signal web USR1          # reopen the logs (logrotate's postrotate)
+  hupt signal --all web USR1
+  hupt signal --pidfile /run/web.pid 10
+"""
+
+
+def _add_signal_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
+    sg = sub.add_parser(
+        "signal", help=help, description=(
+            "Send SIG to the serving generation's main process(es), through hupt's control "
+            "socket; say which generation and PIDs got it. Exit 0 once sent, 1 if no "
+            "generation serves, 2 if PID|NAME is not a hupt instance of this user or SIG "
+            "is not a signal."),
+        epilog=SIGNAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_globals(argparse.SUPPRESS)])
+    _add_target(sg)
+    sg.add_argument("sig", type=_signal, metavar="SIG",
+                    help="a signal's name (USR1 or SIGUSR1) or number (10), as --stop-signal "
+                         "takes it")
+    sg.add_argument("--all", action="store_true",
+                    help="every live generation (starting, serving, draining), not only the "
+                         "serving one")
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    return _talk(_required(resolve(args)), {"cmd": "signal", "signal": args.sig,
+                                            "all": args.all}, None, "signal")

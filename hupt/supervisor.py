@@ -400,13 +400,51 @@ class Supervisor:
     def _forward(self, sig: int) -> None:
         """As if ``sig`` had been sent to the server's own PID: to the serving
         generation's main process (each copy's, with --multi)."""
-        gen, name = self.fleet.current, _signame(sig)
-        if gen is None or not gen.alive:
+        name = _signame(sig)
+        sent = self._send(sig, every=False)
+        if not sent:
             log.warn(f"{name}: no generation serves: not forwarded")
             return
-        pids = [p for p in gen.copies or [gen.pid] if not gen.pids or p in gen.pids]
-        log.info(f"{name}: forwarded to {gen}")
-        self.sys.signal(pids or [gen.pid], sig)
+        log.info(f"{name}: forwarded to {sent[0][0]}")
+
+    def send_signal(self, sig: int, *,
+                    every: bool = False) -> tuple[bool, str, list[dict[str, Any]]]:
+        """``hupt signal``: ``sig`` to the serving generation's main process(es), as a
+        forwarded signal goes (``every``: to each live generation's); (sent?, what was
+        done, [{generation, pids}])."""
+        name = _signame(sig)
+        sent = self._send(sig, every=every)
+        if not sent:
+            what = "no generation is alive" if every else "no generation serves"
+            log.warn(f"{name} (hupt signal): {what}: not sent")
+            return False, f"{what}: {name} not sent", []
+        done = "; ".join(str(g) if pids == [g.pid] else f"{g}: {_pids(pids)}"
+                         for g, pids in sent)
+        log.info(f"{name} (hupt signal): sent to {done}")
+        return True, f"{name} sent to {done}", [
+            {"generation": g.number, "state": g.state.value, "pids": pids} for g, pids in sent]
+
+    def _send(self, sig: int, *, every: bool) -> list[tuple[Generation, list[int]]]:
+        """``sig`` to the main processes of the serving generation (``every``: of every
+        live one); each generation signalled, with the pids it was sent to.
+
+        A generation's main processes: those hupt started (each --multi copy) while
+        they live; a generation whose started process has gone (it daemonized) is
+        signalled in every process it has.  An exec-mode generation whose root runs
+        a newer image is not: that root is the newer one's.
+        """
+        cur = self.fleet.current
+        if every:
+            gens = [g for g in self.fleet.gens if g.alive and g.replaced_by is None]
+        else:
+            gens = [cur] if cur is not None and cur.alive else []
+        out = []
+        for g in gens:
+            pids = [p for p in g.copies or [g.pid] if p in g.pids] or sorted(g.pids)
+            if pids:
+                self.sys.signal(pids, sig)
+                out.append((g, pids))
+        return out
 
     # -- what the parts report ------------------------------------------------------------
     def on_notify(self, gen: Generation) -> None:
@@ -551,6 +589,10 @@ def _exit_code(status: int | None, retired_by_hupt: bool) -> int:
     if status < 0:
         return 0 if retired_by_hupt else 128 - status
     return status
+
+
+def _pids(pids: list[int]) -> str:
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(map(str, pids))
 
 
 def _signame(sig: int) -> str:

@@ -62,6 +62,7 @@ def heavy(modules: list[str]) -> list[str]:
     (["reload", "nosuch"], 2),  # everything up to its connect: the name's lookup fails
     (["reload", "nosuch", "--env", "A=1", "--", "srv"], 2),
     (["stop", "nosuch"], 2),
+    (["signal", "nosuch", "USR1"], 2),
 ])
 def test_a_control_command_imports_only_what_it_needs(tmp_path: Path, argv: list[str],
                                                       code: int) -> None:
