@@ -25,12 +25,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hupt import fdlimit, log
 from hupt.errors import ControlTimeout, HuptError, NotUnderHupt, Refused, UsageError
 
 if TYPE_CHECKING:
+    from hupt.output import Output
     from hupt.system import Server
 
 EXIT_FAILED = 1
@@ -80,6 +81,12 @@ the real-time signals are forwarded to the serving generation's main process
 reopens its logs (`hupt signal` does it by name, and says who got it).
 Job-control signals (TSTP, TTIN, TTOU, CONT) and those the kernel raises for
 hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
+
+output: the server's stdout and stderr go where hupt's go; when those are not
+a terminal, each line is prefixed with its generation ('[gen 3] ') and hupt
+keeps the last lines of each generation's stderr for `hupt reload` to show
+when one fails (see --prefix-output). A small output keeper process holds the
+pipes, so that a server outlives a killed hupt without blocking on its output.
 """
 
 
@@ -312,6 +319,7 @@ def _run_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
                      help="shell command run once a reload succeeded; its failure is "
                           "reported, not fatal")
     _add_metrics(run)
+    _add_prefix_output(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -321,8 +329,9 @@ def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
         "reload", help=help, description=(
             "Reload the server PID belongs to (hupt's PID or any process of the server)\n"
             "and wait: exit 0 once the new generation serves; 1 with the reason if it\n"
-            "failed (the old generation keeps serving); 2 if PID is not under a hupt of\n"
-            "this user; 3 if --timeout expired first (the reload may still be going on)."),
+            "failed (the old generation keeps serving), after the last lines the failed\n"
+            "generation wrote to stderr; 2 if PID is not under a hupt of this user; 3 if\n"
+            "--timeout expired first (the reload may still be going on)."),
         usage="hupt reload [-h] [--timeout S] [--env K=V] [--unset-env K] "
               "(PID|NAME | --pidfile PATH) [-- NEW ARGV...]",
         epilog=RELOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -435,6 +444,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_runtime_dir()  # an unsafe one is refused before anything starts
     if args.name is not None:
         _name_free(args.name)
+    output = _output(args.prefix_output)  # its keeper must not be a child of the subreaper
     become_subreaper()
     fdlimit.raise_own()  # for control clients; each generation starts with the limit as it was
     opts = Options(argv=cmd, chdir=chdir, env_file=env_file, ready_timeout=args.ready_timeout,
@@ -454,12 +464,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (atomically) with the control socket, before generation 1. Not with
     # --metrics: a refused or taken address must start nothing, and its
     # endpoint is the supervisor's (it opens before generation 1, as before).
-    first = start_first(system, opts, name=args.name) if opts.metrics is None else None
+    first = (start_first(system, opts, name=args.name, output=output)
+             if opts.metrics is None else None)
     try:
         from hupt.sdnotify import Notifier
         from hupt.supervisor import Supervisor
 
-        sup = Supervisor(system, opts, notifier=Notifier(), first=first)
+        sup = Supervisor(system, opts, notifier=Notifier(), first=first, output=output)
         sup.endpoint.name = args.name
     except BaseException:
         if first is not None:
@@ -558,6 +569,7 @@ def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
         if msg.get("event") == "progress":
             print(f"{dim}{t}{plain} {msg['message']}", file=sys.stderr, flush=True)
         elif msg.get("event") == "result":
+            _print_details(msg)
             if msg.get("ok"):
                 print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
                 return 0
@@ -571,6 +583,21 @@ def _explain(reason: str) -> str:
         return ("this hupt does not know `hupt reload --env/--unset-env/-- ARGV` (it runs an "
                 "older version): nothing was changed or reloaded; restart it with this one")
     return reason
+
+
+def _print_details(msg: dict[str, Any]) -> None:
+    """What a result says besides its reason: a failed generation's last lines on
+    stderr."""
+    err = msg.get("stderr")
+    if isinstance(err, dict):
+        lines = [str(x) for x in err.get("lines") or []]
+        who = f"generation {err.get('generation')} (pid {err.get('pid')})"
+        if lines:
+            print(f"hupt: {who} wrote to stderr (last {len(lines)} line(s)):", file=sys.stderr)
+            for line in lines:
+                print(f"  | {line}", file=sys.stderr)
+        else:
+            print(f"hupt: {who} wrote nothing to stderr", file=sys.stderr)
 
 
 def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
@@ -888,7 +915,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- hupt signal ---------------------------------------------------------------------------------
+# -- hupt signal, hupt run --prefix-output ---------------------------------------------------
 
 SIGNAL_EPILOG = """\
 The signal goes where a signal sent to the server's own PID would: to the
@@ -928,3 +955,34 @@ def _add_signal_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> N
 def cmd_signal(args: argparse.Namespace) -> int:
     return _talk(_required(resolve(args)), {"cmd": "signal", "signal": args.sig,
                                             "all": args.all}, None, "signal")
+
+
+def _add_prefix_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass the server's stdout and stderr through hupt, each line "
+                        "prefixed with its generation ('[gen 3] '), so that overlapping "
+                        "generations' logs can be told apart and `hupt reload` can show "
+                        "the last lines a failed generation wrote to stderr; "
+                        "--no-prefix-output hands hupt's own stdout and stderr to the "
+                        "server as they are (default: prefixed unless a terminal, each "
+                        "stream on its own)")
+
+
+def _output(asked: bool | None) -> Output | None:
+    """The generations' output through hupt, with its keeper (hupt/output.py), if any
+    stream is prefixed: ``asked`` (--prefix-output or --no-prefix-output), by default
+    each of hupt's stdout and stderr that is open and not a terminal."""
+    prefix = (_prefixed(1, asked), _prefixed(2, asked))
+    if not any(prefix):
+        return None
+    from hupt.output import Output, start_keeper
+
+    return Output(prefix, keeper=start_keeper())
+
+
+def _prefixed(fd: int, asked: bool | None) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False  # closed: the server gets it closed too, as without hupt
+    return asked if asked is not None else not os.isatty(fd)

@@ -48,6 +48,7 @@ from hupt.hooks import HookRunner
 from hupt.loop import Loop
 from hupt.metrics import MetricsEndpoint, render
 from hupt.options import Options, servers_env
+from hupt.output import Output
 from hupt.reload import Reloader, fmt
 from hupt.revive import Reviver
 from hupt.safefs import write_pidfile
@@ -98,7 +99,8 @@ class _FileWatch:
 
 class Supervisor:
     def __init__(self, system: System, options: Options, *, control: bool = True,
-                 notifier: ServiceManager | None = None, first: First | None = None) -> None:
+                 notifier: ServiceManager | None = None, first: First | None = None,
+                 output: Output | None = None) -> None:
         self.sys = system
         self.opts = options
         # hupt run: generation 1, started before this was built (hupt/launch.py).
@@ -112,9 +114,16 @@ class Supervisor:
         self._pidfile_written = False
         self._stop_waiters: list[Waiter] = []
         loop = self.loop = Loop(system.now)
+        # The generations' stdout and stderr through hupt (--prefix-output); hupt run
+        # gives one with its output keeper (hupt/output.py).
+        if output is None and any(options.prefix_output):
+            output = Output(options.prefix_output)
+        self.output = output
+        if output is not None:
+            output.bind(loop)
         self.fleet = Fleet(system, options, loop, on_notify=self.on_notify,
                            on_sent_ready=self._on_sent_ready, on_events=self._route,
-                           in_motion=self._in_motion)
+                           in_motion=self._in_motion, output=output)
         self.announcer = Announcer(notifier or Notifier({}), options.ready, options.ready_timeout,
                                    loop, current=lambda: self.fleet.current,
                                    reloading=self._reloading, stopping=lambda: self.stopping)
@@ -358,6 +367,8 @@ class Supervisor:
             if self.opts.pidfile and self._pidfile_written:
                 with contextlib.suppress(OSError):
                     os.unlink(self.opts.pidfile)
+            if self.output is not None:  # last: what the generations wrote until the end
+                self.output.close()
         return self.exit_code if self.exit_code is not None else 0
 
     def step(self) -> None:
