@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hupt import fdlimit, log
@@ -332,7 +332,7 @@ def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
             "failed (the old generation keeps serving), after the last lines the failed\n"
             "generation wrote to stderr; 2 if PID is not under a hupt of this user; 3 if\n"
             "--timeout expired first (the reload may still be going on)."),
-        usage="hupt reload [-h] [--timeout S] [--env K=V] [--unset-env K] "
+        usage="hupt reload [-h] [--timeout S] [--wait-old] [--env K=V] [--unset-env K] "
               "(PID|NAME | --pidfile PATH) [-- NEW ARGV...]",
         epilog=RELOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=_common())
@@ -346,6 +346,7 @@ def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     rl.add_argument("--unset-env", type=_env_key, action="append", default=[], metavar="K",
                     help="remove K from the environment of this and every later "
                          "generation; repeatable")
+    _add_wait_old(rl)
 
 
 def _stop_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
@@ -525,6 +526,9 @@ def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
     try:
         try:
             code = _exchange(hupt_pid, cmd, timeout, verb)
+        except OldStillRunning as e:  # hupt reload --wait-old: the reload itself is done
+            _fail(f"{verb}: {e} ({timeout:g} s; `hupt status {pid}` shows them)")
+            return EXIT_TIMEOUT
         except ControlTimeout:
             _fail(f"{verb}: no outcome within {timeout:g} s; the {verb} may still be going "
                   f"on (`hupt status {pid}` shows it)")
@@ -558,15 +562,16 @@ def _wait_readable(fd: int, timeout: float) -> bool:
 
 def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
               verb: str) -> int:
-    from hupt import control
-
     start = time.monotonic()
     # On a terminal the timings are dim; no rich: a control round trip should
     # cost little more than starting the interpreter (issue 14).
     dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
-    for msg in control.request(hupt_pid, cmd, timeout=timeout):
+    served: list[str] = []  # --wait-old: the reload succeeded, the old ones still run
+    for msg in _answers(hupt_pid, cmd, timeout, served):
         t = f"{(time.monotonic() - start) * 1000:7.0f} ms"
         if msg.get("event") == "progress":
+            if msg.get("served"):
+                served.append(str(msg["message"]))
             print(f"{dim}{t}{plain} {msg['message']}", file=sys.stderr, flush=True)
         elif msg.get("event") == "result":
             _print_details(msg)
@@ -585,9 +590,30 @@ def _explain(reason: str) -> str:
     return reason
 
 
+def _answers(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
+             served: list[str]) -> Iterator[dict[str, Any]]:
+    """control.request's answers; a timeout after the reload succeeded (``served``
+    holds what said so: --wait-old) says so (still exit status 3: the outcome asked
+    for is not known)."""
+    from hupt import control
+
+    try:
+        yield from control.request(hupt_pid, cmd, timeout=timeout)
+    except ControlTimeout:
+        if not served:
+            raise
+        raise OldStillRunning(f"{served[-1]}; but the old generation(s) had not exited "
+                              "within the timeout") from None
+
+
+class OldStillRunning(ControlTimeout):
+    """hupt reload --wait-old --timeout: the reload succeeded, the old generations had
+    not all exited in time."""
+
+
 def _print_details(msg: dict[str, Any]) -> None:
     """What a result says besides its reason: a failed generation's last lines on
-    stderr."""
+    stderr, the old generations' drain figures (--wait-old)."""
     err = msg.get("stderr")
     if isinstance(err, dict):
         lines = [str(x) for x in err.get("lines") or []]
@@ -598,6 +624,9 @@ def _print_details(msg: dict[str, Any]) -> None:
                 print(f"  | {line}", file=sys.stderr)
         else:
             print(f"hupt: {who} wrote nothing to stderr", file=sys.stderr)
+    for old in msg.get("old_generations") or []:
+        if isinstance(old, dict):
+            print(f"hupt: {old.get('summary')}", file=sys.stderr)
 
 
 def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
@@ -628,9 +657,9 @@ def _reload_request(args: argparse.Namespace) -> dict[str, object]:
 
     new_argv: list[str] | None = getattr(args, "new_argv", None)
     change = Change(new_argv, dict(args.env), list(args.unset_env))
-    if not change:
-        return {"cmd": "reload"}
-    req: dict[str, object] = {"cmd": "change", **change.wire()}
+    req: dict[str, object] = {"cmd": "change", **change.wire()} if change else {"cmd": "reload"}
+    if args.wait_old:
+        req["wait_old"] = True
     size = len(json.dumps(req)) + 1
     if size > control.MAX_REQUEST:
         raise UsageError(f"hupt reload: the change is too long for one request ({size} "
@@ -915,7 +944,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- hupt signal, hupt run --prefix-output ---------------------------------------------------
+# -- hupt signal, hupt reload --wait-old, hupt run --prefix-output ------------------------------
 
 SIGNAL_EPILOG = """\
 The signal goes where a signal sent to the server's own PID would: to the
@@ -955,6 +984,14 @@ def _add_signal_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> N
 def cmd_signal(args: argparse.Namespace) -> int:
     return _talk(_required(resolve(args)), {"cmd": "signal", "signal": args.sig,
                                             "all": args.all}, None, "signal")
+
+
+def _add_wait_old(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-old", action="store_true",
+                   help="once the new generation serves, wait on until the old generation(s) "
+                        "it replaced have exited, and print their drain figures (how long, "
+                        "what ended it, connections open then, how it exited); a failed "
+                        "reload is reported at once, as without it")
 
 
 def _add_prefix_output(p: argparse.ArgumentParser) -> None:

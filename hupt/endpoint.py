@@ -57,7 +57,7 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO})
 
 class Commands(Protocol):
     def request_reload(self, waiter: Waiter | None = None, *,
-                       change: Change | None = None) -> None: ...
+                       change: Change | None = None, wait_old: bool = False) -> None: ...
 
     def send_signal(self, sig: int, *,
                     every: bool = False) -> tuple[bool, str, list[dict[str, Any]]]: ...
@@ -242,7 +242,7 @@ class ControlEndpoint:
         cmd = msg.get("cmd")
         c = self._commands
         if cmd == "reload":
-            c.request_reload(PeerWaiter(peer))
+            c.request_reload(PeerWaiter(peer), wait_old=msg.get("wait_old") is True)
         elif cmd == "change":
             self._change(peer, msg)
         elif cmd == "signal":
@@ -295,7 +295,8 @@ class ControlEndpoint:
             peer.send({"event": "result", "ok": False, "reason": str(e)})
             peer.finish()
             return
-        self._commands.request_reload(PeerWaiter(peer), change=change)
+        self._commands.request_reload(PeerWaiter(peer), change=change,
+                                      wait_old=msg.get("wait_old") is True)
 
 
 _SIGNALS = frozenset(int(s) for s in signal.valid_signals())

@@ -438,7 +438,7 @@ class Fleet:
                 g.pids = members.get(g.number, set()) - leftovers
             if not g.pids:
                 prev = g.state
-                g.to(State.EXITED)
+                g.exited(now)
                 g.kill_at = g.drain_deadline = None
                 events.append(Exited(g, prev))
         self.emit(events)

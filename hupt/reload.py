@@ -290,10 +290,11 @@ class Reloader:
                + (f", waiting for it to listen on {fmt(up.target)}" if up.target else ""))
         log.info(msg)
         up.tell(msg)
+        old.drain_over(self.loop.now(), "exited", len(old.connections_seen))
         if old.pids:
             self.draining.retire(old, f"its root process runs {gen}; retiring its other processes")
         else:
-            old.to(State.EXITED)
+            old.exited(self.loop.now())
             self.fleet.bury(old)
         self.check_ready(gen)
 

@@ -56,6 +56,7 @@ from hupt.sdnotify import Notifier
 from hupt.snapshot import deploy_fields, generation, snapshot
 from hupt.system import System, procname
 from hupt.upgrade import ReloadRecord, Upgrade, Waiter
+from hupt.waitold import WaitOld
 from hupt.watch import Watcher
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class Supervisor:
         self._interrupts = 0
         self._pidfile_written = False
         self._stop_waiters: list[Waiter] = []
+        self._old_waiters: list[WaitOld] = []  # hupt reload --wait-old, once it succeeded
         loop = self.loop = Loop(system.now)
         # The generations' stdout and stderr through hupt (--prefix-output); hupt run
         # gives one with its output keeper (hupt/output.py).
@@ -229,18 +231,24 @@ class Supervisor:
         self.loop.run_later()
 
     def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False,
-                       change: Change | None = None) -> None:
-        """Reload (``change``: with a changed command, kept if the reload succeeds)."""
+                       change: Change | None = None, wait_old: bool = False) -> None:
+        """Reload (``change``: with a changed command, kept if the reload succeeds;
+        ``wait_old``: answered once the generations it replaces have exited)."""
         w = waiter or Waiter()
         if self.reloader.upgrade is None:
             # The generation to pause later: its processes as they are now (in
             # steady state the last scan may be seconds old).  This may find it
             # gone, and hupt stopping: hence first.
             self.settle()
+        if wait_old:  # the outcome once the generations it replaces have exited
+            w = WaitOld(w, self.fleet, self.loop.now(), self._wait_old)
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
         self.reloader.request(w, revive=revive, change=change)
+
+    def _wait_old(self, w: WaitOld) -> None:
+        self._old_waiters.append(w)
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None:
         if waiter is not None:
@@ -282,6 +290,7 @@ class Supervisor:
         for g in list(self.fleet.gens):
             if g.state is not State.DRAINING:
                 continue
+            g.drain_over(self.sys.now(), "request", len(g.connections_seen))
             if self.reloader.replacing is g:
                 # Exec mode: its drain ends by the exec it waits for, not by its end.
                 log.warn(f"{g}: draining ended on request: execing now")
@@ -356,7 +365,10 @@ class Supervisor:
             os.close(rfd)
             os.close(wfd)
             code = self.exit_code if self.exit_code is not None else 0
-            for w in self._stop_waiters:  # before their connections are closed below
+            for old in self._old_waiters:  # before their connections are closed below
+                old.abandon("hupt detached" if self.detached else "hupt exited")
+            self._old_waiters.clear()
+            for w in self._stop_waiters:
                 w.done(True, f"stopped (exit status {code})")
             self.endpoint.close()
             if self.metrics is not None:
@@ -532,6 +544,7 @@ class Supervisor:
                 g.alive and g.pid == gen.pid for g in self.fleet.gens):
             self.endpoint.unalias(gen.pid)
         self._release_unused()
+        self._old_waiters = [w for w in self._old_waiters if not w.check()]
 
     def _fall_back(self, dead: Generation) -> bool:
         """The serving generation died on its own: a generation it replaced that

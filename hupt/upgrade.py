@@ -81,9 +81,13 @@ class Waiter:
     def progress(self, message: str) -> None:
         pass
 
+    def served(self, message: str) -> None:
+        """The reload succeeded, its outcome is not told yet (--wait-old waits on)."""
+        self.progress(message)
+
     def add_details(self, details: dict[str, Any]) -> None:
         """More about the outcome, given before ``done``: the failed generation's last
-        lines on stderr."""
+        lines on stderr, the old generations' drain figures (--wait-old)."""
 
     def done(self, ok: bool, reason: str) -> None:
         pass
@@ -96,6 +100,9 @@ class PeerWaiter(Waiter):
 
     def progress(self, message: str) -> None:
         self.peer.send({"event": "progress", "message": message})
+
+    def served(self, message: str) -> None:
+        self.peer.send({"event": "progress", "message": message, "served": True})
 
     def add_details(self, details: dict[str, Any]) -> None:
         self.details.update(details)

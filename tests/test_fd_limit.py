@@ -43,7 +43,7 @@ class Commands:
         self.status_doc: dict[str, Any] = {}
 
     def request_reload(self, waiter: Waiter | None = None, *,
-                       change: Change | None = None) -> None:
+                       change: Change | None = None, wait_old: bool = False) -> None:
         assert waiter is not None
         self.waiters.append(waiter)
 
