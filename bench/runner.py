@@ -452,7 +452,7 @@ class Runner:
         except subprocess.TimeoutExpired:
             self.stop(proc)
             raise
-        printed = proc.out.read_text().split()
+        printed = _unprefixed(proc.out.read_text()).split()
         if not printed:
             raise RuntimeError(f"date printed nothing:\n{proc.log()}")
         return (int(printed[0]) - t0) / 1e6
@@ -513,7 +513,7 @@ class Runner:
         except subprocess.TimeoutExpired:
             self.stop(proc)
             raise
-        return float(proc.out.read_text().split()[0])
+        return float(_unprefixed(proc.out.read_text()).split()[0])
 
     def interrupt(self, proc: Started, timeout: float) -> None:
         """SIGINT (wrk prints its summary) and wait; SIGKILL the tree on timeout."""
@@ -525,3 +525,9 @@ class Runner:
 
     def finish(self) -> list[str]:
         return self.procs.finish(term_timeout=15.0, grace=3.0)
+
+
+def _unprefixed(text: str) -> str:
+    """A program's output as hupt passed it on (its stdout is not a terminal here, so
+    each line starts with "[gen N] "), without those prefixes."""
+    return re.sub(r"(?m)^\[gen \d+\] ", "", text)

@@ -1,7 +1,7 @@
 """hupt's command line: ``hupt run``, ``hupt reload``, ``hupt stop``, ``hupt attach``,
-``hupt status``, ``hupt completion``.  reload, stop and status name an instance
-by a PID, by its name (``hupt run --name``) or by ``--pidfile PATH``; ``-v``
-goes before or after the command's name.
+``hupt status``, ``hupt signal``, ``hupt completion``.  reload, stop, status and
+signal name an instance by a PID, by its name (``hupt run --name``) or by
+``--pidfile PATH``; ``-v`` goes before or after the command's name.
 
 Errors the user can act on are HuptError subclasses and come out as one line
 on stderr with a non-zero exit status; a traceback is always a bug.
@@ -24,13 +24,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hupt import fdlimit, log
 from hupt.errors import ControlTimeout, HuptError, NotUnderHupt, Refused, UsageError
 
 if TYPE_CHECKING:
+    from hupt.output import Output
     from hupt.system import Server
 
 EXIT_FAILED = 1
@@ -41,7 +42,8 @@ EXIT_HELP = """\
 exit status:
   0    success (hupt run: the server's own status, 128+N if signal N ended it)
   1    the operation failed: a reload that did not produce a serving
-       generation (the old one keeps serving), a stop hupt did not finish
+       generation (the old one keeps serving), a stop hupt did not finish,
+       a signal with no generation to send it to
   2    bad usage; PID not under a hupt of this user, or no instance with
        that NAME; hupt run --name with a name in use; an unsafe runtime
        directory, pidfile or control socket refused (nothing was started)
@@ -76,8 +78,15 @@ signals to hupt: HUP reload; TERM/INT stop gracefully (a second INT stops at
 once); USR2 end every drain now. USR1, QUIT, WINCH, ALRM, IO, PWR, STKFLT and
 the real-time signals are forwarded to the serving generation's main process
 (each copy's with --multi), as if sent to the server's own PID: `kill -USR1`
-reopens its logs. Job-control signals (TSTP, TTIN, TTOU, CONT) and those the
-kernel raises for hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
+reopens its logs (`hupt signal` does it by name, and says who got it).
+Job-control signals (TSTP, TTIN, TTOU, CONT) and those the kernel raises for
+hupt's own doing (PIPE, SEGV, XCPU...) are not forwarded.
+
+output: the server's stdout and stderr go where hupt's go; when those are not
+a terminal, each line is prefixed with its generation ('[gen 3] ') and hupt
+keeps the last lines of each generation's stderr for `hupt reload` to show
+when one fails (see --prefix-output). A small output keeper process holds the
+pipes, so that a server outlives a killed hupt without blocking on its output.
 """
 
 
@@ -215,6 +224,7 @@ COMMANDS = {
     "stop": "stop a server gracefully and wait",
     "attach": "take over a running server, without restarting it",
     "status": "show generations, listeners and recent reloads",
+    "signal": "send a signal to the server's processes",
     "completion": "print a shell completion script (bash, zsh)",
 }
 
@@ -229,7 +239,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     builders = {"run": _run_parser, "reload": _reload_parser, "stop": _stop_parser,
                 "attach": _add_attach_parser, "status": _status_parser,
-                "completion": _add_completion_parser}
+                "signal": _add_signal_parser, "completion": _add_completion_parser}
     for name, help in COMMANDS.items():
         if only is None or only == name:
             builders[name](sub, help)
@@ -309,6 +319,7 @@ def _run_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
                      help="shell command run once a reload succeeded; its failure is "
                           "reported, not fatal")
     _add_metrics(run)
+    _add_prefix_output(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                      help="the server command")
 
@@ -318,9 +329,10 @@ def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
         "reload", help=help, description=(
             "Reload the server PID belongs to (hupt's PID or any process of the server)\n"
             "and wait: exit 0 once the new generation serves; 1 with the reason if it\n"
-            "failed (the old generation keeps serving); 2 if PID is not under a hupt of\n"
-            "this user; 3 if --timeout expired first (the reload may still be going on)."),
-        usage="hupt reload [-h] [--timeout S] [--env K=V] [--unset-env K] "
+            "failed (the old generation keeps serving), after the last lines the failed\n"
+            "generation wrote to stderr; 2 if PID is not under a hupt of this user; 3 if\n"
+            "--timeout expired first (the reload may still be going on)."),
+        usage="hupt reload [-h] [--timeout S] [--wait-old] [--env K=V] [--unset-env K] "
               "(PID|NAME | --pidfile PATH) [-- NEW ARGV...]",
         epilog=RELOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=_common())
@@ -334,6 +346,7 @@ def _reload_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     rl.add_argument("--unset-env", type=_env_key, action="append", default=[], metavar="K",
                     help="remove K from the environment of this and every later "
                          "generation; repeatable")
+    _add_wait_old(rl)
 
 
 def _stop_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
@@ -391,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_attach(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "signal":
+            return cmd_signal(args)
         if args.command == "completion":
             return cmd_completion(args)
         build_parser().print_help(sys.stderr)
@@ -430,6 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_runtime_dir()  # an unsafe one is refused before anything starts
     if args.name is not None:
         _name_free(args.name)
+    output = _output(args.prefix_output)  # its keeper must not be a child of the subreaper
     become_subreaper()
     fdlimit.raise_own()  # for control clients; each generation starts with the limit as it was
     opts = Options(argv=cmd, chdir=chdir, env_file=env_file, ready_timeout=args.ready_timeout,
@@ -449,12 +465,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (atomically) with the control socket, before generation 1. Not with
     # --metrics: a refused or taken address must start nothing, and its
     # endpoint is the supervisor's (it opens before generation 1, as before).
-    first = start_first(system, opts, name=args.name) if opts.metrics is None else None
+    first = (start_first(system, opts, name=args.name, output=output)
+             if opts.metrics is None else None)
     try:
         from hupt.sdnotify import Notifier
         from hupt.supervisor import Supervisor
 
-        sup = Supervisor(system, opts, notifier=Notifier(), first=first)
+        sup = Supervisor(system, opts, notifier=Notifier(), first=first, output=output)
         sup.endpoint.name = args.name
     except BaseException:
         if first is not None:
@@ -509,6 +526,9 @@ def _talk(pid: int, cmd: dict[str, object], timeout: float | None, verb: str,
     try:
         try:
             code = _exchange(hupt_pid, cmd, timeout, verb)
+        except OldStillRunning as e:  # hupt reload --wait-old: the reload itself is done
+            _fail(f"{verb}: {e} ({timeout:g} s; `hupt status {pid}` shows them)")
+            return EXIT_TIMEOUT
         except ControlTimeout:
             _fail(f"{verb}: no outcome within {timeout:g} s; the {verb} may still be going "
                   f"on (`hupt status {pid}` shows it)")
@@ -542,17 +562,19 @@ def _wait_readable(fd: int, timeout: float) -> bool:
 
 def _exchange(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
               verb: str) -> int:
-    from hupt import control
-
     start = time.monotonic()
     # On a terminal the timings are dim; no rich: a control round trip should
     # cost little more than starting the interpreter (issue 14).
     dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
-    for msg in control.request(hupt_pid, cmd, timeout=timeout):
+    served: list[str] = []  # --wait-old: the reload succeeded, the old ones still run
+    for msg in _answers(hupt_pid, cmd, timeout, served):
         t = f"{(time.monotonic() - start) * 1000:7.0f} ms"
         if msg.get("event") == "progress":
+            if msg.get("served"):
+                served.append(str(msg["message"]))
             print(f"{dim}{t}{plain} {msg['message']}", file=sys.stderr, flush=True)
         elif msg.get("event") == "result":
+            _print_details(msg)
             if msg.get("ok"):
                 print(f"hupt: {verb} done: {msg.get('reason', '')}", file=sys.stderr)
                 return 0
@@ -566,6 +588,45 @@ def _explain(reason: str) -> str:
         return ("this hupt does not know `hupt reload --env/--unset-env/-- ARGV` (it runs an "
                 "older version): nothing was changed or reloaded; restart it with this one")
     return reason
+
+
+def _answers(hupt_pid: int, cmd: dict[str, object], timeout: float | None,
+             served: list[str]) -> Iterator[dict[str, Any]]:
+    """control.request's answers; a timeout after the reload succeeded (``served``
+    holds what said so: --wait-old) says so (still exit status 3: the outcome asked
+    for is not known)."""
+    from hupt import control
+
+    try:
+        yield from control.request(hupt_pid, cmd, timeout=timeout)
+    except ControlTimeout:
+        if not served:
+            raise
+        raise OldStillRunning(f"{served[-1]}; but the old generation(s) had not exited "
+                              "within the timeout") from None
+
+
+class OldStillRunning(ControlTimeout):
+    """hupt reload --wait-old --timeout: the reload succeeded, the old generations had
+    not all exited in time."""
+
+
+def _print_details(msg: dict[str, Any]) -> None:
+    """What a result says besides its reason: a failed generation's last lines on
+    stderr, the old generations' drain figures (--wait-old)."""
+    err = msg.get("stderr")
+    if isinstance(err, dict):
+        lines = [str(x) for x in err.get("lines") or []]
+        who = f"generation {err.get('generation')} (pid {err.get('pid')})"
+        if lines:
+            print(f"hupt: {who} wrote to stderr (last {len(lines)} line(s)):", file=sys.stderr)
+            for line in lines:
+                print(f"  | {line}", file=sys.stderr)
+        else:
+            print(f"hupt: {who} wrote nothing to stderr", file=sys.stderr)
+    for old in msg.get("old_generations") or []:
+        if isinstance(old, dict):
+            print(f"hupt: {old.get('summary')}", file=sys.stderr)
 
 
 def resolve(args: argparse.Namespace, *, required: bool = True) -> int | None:
@@ -596,9 +657,9 @@ def _reload_request(args: argparse.Namespace) -> dict[str, object]:
 
     new_argv: list[str] | None = getattr(args, "new_argv", None)
     change = Change(new_argv, dict(args.env), list(args.unset_env))
-    if not change:
-        return {"cmd": "reload"}
-    req: dict[str, object] = {"cmd": "change", **change.wire()}
+    req: dict[str, object] = {"cmd": "change", **change.wire()} if change else {"cmd": "reload"}
+    if args.wait_old:
+        req["wait_old"] = True
     size = len(json.dumps(req)) + 1
     if size > control.MAX_REQUEST:
         raise UsageError(f"hupt reload: the change is too long for one request ({size} "
@@ -881,3 +942,84 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
     sys.stdout.write(script(args.shell))
     return 0
+
+
+# -- hupt signal, hupt reload --wait-old, hupt run --prefix-output ------------------------------
+
+SIGNAL_EPILOG = """\
+The signal goes where a signal sent to the server's own PID would: to the
+main process hupt started (each copy's with --multi; a server that
+daemonized: every process of its generation), not to every worker. With
+--all, to each live generation's: the one starting, the serving one and
+those still draining (log reopening reaches the old code too). hupt
+forwards the same signals when they are sent to hupt itself (see hupt run
+--help); hupt signal also sends those hupt uses (HUP, TERM, INT, USR2...)
+and reports which generations and PIDs got it.
+
+examples:
+  hupt signal web USR1          # reopen the logs (logrotate's postrotate)
+  hupt signal --all web USR1
+  hupt signal --pidfile /run/web.pid 10
+"""
+
+
+def _add_signal_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
+    sg = sub.add_parser(
+        "signal", help=help, description=(
+            "Send SIG to the serving generation's main process(es), through hupt's control "
+            "socket; say which generation and PIDs got it. Exit 0 once sent, 1 if no "
+            "generation serves, 2 if PID|NAME is not a hupt instance of this user or SIG "
+            "is not a signal."),
+        epilog=SIGNAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_globals(argparse.SUPPRESS)])
+    _add_target(sg)
+    sg.add_argument("sig", type=_signal, metavar="SIG",
+                    help="a signal's name (USR1 or SIGUSR1) or number (10), as --stop-signal "
+                         "takes it")
+    sg.add_argument("--all", action="store_true",
+                    help="every live generation (starting, serving, draining), not only the "
+                         "serving one")
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    return _talk(_required(resolve(args)), {"cmd": "signal", "signal": args.sig,
+                                            "all": args.all}, None, "signal")
+
+
+def _add_wait_old(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-old", action="store_true",
+                   help="once the new generation serves, wait on until the old generation(s) "
+                        "it replaced have exited, and print their drain figures (how long, "
+                        "what ended it, connections open then, how it exited); a failed "
+                        "reload is reported at once, as without it")
+
+
+def _add_prefix_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass the server's stdout and stderr through hupt, each line "
+                        "prefixed with its generation ('[gen 3] '), so that overlapping "
+                        "generations' logs can be told apart and `hupt reload` can show "
+                        "the last lines a failed generation wrote to stderr; "
+                        "--no-prefix-output hands hupt's own stdout and stderr to the "
+                        "server as they are (default: prefixed unless a terminal, each "
+                        "stream on its own)")
+
+
+def _output(asked: bool | None) -> Output | None:
+    """The generations' output through hupt, with its keeper (hupt/output.py), if any
+    stream is prefixed: ``asked`` (--prefix-output or --no-prefix-output), by default
+    each of hupt's stdout and stderr that is open and not a terminal."""
+    prefix = (_prefixed(1, asked), _prefixed(2, asked))
+    if not any(prefix):
+        return None
+    from hupt.output import Output, start_keeper
+
+    return Output(prefix, keeper=start_keeper())
+
+
+def _prefixed(fd: int, asked: bool | None) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False  # closed: the server gets it closed too, as without hupt
+    return asked if asked is not None else not os.isatty(fd)

@@ -90,6 +90,7 @@ class Draining:
         gen.drain_deadline = now + self.opts.drain_timeout
         gen.drain_polled_at = -math.inf
         gen.drain_reported = False
+        gen.drain_ended_at = gen.drain_end = gen.drain_end_open = None
         self._send_drain_signal(gen, gen.pids)
 
     def _send_drain_signal(self, gen: Generation, pids: Iterable[int]) -> None:
@@ -132,9 +133,13 @@ class Draining:
         gen.kill_at = self.sys.now() + self.opts.kill_timeout
 
     def kill_all(self) -> None:
+        now = self.sys.now()
         for g in self.fleet.gens:
             if g.alive:
                 g.retired_by_hupt = True
+                g.killed = True
+                if g.state is State.DRAINING:
+                    g.drain_over(now, "request", len(g.connections_seen))
                 self.sys.signal(g.pids, signal.SIGKILL)
 
     # -- timers --------------------------------------------------------------------------------
@@ -161,6 +166,7 @@ class Draining:
                          "signal: SIGKILL")
                 self.sys.signal(g.pids, signal.SIGKILL)
                 g.kill_at = None
+                g.killed = True
         self.fleet.emit(drained)
 
     def _poll_drain(self, g: Generation, now: float) -> list[Event]:
@@ -183,9 +189,11 @@ class Draining:
             g.connections_seen = {c: g.connections_seen.get(c, now) for c in conns}
         took = now - (g.drain_started_at if g.drain_started_at is not None else now)
         if n == 0:
+            g.drain_over(now, "drained", 0)
             return [Drained(g, f"no connections in flight after {took:.1f} s of draining",
                             False)]
         if g.drain_deadline is not None and now >= g.drain_deadline:
+            g.drain_over(now, "timeout", n)
             return [Drained(g, f"drain timeout with {'?' if n is None else n} connection(s) "
                             "still open", True)]
         if not g.drain_reported and took >= DRAIN_REPORT_AFTER:

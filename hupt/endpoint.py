@@ -30,6 +30,7 @@ import errno
 import functools
 import math
 import selectors
+import signal
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hupt import fdlimit, log
@@ -56,7 +57,10 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO})
 
 class Commands(Protocol):
     def request_reload(self, waiter: Waiter | None = None, *,
-                       change: Change | None = None) -> None: ...
+                       change: Change | None = None, wait_old: bool = False) -> None: ...
+
+    def send_signal(self, sig: int, *,
+                    every: bool = False) -> tuple[bool, str, list[dict[str, Any]]]: ...
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None: ...
 
@@ -238,9 +242,11 @@ class ControlEndpoint:
         cmd = msg.get("cmd")
         c = self._commands
         if cmd == "reload":
-            c.request_reload(PeerWaiter(peer))
+            c.request_reload(PeerWaiter(peer), wait_old=msg.get("wait_old") is True)
         elif cmd == "change":
             self._change(peer, msg)
+        elif cmd == "signal":
+            self._signal(peer, msg)
         elif cmd == "stop":
             peer.send({"event": "progress", "message": "stopping"})
             # Stop first: a reload in progress is abandoned, so ending the drains
@@ -263,6 +269,16 @@ class ControlEndpoint:
             peer.send({"event": "result", "ok": False, "reason": f"unknown command {cmd!r}"})
             peer.finish()
 
+    def _signal(self, peer: Peer, msg: Message) -> None:
+        """``hupt signal``: {"cmd": "signal", "signal": N, "all": bool}."""
+        sig = msg.get("signal")
+        if type(sig) is not int or sig not in _SIGNALS:
+            peer.send({"event": "result", "ok": False, "reason": f"not a signal: {sig!r}"})
+        else:
+            self._commands.settle()  # the processes there are now
+            ok, reason, sent = self._commands.send_signal(sig, every=msg.get("all") is True)
+            peer.send({"event": "result", "ok": ok, "reason": reason, "sent": sent})
+        peer.finish()
 
     def _change(self, peer: Peer, msg: Message) -> None:
         """``hupt reload --env/--unset-env/-- ARGV``: a reload with a changed command.
@@ -279,7 +295,11 @@ class ControlEndpoint:
             peer.send({"event": "result", "ok": False, "reason": str(e)})
             peer.finish()
             return
-        self._commands.request_reload(PeerWaiter(peer), change=change)
+        self._commands.request_reload(PeerWaiter(peer), change=change,
+                                      wait_old=msg.get("wait_old") is True)
+
+
+_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
 
 
 def _reserve(soft: int) -> int:

@@ -41,6 +41,7 @@ from hupt.launch import (
     Started,
     generation_env,
     launch_of,
+    spawn_process,
     start_generation,
     unlink_files,
 )
@@ -50,6 +51,7 @@ from hupt.system import Followed, FollowResult, System
 if TYPE_CHECKING:
     from hupt.command import Change
     from hupt.options import Options
+    from hupt.output import Output
     from hupt.sdnotify import Listener
 
 MEMBERS_POLL = 1.0
@@ -123,10 +125,12 @@ class Fleet:
                  on_notify: Callable[[Generation], None],
                  on_sent_ready: Callable[[Generation], None],
                  on_events: Callable[[list[Event]], None],
-                 in_motion: Callable[[], bool]) -> None:
+                 in_motion: Callable[[], bool], output: Output | None = None) -> None:
         self.sys = system
         self.opts = options
         self.loop = loop
+        # The generations' stdout and stderr, when they go through hupt (hupt/output.py).
+        self.output = output
         self._on_notify = on_notify
         self._on_sent_ready = on_sent_ready
         self._on_events = on_events
@@ -185,7 +189,7 @@ class Fleet:
     def spawn(self, copies: int = 1, launch: Launch | None = None) -> Generation:
         """Start the command as a new generation (raises HuptError if it cannot start)."""
         started = start_generation(self.sys, self.opts, self.next_number(),
-                                   launch or self.launch())
+                                   launch or self.launch(), self.output)
         return self.record(started, copies)
 
     def record(self, started: Started, copies: int = 1) -> Generation:
@@ -284,6 +288,8 @@ class Fleet:
         self.gens.append(gen)
         self._watch(gen, old.notify_fd, old.exit_fd)
         old.notify_fd = old.exit_fd = None
+        if self.output is not None:  # the root's stdout and stderr: the new image's now
+            self.output.relabel(old.number, number)
         self._drop_ready_socket(old)
         old.env = None
         old.replaced_by = number
@@ -295,7 +301,11 @@ class Fleet:
                     program: str | None, cwd: str | None) -> tuple[int, int]:
         if program is not None:  # argv[0] does not name it (attach)
             argv = [program, *argv[1:]]
-        return self.sys.spawn(number, argv, env, cwd)
+        return spawn_process(self.sys, number, argv, env, cwd, self.output)
+
+    def stderr_tail(self, gen: Generation) -> list[str] | None:
+        """The last lines ``gen`` wrote to stderr (None: they do not go through hupt)."""
+        return self.output.tail(gen.number) if self.output is not None else None
 
     # -- watching -------------------------------------------------------------------
     def _watch(self, gen: Generation, notify_fd: int | None, exit_fd: int | None) -> None:
@@ -428,7 +438,7 @@ class Fleet:
                 g.pids = members.get(g.number, set()) - leftovers
             if not g.pids:
                 prev = g.state
-                g.to(State.EXITED)
+                g.exited(now)
                 g.kill_at = g.drain_deadline = None
                 events.append(Exited(g, prev))
         self.emit(events)

@@ -87,6 +87,13 @@ class Generation:
     # the oldest says how long a client has held the drain (at least).
     connections_seen: dict[int, float] = field(default_factory=dict)
     kill_at: float | None = None
+    # How its last drain ended (hupt reload --wait-old reports it): when, how
+    # (DRAIN_ENDS), and how many connections were still open then.
+    drain_ended_at: float | None = None
+    drain_end: str | None = None
+    drain_end_open: int | None = None
+    killed: bool = False  # SIGKILLed: --kill-timeout expired, or hupt stop --now
+    exited_at: float | None = None
     exit_status: int | None = None  # of the root process, as os.waitstatus_to_exitcode
     # Whether hupt asked it to go (drained/stopped) rather than it dying on its own.
     retired_by_hupt: bool = False
@@ -126,8 +133,29 @@ class Generation:
     def alive(self) -> bool:
         return self.state is not State.EXITED
 
+    def drain_over(self, now: float, how: str, still_open: int | None) -> None:
+        """Its drain ends now, ``how`` (one of DRAIN_ENDS); the first word counts."""
+        if self.drain_started_at is not None and self.drain_ended_at is None:
+            self.drain_ended_at, self.drain_end, self.drain_end_open = now, how, still_open
+
+    def exited(self, now: float) -> None:
+        """Its last process is gone (or its root runs a newer image)."""
+        self.to(State.EXITED)
+        self.exited_at = now
+        if self.drain_started_at is not None:
+            self.drain_over(now, "exited", len(self.connections_seen))
+
     def __str__(self) -> str:
         return f"generation {self.number} (pid {self.pid})"
+
+
+# How a drain ends: nothing left in flight, --drain-timeout, SIGUSR2 or `hupt
+# stop --now`, or the generation exited by itself (--drain-signal, a crash, an
+# exit that became an exec) before hupt saw it drained.
+DRAIN_ENDS = {"drained": "no connections in flight",
+              "timeout": "the drain timeout",
+              "request": "a request to end every drain (SIGUSR2, hupt stop --now)",
+              "exited": "its own exit"}
 
 
 def describe(code: int | None) -> str:

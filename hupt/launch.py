@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from hupt.command import Change
     from hupt.control import ControlServer
     from hupt.options import Options
+    from hupt.output import Output
     from hupt.sdnotify import Listener
     from hupt.system import System
 
@@ -99,13 +100,29 @@ class Started:
     launch: Launch
 
 
-def start_generation(system: System, opts: Options, number: int, la: Launch) -> Started:
+def spawn_process(system: System, number: int, argv: list[str], env: dict[str, str],
+                  cwd: str | None, output: Output | None) -> tuple[int, int]:
+    """Spawn a process of generation ``number``; with ``output``, its stdout and stderr
+    are pipes hupt reads (hupt/output.py)."""
+    if output is None:
+        return system.spawn(number, argv, env, cwd)
+    stdio = output.open(number)
+    try:
+        return system.spawn(number, argv, env, cwd, stdio)
+    finally:  # the process has its copies (or never started): the pipes end with it
+        for fd in stdio:
+            if fd is not None:
+                os.close(fd)
+
+
+def start_generation(system: System, opts: Options, number: int, la: Launch,
+                     output: Output | None = None) -> Started:
     """Spawn generation ``number`` running ``la`` (raises HuptError if it cannot start)."""
     unlink_files(opts)
     env, ready = generation_env(opts, number, la.env)
     argv = [la.program, *la.argv[1:]] if la.program is not None else la.argv
     try:
-        pid, fd = system.spawn(number, argv, env, la.cwd)
+        pid, fd = spawn_process(system, number, argv, env, la.cwd, output)
     except HuptError:
         if ready is not None:
             ready.close()
@@ -124,7 +141,7 @@ class First:
 
 
 def start_first(system: System, opts: Options, *, name: str | None = None,
-                control: bool = True) -> First:
+                control: bool = True, output: Output | None = None) -> First:
     """Open the control socket (taking ``name``), write the pidfile, start generation 1.
 
     Raises HuptError (UsageError: the name is taken) with nothing left behind:
@@ -143,7 +160,7 @@ def start_first(system: System, opts: Options, *, name: str | None = None,
 
             write_pidfile(opts.pidfile, os.getpid())
             written = True
-        started = start_generation(system, opts, 1, launch_of(opts))
+        started = start_generation(system, opts, 1, launch_of(opts), output)
     except BaseException:
         if written and opts.pidfile:
             with contextlib.suppress(OSError):

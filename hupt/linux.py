@@ -150,11 +150,12 @@ class LinuxSystem:
         return syscalls
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
-              cwd: str | None = None) -> tuple[int, int]:
+              cwd: str | None = None, stdio: tuple[int | None, int | None] = (None, None)
+              ) -> tuple[int, int]:
         syscalls = self._filter_calls(spawning=True)
         env = dict(env)
         env[GEN_ENV] = f"{self._me}.{number}"
-        pid, notify = spawn(argv, env, syscalls, cwd=cwd)
+        pid, notify = spawn(argv, env, syscalls, cwd=cwd, stdout=stdio[0], stderr=stdio[1])
         notify.enable_sync_wakeup()
         rec = self._gens.setdefault(number, _GenRecord())
         group = rec.notifications

@@ -1,11 +1,12 @@
 """hupt's own messages: on stderr, coloured on a terminal, plain lines otherwise.
 
-The server's stdout and stderr pass through untouched; hupt never writes to
-stdout from ``hupt run`` so a server's output can be piped as before.  Plain
-lines carry a timestamp and "hupt[PID]:" so they can be told apart from the
-server's in a journal.  Colours are ANSI escapes written directly: rich
-would cost tens of milliseconds that ``hupt run`` should not spend before
-the server starts, even on a terminal.
+hupt never writes its own messages to stdout from ``hupt run``, so a server's
+output can be piped as before (as it is on a terminal; elsewhere each of its
+lines prefixed with its generation, hupt/output.py).  Plain lines carry a
+timestamp and "hupt[PID]:" so they can be told apart from the server's in a
+journal.  Colours are ANSI escapes written directly: rich would cost tens of
+milliseconds that ``hupt run`` should not spend before the server starts,
+even on a terminal.
 
 One error repeating (a fault hit at every wake-up, a flood of bad control
 requests) must not grow a log without bound: of identical lines (same kind
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 _verbose = False
 _is_tty = sys.stderr.isatty()
@@ -42,6 +44,15 @@ class _Seen:
 
 
 _seen: dict[tuple[str, str], _Seen] = {}
+# Called before each line of hupt's own is written: the servers' lines hupt has
+# not written yet to the same stderr go first (hupt/output.py), so that no
+# line of hupt's lands in the middle of one of theirs.
+_before_write: Callable[[], None] | None = None
+
+
+def before_write(fn: Callable[[], None] | None) -> None:
+    global _before_write
+    _before_write = fn
 
 
 def configure(*, verbose: bool = False, color: bool | None = None) -> None:
@@ -92,6 +103,8 @@ def _write(kind: str, msg: str) -> None:
     # A message that cannot be written (the terminal hung up, stderr closed)
     # must never take the supervisor, and so the servers' handoffs, down.
     try:
+        if _before_write is not None:
+            _before_write()
         if _is_tty:
             line = f"\x1b[{_STYLE[kind]}mhupt\x1b[0m: {msg}\n"
         else:

@@ -55,6 +55,9 @@ class Options:
     close_idle_ms: int | None = None
     # --multi: copies of each generation sharing the held sockets (one accept queue).
     multi: int = 1
+    # --prefix-output: whether the generations' stdout and stderr go through hupt,
+    # each line prefixed with its generation (hupt/output.py); else inherited.
+    prefix_output: tuple[bool, bool] = (False, False)
     # hupt attach: TERM/INT detach hupt (the server it did not start runs on)
     # instead of stopping the server; confirm_detach asks on the terminal first.
     detach_on_stop: bool = False

@@ -290,10 +290,11 @@ class Reloader:
                + (f", waiting for it to listen on {fmt(up.target)}" if up.target else ""))
         log.info(msg)
         up.tell(msg)
+        old.drain_over(self.loop.now(), "exited", len(old.connections_seen))
         if old.pids:
             self.draining.retire(old, f"its root process runs {gen}; retiring its other processes")
         else:
-            old.to(State.EXITED)
+            old.exited(self.loop.now())
             self.fleet.bury(old)
         self.check_ready(gen)
 
@@ -399,6 +400,7 @@ class Reloader:
         if up is None or up.gen is not gen:
             return
         reason = f"{gen} exited ({how}) before it was ready"
+        self._stderr_tail(up, gen)
         if self.opts.exec_mode and not up.fresh and self.fleet.was_execed(gen):
             self._start_afresh(up, reason)
         else:
@@ -472,6 +474,9 @@ class Reloader:
             # The manager waits for the end of its RELOADING=1 (STOPPING=1 was said already).
             self.announcer.reload_failed(reason)
         self._on_over(up, ok)
+        if up.details:
+            for w in up.waiters:
+                w.add_details(up.details)
         if ok and self.opts.after_reload and not up.revive:
             self.hooks.run("after-reload", self.opts.after_reload,
                            functools.partial(self._after_done, up.waiters, reason))
@@ -537,11 +542,19 @@ class Reloader:
             why += f": --ready {self.opts.ready} not satisfied"
             if up.check is not None and up.check.last_probe:
                 why += f" (last probe: {up.check.last_probe})"
+        if up.gen is not None:
+            self._stderr_tail(up, up.gen)
         if (self.opts.exec_mode and not up.fresh and up.gen is not None
                 and self.fleet.was_execed(up.gen)):
             self._start_afresh(up, why)
         else:
             self._fail(up, why)
+
+    def _stderr_tail(self, up: Upgrade, gen: Generation) -> None:
+        """The reload fails because of ``gen``: its waiters get its last lines on stderr."""
+        lines = self.fleet.stderr_tail(gen)
+        if lines is not None:
+            up.details["stderr"] = {"generation": gen.number, "pid": gen.pid, "lines": lines}
 
 
 def fmt(addresses: Iterable[Address]) -> str:

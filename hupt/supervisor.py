@@ -48,6 +48,7 @@ from hupt.hooks import HookRunner
 from hupt.loop import Loop
 from hupt.metrics import MetricsEndpoint, render
 from hupt.options import Options, servers_env
+from hupt.output import Output
 from hupt.reload import Reloader, fmt
 from hupt.revive import Reviver
 from hupt.safefs import write_pidfile
@@ -55,6 +56,7 @@ from hupt.sdnotify import Notifier
 from hupt.snapshot import deploy_fields, generation, snapshot
 from hupt.system import System, procname
 from hupt.upgrade import ReloadRecord, Upgrade, Waiter
+from hupt.waitold import WaitOld
 from hupt.watch import Watcher
 
 if TYPE_CHECKING:
@@ -98,7 +100,8 @@ class _FileWatch:
 
 class Supervisor:
     def __init__(self, system: System, options: Options, *, control: bool = True,
-                 notifier: ServiceManager | None = None, first: First | None = None) -> None:
+                 notifier: ServiceManager | None = None, first: First | None = None,
+                 output: Output | None = None) -> None:
         self.sys = system
         self.opts = options
         # hupt run: generation 1, started before this was built (hupt/launch.py).
@@ -111,10 +114,18 @@ class Supervisor:
         self._interrupts = 0
         self._pidfile_written = False
         self._stop_waiters: list[Waiter] = []
+        self._old_waiters: list[WaitOld] = []  # hupt reload --wait-old, once it succeeded
         loop = self.loop = Loop(system.now)
+        # The generations' stdout and stderr through hupt (--prefix-output); hupt run
+        # gives one with its output keeper (hupt/output.py).
+        if output is None and any(options.prefix_output):
+            output = Output(options.prefix_output)
+        self.output = output
+        if output is not None:
+            output.bind(loop)
         self.fleet = Fleet(system, options, loop, on_notify=self.on_notify,
                            on_sent_ready=self._on_sent_ready, on_events=self._route,
-                           in_motion=self._in_motion)
+                           in_motion=self._in_motion, output=output)
         self.announcer = Announcer(notifier or Notifier({}), options.ready, options.ready_timeout,
                                    loop, current=lambda: self.fleet.current,
                                    reloading=self._reloading, stopping=lambda: self.stopping)
@@ -220,18 +231,24 @@ class Supervisor:
         self.loop.run_later()
 
     def request_reload(self, waiter: Waiter | None = None, *, revive: bool = False,
-                       change: Change | None = None) -> None:
-        """Reload (``change``: with a changed command, kept if the reload succeeds)."""
+                       change: Change | None = None, wait_old: bool = False) -> None:
+        """Reload (``change``: with a changed command, kept if the reload succeeds;
+        ``wait_old``: answered once the generations it replaces have exited)."""
         w = waiter or Waiter()
         if self.reloader.upgrade is None:
             # The generation to pause later: its processes as they are now (in
             # steady state the last scan may be seconds old).  This may find it
             # gone, and hupt stopping: hence first.
             self.settle()
+        if wait_old:  # the outcome once the generations it replaces have exited
+            w = WaitOld(w, self.fleet, self.loop.now(), self._wait_old)
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
         self.reloader.request(w, revive=revive, change=change)
+
+    def _wait_old(self, w: WaitOld) -> None:
+        self._old_waiters.append(w)
 
     def request_stop(self, *, now: bool = False, waiter: Waiter | None = None) -> None:
         if waiter is not None:
@@ -273,6 +290,7 @@ class Supervisor:
         for g in list(self.fleet.gens):
             if g.state is not State.DRAINING:
                 continue
+            g.drain_over(self.sys.now(), "request", len(g.connections_seen))
             if self.reloader.replacing is g:
                 # Exec mode: its drain ends by the exec it waits for, not by its end.
                 log.warn(f"{g}: draining ended on request: execing now")
@@ -347,7 +365,10 @@ class Supervisor:
             os.close(rfd)
             os.close(wfd)
             code = self.exit_code if self.exit_code is not None else 0
-            for w in self._stop_waiters:  # before their connections are closed below
+            for old in self._old_waiters:  # before their connections are closed below
+                old.abandon("hupt detached" if self.detached else "hupt exited")
+            self._old_waiters.clear()
+            for w in self._stop_waiters:
                 w.done(True, f"stopped (exit status {code})")
             self.endpoint.close()
             if self.metrics is not None:
@@ -358,6 +379,8 @@ class Supervisor:
             if self.opts.pidfile and self._pidfile_written:
                 with contextlib.suppress(OSError):
                     os.unlink(self.opts.pidfile)
+            if self.output is not None:  # last: what the generations wrote until the end
+                self.output.close()
         return self.exit_code if self.exit_code is not None else 0
 
     def step(self) -> None:
@@ -400,13 +423,51 @@ class Supervisor:
     def _forward(self, sig: int) -> None:
         """As if ``sig`` had been sent to the server's own PID: to the serving
         generation's main process (each copy's, with --multi)."""
-        gen, name = self.fleet.current, _signame(sig)
-        if gen is None or not gen.alive:
+        name = _signame(sig)
+        sent = self._send(sig, every=False)
+        if not sent:
             log.warn(f"{name}: no generation serves: not forwarded")
             return
-        pids = [p for p in gen.copies or [gen.pid] if not gen.pids or p in gen.pids]
-        log.info(f"{name}: forwarded to {gen}")
-        self.sys.signal(pids or [gen.pid], sig)
+        log.info(f"{name}: forwarded to {sent[0][0]}")
+
+    def send_signal(self, sig: int, *,
+                    every: bool = False) -> tuple[bool, str, list[dict[str, Any]]]:
+        """``hupt signal``: ``sig`` to the serving generation's main process(es), as a
+        forwarded signal goes (``every``: to each live generation's); (sent?, what was
+        done, [{generation, pids}])."""
+        name = _signame(sig)
+        sent = self._send(sig, every=every)
+        if not sent:
+            what = "no generation is alive" if every else "no generation serves"
+            log.warn(f"{name} (hupt signal): {what}: not sent")
+            return False, f"{what}: {name} not sent", []
+        done = "; ".join(str(g) if pids == [g.pid] else f"{g}: {_pids(pids)}"
+                         for g, pids in sent)
+        log.info(f"{name} (hupt signal): sent to {done}")
+        return True, f"{name} sent to {done}", [
+            {"generation": g.number, "state": g.state.value, "pids": pids} for g, pids in sent]
+
+    def _send(self, sig: int, *, every: bool) -> list[tuple[Generation, list[int]]]:
+        """``sig`` to the main processes of the serving generation (``every``: of every
+        live one); each generation signalled, with the pids it was sent to.
+
+        A generation's main processes: those hupt started (each --multi copy) while
+        they live; a generation whose started process has gone (it daemonized) is
+        signalled in every process it has.  An exec-mode generation whose root runs
+        a newer image is not: that root is the newer one's.
+        """
+        cur = self.fleet.current
+        if every:
+            gens = [g for g in self.fleet.gens if g.alive and g.replaced_by is None]
+        else:
+            gens = [cur] if cur is not None and cur.alive else []
+        out = []
+        for g in gens:
+            pids = [p for p in g.copies or [g.pid] if p in g.pids] or sorted(g.pids)
+            if pids:
+                self.sys.signal(pids, sig)
+                out.append((g, pids))
+        return out
 
     # -- what the parts report ------------------------------------------------------------
     def on_notify(self, gen: Generation) -> None:
@@ -483,6 +544,7 @@ class Supervisor:
                 g.alive and g.pid == gen.pid for g in self.fleet.gens):
             self.endpoint.unalias(gen.pid)
         self._release_unused()
+        self._old_waiters = [w for w in self._old_waiters if not w.check()]
 
     def _fall_back(self, dead: Generation) -> bool:
         """The serving generation died on its own: a generation it replaced that
@@ -551,6 +613,10 @@ def _exit_code(status: int | None, retired_by_hupt: bool) -> int:
     if status < 0:
         return 0 if retired_by_hupt else 128 - status
     return status
+
+
+def _pids(pids: list[int]) -> str:
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(map(str, pids))
 
 
 def _signame(sig: int) -> str:

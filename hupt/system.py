@@ -71,8 +71,13 @@ class System(Protocol):
     def now(self) -> float: ...
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
-              cwd: str | None = None) -> tuple[int, int]:
-        """Start a generation; return (pid, fd to watch for its notifications)."""
+              cwd: str | None = None, stdio: tuple[int | None, int | None] = (None, None)
+              ) -> tuple[int, int]:
+        """Start a generation; return (pid, fd to watch for its notifications).
+
+        ``stdio``: what its stdout and stderr are (fds of hupt's, copied onto
+        1 and 2), None for each it inherits from hupt.
+        """
 
     def attach(self, number: int, pid: int) -> Attached:
         """Take over running process ``pid`` and its descendants as generation ``number``."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hupt.address import Address
 from hupt.generations import Generation
@@ -81,6 +81,14 @@ class Waiter:
     def progress(self, message: str) -> None:
         pass
 
+    def served(self, message: str) -> None:
+        """The reload succeeded, its outcome is not told yet (--wait-old waits on)."""
+        self.progress(message)
+
+    def add_details(self, details: dict[str, Any]) -> None:
+        """More about the outcome, given before ``done``: the failed generation's last
+        lines on stderr, the old generations' drain figures (--wait-old)."""
+
     def done(self, ok: bool, reason: str) -> None:
         pass
 
@@ -88,12 +96,19 @@ class Waiter:
 class PeerWaiter(Waiter):
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.details: dict[str, Any] = {}
 
     def progress(self, message: str) -> None:
         self.peer.send({"event": "progress", "message": message})
 
+    def served(self, message: str) -> None:
+        self.peer.send({"event": "progress", "message": message, "served": True})
+
+    def add_details(self, details: dict[str, Any]) -> None:
+        self.details.update(details)
+
     def done(self, ok: bool, reason: str) -> None:
-        self.peer.send({"event": "result", "ok": ok, "reason": reason})
+        self.peer.send({**self.details, "event": "result", "ok": ok, "reason": reason})
         self.peer.finish()
 
 
@@ -119,6 +134,8 @@ class Upgrade:
     follow: PendingExec | None = None
     exit_deadline: float = math.inf
     follow_polled_at: float = -math.inf
+    # More for the waiters than the reason: the failed generation's stderr tail.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to(self, phase: Phase) -> None:
         if phase not in ALLOWED[self.phase]:

@@ -477,6 +477,13 @@ def variant_cmd(address: Target, *opts: str) -> list[str]:
     return [sys.executable, str(SERVERS / "variant_server.py"), address, *opts]
 
 
+def chatty_cmd(target: Target, *opts: str) -> list[str]:
+    """servers/chatty_server.py: records its signals, writes to stdout and stderr."""
+    assert isinstance(target, tuple)
+    return [sys.executable, str(SERVERS / "chatty_server.py"), f"{target[0]}:{target[1]}",
+            *opts]
+
+
 def prefork_cmd(target: Target, workers: int = 2) -> list[str]:
     """servers/prefork_server.py: a master that listens and forks `workers` acceptors."""
     return [sys.executable, str(SERVERS / "prefork_server.py"), address_arg(target),

@@ -40,12 +40,15 @@ code = cli.main({argv!r})
 print("\\n" + json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
 """
 
-# hupt run, recording what it has imported at its first fork (generation 1's);
-# with TERM, it also sends itself SIGTERM right after that fork.
+# hupt run, recording what it has imported at generation 1's fork (not the output
+# keeper's, started before it when hupt's output is not a terminal); with TERM,
+# it also sends itself SIGTERM right after that fork.
 RUN = """
 import json, os, signal, sys
 real = os.fork
 def fork():
+    if sys._getframe(1).f_globals.get("__name__") != "hupt.tracer.spawn":
+        return real()
     os.fork = real
     with open({out!r}, "w") as f:
         json.dump(sorted(sys.modules), f)

@@ -170,7 +170,9 @@ runpy.run_path({variant!r}, run_name="__main__")
 
 
 def _pipes(pid: int) -> list[int]:
-    return sorted(fd for fd, (what, _) in fd_table(pid).items() if what.startswith("pipe:"))
+    """The server's own pipes (its stdout and stderr are hupt's: pipes too, when prefixed)."""
+    return sorted(fd for fd, (what, _) in fd_table(pid).items()
+                  if what.startswith("pipe:") and fd > 2)
 
 
 def test_a_failed_exec_leaves_inheritable_fds_inheritable(procs: Procs, tmp_path: Path) -> None:

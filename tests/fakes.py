@@ -63,6 +63,8 @@ class FakeSystem:
         self.holders: dict[int, list[Address]] = {}  # processes holding a listener itself
         self.refused_new = False
         self.exec_under_way = False  # unfollow finds the exec already started
+        # pid -> its stdout and stderr (write ends of hupt's pipes), while it lives
+        self.stdio: dict[int, tuple[int | None, int | None]] = {}
 
     # -- test controls ---------------------------------------------------
     def listen(self, number: int, addr: Address) -> None:
@@ -77,14 +79,28 @@ class FakeSystem:
         g = self.gens[number]
         self.reaped.append((g.pid, status))
         self.dead |= g.pids
+        for p in g.pids:
+            self._close_stdio(p)
         g.pids = set()
         g.hung_up = True
+
+    def write(self, pid: int, which: int, data: bytes) -> None:
+        """Process ``pid`` writes ``data`` to its stdout (1) or stderr (2)."""
+        fd = self.stdio[pid][which - 1]
+        assert fd is not None, f"pid {pid}'s fd {which} is hupt's own"
+        os.write(fd, data)
+
+    def _close_stdio(self, pid: int) -> None:
+        for fd in self.stdio.pop(pid, ()):
+            if fd is not None:
+                os.close(fd)
 
     def exit_pid(self, pid: int, status: int | None = None) -> None:
         """One process (a worker) exits; a ``status`` if it is hupt's child (a copy)."""
         if status is not None:
             self.reaped.append((pid, status))
         self.dead.add(pid)
+        self._close_stdio(pid)
         for g in self.gens.values():
             g.pids.discard(pid)
 
@@ -98,6 +114,8 @@ class FakeSystem:
         self.clock += seconds
 
     def close(self) -> None:
+        for pid in list(self.stdio):
+            self._close_stdio(pid)
         fds = {fd for g in self.gens.values() for fd in (g.rfd, g.wfd)}
         fds |= {fd for pair in self.exit_fds.values() for fd in pair}
         for fd in fds:
@@ -110,12 +128,16 @@ class FakeSystem:
         return self.clock
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
-              cwd: str | None = None) -> tuple[int, int]:
+              cwd: str | None = None, stdio: tuple[int | None, int | None] = (None, None)
+              ) -> tuple[int, int]:
         if self.spawn_error is not None:
             raise self.spawn_error
         self.spawns.append((list(argv), dict(env)))
         self.cwds.append(cwd)
         self.next_pid += 1
+        # What the process would write to: its own copies, closed as it exits.
+        self.stdio[self.next_pid] = tuple(os.dup(fd) if fd is not None else None
+                                          for fd in stdio)  # type: ignore[assignment]
         g = self.gens.get(number)
         if g is not None and not g.hung_up:  # --multi: another copy, same notify group
             g.pids.add(self.next_pid)

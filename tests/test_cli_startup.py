@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The code path of a control command must not reach these (prefixes).
 HEAVY = ("rich", "pyroute2", "ptrace", "ctypes", "importlib.metadata", "hupt.tracer",
          "hupt.supervisor", "hupt.linux", "hupt.fleet", "hupt.reload", "hupt.readiness",
-         "hupt.snapshot", "dataclasses")
+         "hupt.snapshot", "hupt.output", "hupt.waitold", "dataclasses")
 # Generous: status needs 8 of hupt's own today.
 MAX_HUPT_MODULES = 12
 
@@ -61,7 +61,9 @@ def heavy(modules: list[str]) -> list[str]:
     (["status", "--json"], 0),
     (["reload", "nosuch"], 2),  # everything up to its connect: the name's lookup fails
     (["reload", "nosuch", "--env", "A=1", "--", "srv"], 2),
+    (["reload", "--wait-old", "nosuch"], 2),
     (["stop", "nosuch"], 2),
+    (["signal", "nosuch", "USR1"], 2),
 ])
 def test_a_control_command_imports_only_what_it_needs(tmp_path: Path, argv: list[str],
                                                       code: int) -> None:

@@ -66,7 +66,7 @@ def test_bash_completes_commands_options_and_values(bash_script: Path, tmp_path:
     (tmp_path / "server.py").write_text("")
     (tmp_path / "metrics.sock").write_text("")
     cases = {
-        "hupt ": ["run", "reload", "stop", "attach", "status", "completion"],
+        "hupt ": ["run", "reload", "stop", "attach", "status", "signal", "completion"],
         "hupt re": ["reload"],
         "hupt -": ["-h", "--help", "-v", "--verbose", "--version"],
         "hupt -v st": ["stop", "status"],
@@ -85,6 +85,7 @@ def test_bash_completes_commands_options_and_values(bash_script: Path, tmp_path:
         "hupt run python3 ser": ["server.py"],
         "hupt attach 123 -- sh ser": ["server.py"],
         "hupt stop --now --p": ["--pidfile"],
+        "hupt signal --a": ["--all"],
         "hupt completion ": ["bash", "zsh"],
         "hupt run --name ": [],  # free text
     }
@@ -203,7 +204,7 @@ def test_the_zsh_script_is_valid(zsh_home: Path) -> None:
 def test_zsh_completes_commands_options_and_values(zsh_home: Path, tmp_path: Path) -> None:
     (tmp_path / "server.py").write_text("")
     cases = {
-        "hupt ": ["run", "reload", "stop", "attach", "status", "completion"],
+        "hupt ": ["run", "reload", "stop", "attach", "status", "signal", "completion"],
         "hupt -": ["-h", "--help", "-v", "--verbose", "--version"],
         "hupt run --dr": ["--drain-timeout", "--drain-signal"],
         "hupt run --stop-signal Q": ["QUIT"],

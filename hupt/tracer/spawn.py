@@ -20,6 +20,9 @@ installed by the forked child itself, between fork() and execve():
   terminal reaches hupt (which drains) and not the server directly.
 * hupt raised its own soft limit of open files (hupt/fdlimit.py): the child
   sets back the one hupt was started with, right before execve().
+* ``stdout``/``stderr``: write ends of pipes hupt reads (hupt/output.py),
+  dup2()ed onto fds 1 and 2 (dup2 clears close-on-exec on the copy; the
+  originals are close-on-exec and go at the exec).  None: hupt's own.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class SpawnError(HuptError):
 
 
 def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
-          cwd: str | None = None) -> tuple[int, NotifyFd]:
+          cwd: str | None = None, stdout: int | None = None,
+          stderr: int | None = None) -> tuple[int, NotifyFd]:
     """Fork, install the notify filter in the child, exec ``argv``; return (pid, notify fd)."""
     prog = seccomp.build_filter(notify)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -56,7 +60,7 @@ def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
         try:
             ours.close()
             os.close(err_r)
-            _child(argv, env, prog, theirs, err_w, cwd)
+            _child(argv, env, prog, theirs, err_w, cwd, (stdout, stderr))
         finally:
             os._exit(127)
     theirs.close()
@@ -80,7 +84,8 @@ def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
 
 
 def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.socket,
-           err_w: int, cwd: str | None) -> None:  # pragma: no cover
+           err_w: int, cwd: str | None,
+           stdio: tuple[int | None, int | None]) -> None:  # pragma: no cover
     step = "setup"
     try:
         signal.set_wakeup_fd(-1)
@@ -88,6 +93,10 @@ def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setpgid(0, 0)
+        step = "stdio"
+        for target, fd in enumerate(stdio, start=1):
+            if fd is not None:
+                os.dup2(fd, target)
         if cwd is not None:
             step = "chdir"
             os.chdir(cwd)
