@@ -238,28 +238,27 @@ class Fleet:
         """Make ``old``'s root execve ``path`` with ``launch``'s argv and environment (in
         its --chdir); the new image is a new generation with the same root pid, which
         takes over ``old``'s watch (raises HuptError)."""
-        number = self.next_number()
-        unlink_files(self.opts)
-        env, ready = generation_env(self.opts, number, launch.env)
-        try:
-            self.sys.exec_in_place(old.number, number, old.pid, path, launch.argv, env,
-                                   cwd=launch.chdir)
-        except HuptError:
-            if ready is not None:
-                ready.close()
-            raise
-        return self._image(old, PendingExec(number, path, env, ready, launch))
+        return self._image(old, self._next_image(path, launch, functools.partial(
+            self.sys.exec_in_place, old.number, pid=old.pid, path=path, argv=launch.argv,
+            cwd=launch.chdir)))
 
     def follow_exit(self, old: Generation, path: str, launch: Launch) -> PendingExec:
         """Exec mode with --drain-signal: ``old``'s root is followed until its exit,
         which becomes the exec of ``path`` with ``launch`` (raises HuptError if it
         cannot be)."""
+        return self._next_image(path, launch, functools.partial(
+            self.sys.follow_exit, old.number, pid=old.pid, path=path, argv=launch.argv,
+            cwd=launch.chdir))
+
+    def _next_image(self, path: str, launch: Launch,
+                    start: Callable[..., None]) -> PendingExec:
+        """The next number and environment for an image exec'd into a root, given to
+        ``start(new_number=, env=)`` (its NOTIFY_SOCKET closed again if that raises)."""
         number = self.next_number()
         unlink_files(self.opts)
         env, ready = generation_env(self.opts, number, launch.env)
         try:
-            self.sys.follow_exit(old.number, number, old.pid, path, launch.argv, env,
-                                 cwd=launch.chdir)
+            start(new_number=number, env=env)
         except HuptError:
             if ready is not None:
                 ready.close()

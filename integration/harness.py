@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -424,6 +425,61 @@ PT_INTERP = 3
 #              Elf64_Half e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx; }
 # Elf64_Phdr starts with Elf64_Word p_type.
 _ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+
+
+def fds_and_rss(pid: int) -> tuple[int, int]:
+    """(open fds, VmRSS in KB) of pid."""
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:"))
+    return len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What pid's fds point at, for a failure message."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(out)
+
+
+def settled_fds(pid: int, expected: int, within: float = 10.0) -> int:
+    """pid's fd count once a moment's fds (a control client being answered, a probe)
+    are closed again, back to `expected` or below (or at `within` s): a leak per
+    reload never comes back down."""
+    deadline = time.monotonic() + within
+    while (n := len(os.listdir(f"/proc/{pid}/fd"))) > expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n
+
+
+# -- nginx: a master and its two workers, in the foreground ---------------------------------
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def nginx_cmd(directory: Path, port: int) -> list[str]:
+    """nginx as Debian packages it, with its config, pid file and logs in ``directory``,
+    listening on 127.0.0.1:``port`` (its pid file is directory/nginx.pid)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=directory, port=port))
+    return [nginx, "-c", str(conf), "-p", str(directory), "-e", "stderr"]
 
 
 def elf_segment_types(path: Path) -> list[int]:

@@ -32,6 +32,7 @@ from harness import (
     HuptProcess,
     Procs,
     alive,
+    chatty_cmd,
     children,
     free_port,
     health_cmd,
@@ -57,6 +58,15 @@ def start_hupt(procs: Procs, *opts: str, cmd: Sequence[str] | None = None,
     """`hupt run OPTS -- CMD` (default: servers/health_server.py), once it listens."""
     target = target or ("127.0.0.1", free_port())
     h = procs.hupt(*opts, cmd=cmd if cmd is not None else health_cmd(target), env=env)
+    wait_listening(target, 20, proc=h)
+    return h, target
+
+
+def start_chatty(procs: Procs, *opts: str,
+                 server: Sequence[str] = ()) -> tuple[HuptProcess, Target]:
+    """`hupt run OPTS -- servers/chatty_server.py SERVER...`, once it listens."""
+    target: Target = ("127.0.0.1", free_port())
+    h = procs.hupt(*opts, cmd=chatty_cmd(target, *server))
     wait_listening(target, 20, proc=h)
     return h, target
 

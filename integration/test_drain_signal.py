@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from harness import (
     go_cmd,
     http_get,
     hupt_cli,
+    nginx_cmd,
     wait_gone,
     wait_listening,
 )
@@ -216,18 +216,13 @@ def test_nginx_quit_drains_old_masters_at_once(procs: Procs, tmp_path: Path) -> 
     """nginx's graceful stop, QUIT: its workers close keep-alive connections at the next
     request boundary and the old master exits; 2 s after each reload only the new master
     and its two workers are left."""
-    from test_reload_under_load import NGINX_CONF
-
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    nginx = nginx_cmd(tmp_path, port)
     h = procs.hupt("--drain-signal", "QUIT", "--drain-timeout", DRAIN_TIMEOUT,
                    "--kill-timeout", "5", "--stop-signal", "QUIT",
                    "--unlink", str(tmp_path / "nginx.pid"),
-                   cmd=[nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"])
+                   cmd=nginx)
     wait_listening(target, 20, proc=h)
     took: list[float] = []
     with clients(target) as load:

@@ -43,6 +43,7 @@ from harness import (
     http_get,
     hupt_env,
     listener_inode,
+    nginx_cmd,
     one_line_error,
     ppid,
     serving_pid,
@@ -324,17 +325,12 @@ def test_nginx_exec_mode_keeps_one_master_over_50_reloads(procs: Procs, tmp_path
     """A pre-fork master in exec mode: after every reload exactly one master (the same
     PID) and its two workers are left, none unknown to hupt serving on the held socket
     (stray masters were seen in 2 of 5 reloads once)."""
-    from test_reload_under_load import NGINX_CONF
-
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    nginx = nginx_cmd(tmp_path, port)
     h = procs.hupt("--exec", "--drain-timeout", "10", "--kill-timeout", "5",
                    "--unlink", str(tmp_path / "nginx.pid"),
-                   cmd=[nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"])
+                   cmd=nginx)
     wait_listening(target, 20, proc=h)
     (master,) = children(h.pid)
     inode = listener_inode(port)

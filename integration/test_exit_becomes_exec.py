@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from harness import (
     go_cmd,
     hupt_cli,
     listener_inode,
+    nginx_cmd,
     spawn_server,
     wait_for,
     wait_listening,
@@ -134,14 +134,9 @@ def test_exec_mode_node_sigterm_handler(procs: Procs) -> None:
 def test_exec_mode_nginx_quit(procs: Procs, tmp_path: Path) -> None:
     """nginx's master gets QUIT, lets its workers finish, and exits into the exec; the
     new master (same PID) forks new workers."""
-    from test_reload_under_load import NGINX_CONF
-
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
     port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
-    run_exec(procs, [nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"],
+    nginx = nginx_cmd(tmp_path, port)
+    run_exec(procs, nginx,
              ("127.0.0.1", port), "--unlink", str(tmp_path / "nginx.pid"), sig="QUIT",
              workers=2)
 
@@ -231,15 +226,10 @@ def test_attach_nginx_quit_with_the_command_given(procs: Procs, tmp_path: Path) 
     """nginx rewrites its command line ("nginx: master process ..."): attach refuses it
     alone, and takes the real command after `--`; then QUIT drains each master, whose
     exit becomes the exec, under fresh and persistent clients."""
-    from test_reload_under_load import NGINX_CONF
-
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
-    cmd = [nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"]
+    nginx = nginx_cmd(tmp_path, port)
+    cmd = nginx
     t0 = time.monotonic()
     s = spawn_server(procs, cmd, target)
     startup = time.monotonic() - t0

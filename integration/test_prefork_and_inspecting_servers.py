@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,27 @@ def quick(r: subprocess.CompletedProcess[str], i: int, log: str) -> None:
     assert m is not None and int(m[1]) < QUICK_MS, f"reload {i + 1}: {r.stderr}"
 
 
+def reloads_under_load(reload: Callable[[], subprocess.CompletedProcess[str]],
+                       log: Callable[[], str], port: int, *,
+                       each: Callable[[], None] = lambda: None, fresh: int = 4,
+                       keepalive: int = 0, persistent: int = 2,
+                       conn_requests: int = 20) -> None:
+    """RELOADS quick reloads under load: the same listening socket throughout, `each()`
+    checked after every reload, 0 failed requests."""
+    target: Target = ("127.0.0.1", port)
+    inode = listener_inode(port)
+    with Load(target, fresh=fresh, keepalive=keepalive, persistent=persistent,
+              conn_requests=conn_requests) as load:
+        time.sleep(0.3)
+        for i in range(RELOADS):
+            quick(reload(), i, log())
+            assert listener_inode(port) == inode, "the same listening socket"
+            each()
+            time.sleep(0.3)
+    assert load.result.failed == 0, load.result.summary() + log()
+    assert load.result.ok > 50, load.result.summary()
+
+
 def run(procs: Procs, cmd: list[str], target: Target, *opts: str) -> HuptProcess:
     h = procs.hupt(*opts, "--ready-timeout", f"{READY_TIMEOUT:g}", "--drain-timeout", "5",
                    "--kill-timeout", "5", cmd=cmd)
@@ -128,15 +150,8 @@ def test_a_server_that_skips_listen_on_a_listening_socket(
     target: Target = ("127.0.0.1", port)
     cmd, starts = inspecting_cmd(tmp_path, port)
     h = run(procs, cmd, target, *opts)
-    inode = listener_inode(port)
-    with Load(target, fresh=3, keepalive=1, conn_requests=10) as load:
-        time.sleep(0.3)
-        for i in range(RELOADS):
-            quick(h.reload(), i, h.log())
-            assert listener_inode(port) == inode, "the same listening socket"
-            time.sleep(0.2)
-    assert load.result.failed == 0, load.result.summary()
-    assert load.result.ok > 50, load.result.summary()
+    reloads_under_load(h.reload, h.log, port, fresh=3, keepalive=1, persistent=0,
+                       conn_requests=10)
     hows = [line.split(" ", 1)[1] for line in starts.read_text().splitlines()]
     copies = 2 if "--multi" in opts else 1
     # The first start listened (a --multi copy after it may find the socket held).
@@ -153,15 +168,7 @@ def test_gunicorn_reloads_under_load(mode: str, procs: Procs) -> None:
     target: Target = ("127.0.0.1", port)
     opts = ("--exec", "--drain-signal", "TERM") if mode == "exec" else ()
     h = run(procs, gunicorn_cmd(port), target, *opts)
-    inode = listener_inode(port)
-    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
-        time.sleep(0.3)
-        for i in range(RELOADS):
-            quick(h.reload(), i, h.log())
-            assert listener_inode(port) == inode, "the same listening socket"
-            time.sleep(0.3)
-    assert load.result.failed == 0, load.result.summary()
-    assert load.result.ok > 50, load.result.summary()
+    reloads_under_load(h.reload, h.log, port)
     if mode == "fork":
         last = wait_single_generation(h)
         assert len(generations(h)[last]) == 3, "a master and its two workers"
@@ -190,15 +197,12 @@ def attached_reloads(procs: Procs, cmd: Callable[[int], list[str]]) -> None:
                      "--ready-timeout", f"{READY_TIMEOUT:g}", "--kill-timeout", "5", str(s.pid)],
                     name="attach")
     wait_for("hupt attach to take over", lambda: _attached(a), 20)
-    inode = listener_inode(port)
-    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
-        time.sleep(0.3)
-        for i in range(RELOADS):
-            quick(hupt_cli("reload", str(s.pid)), i, a.log())
-            assert listener_inode(port) == inode
-            assert s.poll() is None, "the parent never sees an exit"
-            time.sleep(0.3)
-    assert load.result.failed == 0, load.result.summary() + a.log()
+
+    def no_exit_seen() -> None:
+        assert s.poll() is None, "the parent never sees an exit"
+
+    reloads_under_load(partial(hupt_cli, "reload", str(s.pid)), a.log, port,
+                       each=no_exit_seen)
     wait_for("no zombie under the master", lambda: not zombie_children(s.pid), 10)
     r = hupt_cli("stop", str(s.pid))
     assert r.returncode == 0, r.stderr
@@ -223,15 +227,7 @@ def test_node_cluster_reloads_under_load(mode: str, procs: Procs) -> None:
     target: Target = ("127.0.0.1", port)
     opts = ("--exec",) if mode == "exec" else ()
     h = run(procs, cluster_cmd(port), target, *opts, "--drain-signal", "TERM")
-    inode = listener_inode(port)
-    with Load(target, fresh=4, keepalive=0, persistent=2) as load:
-        time.sleep(0.3)
-        for i in range(RELOADS):
-            quick(h.reload(), i, h.log())
-            assert listener_inode(port) == inode, "the same listening socket"
-            time.sleep(0.3)
-    assert load.result.failed == 0, load.result.summary()
-    assert load.result.ok > 50, load.result.summary()
+    reloads_under_load(h.reload, h.log, port)
 
     def settled() -> bool:
         return len(h.descendants()) == 3 and not zombie_children(h.pid)

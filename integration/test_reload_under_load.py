@@ -24,10 +24,7 @@ answered by it then, with no request failed on the way.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -39,11 +36,15 @@ import pytest
 from harness import (
     Procs,
     Started,
+    fd_targets,
+    fds_and_rss,
     free_port,
     listener_inode,
     listener_inodes,
+    nginx_cmd,
     ppid,
     serving_pid,
+    settled_fds,
     threaded_cmd,
     variant_cmd,
     wait_for,
@@ -131,21 +132,6 @@ def check_persistent(res: LoadResult, last_reload: float, alone: float) -> None:
 
 # -- nginx: a master and its workers ---------------------------------------------------------
 
-NGINX_CONF = """
-daemon off;
-master_process on;
-worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
 
 
 @pytest.mark.root
@@ -153,15 +139,12 @@ def test_nginx_reloads_under_load(procs: Procs, tmp_path: Path) -> None:
     """nginx as Debian packages it: its master binds and listens, then forks the workers
     that accept; `daemon off` keeps the master in the foreground, as under any
     supervisor. Stopped gracefully with nginx's own graceful signal, QUIT."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx-light)"
     port = free_port()
     target: Target = ("127.0.0.1", port)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    nginx = nginx_cmd(tmp_path, port)
     h = procs.hupt("--drain-timeout", DRAIN_TIMEOUT, "--kill-timeout", "5",
                    "--stop-signal", "QUIT", "--unlink", str(tmp_path / "nginx.pid"),
-                   cmd=[nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"])
+                   cmd=nginx)
     wait_listening(target, 20, proc=h)
     inode = listener_inode(port)
     assert inode is not None
@@ -303,29 +286,6 @@ def test_two_reloads_at_once_start_one_generation(procs: Procs, tmp_path: Path) 
 # -- nothing of hupt's own grows with the number of reloads ---------------------------------
 
 
-def hupt_fds_and_rss(pid: int) -> tuple[int, int]:
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:"))
-    return len(os.listdir(f"/proc/{pid}/fd")), rss
-
-
-def fd_targets(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return sorted(out)
-
-
-def settled_fds(pid: int, expected: int, within: float = 5.0) -> int:
-    """hupt's fd count once a moment's fds (a control client being answered, a
-    probe) are closed again: a leak per reload never comes back down."""
-    deadline = time.monotonic() + within
-    while (n := len(os.listdir(f"/proc/{pid}/fd"))) > expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return n
-
-
 def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: Path) -> None:
     port = free_port()
     target: Target = ("127.0.0.1", port)
@@ -336,11 +296,11 @@ def test_hupt_keeps_no_fd_and_little_memory_per_reload(procs: Procs, go_server: 
         for _ in range(10):  # warm up: pyroute2 loaded, the allocator's arenas grown
             reload_ok(h)
         wait_single_generation(h)
-        fds0, rss0 = hupt_fds_and_rss(h.pid)
+        fds0, rss0 = fds_and_rss(h.pid)
         for _ in range(60):
             reload_ok(h)
         wait_single_generation(h)
-        _, rss1 = hupt_fds_and_rss(h.pid)
+        _, rss1 = fds_and_rss(h.pid)
         fds1 = settled_fds(h.pid, fds0)
         after = fd_targets(h.pid)
     check_load(load.result)

@@ -19,30 +19,19 @@ import os
 import re
 import signal
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from harness import (
     HuptProcess,
     Procs,
     alive,
-    chatty_cmd,
-    free_port,
     http_get,
     serving_pid,
     wait_for,
     wait_gone,
-    wait_listening,
 )
-from load import HeldRequest, Target
-from supervision import ping, states
-
-
-def start(procs: Procs, *opts: str, server: Sequence[str] = ()) -> tuple[HuptProcess, Target]:
-    target: Target = ("127.0.0.1", free_port())
-    h = procs.hupt(*opts, cmd=chatty_cmd(target, *server))
-    wait_listening(target, 20, proc=h)
-    return h, target
+from load import HeldRequest
+from supervision import ping, start_chatty, states
 
 
 def pid_of(h: HuptProcess, number: int) -> int:
@@ -52,7 +41,7 @@ def pid_of(h: HuptProcess, number: int) -> int:
 
 
 def test_each_line_carries_its_generation(procs: Procs) -> None:
-    h, target = start(procs, "--drain-timeout", "30")
+    h, target = start_chatty(procs, "--drain-timeout", "30")
     first = serving_pid(target)
     held = HeldRequest(target).start()  # generation 1 drains while 2 serves
     try:
@@ -80,7 +69,7 @@ def test_each_line_carries_its_generation(procs: Procs) -> None:
 
 
 def test_no_prefix_output_hands_the_server_hupts_own_stdout_and_stderr(procs: Procs) -> None:
-    h, target = start(procs, "--no-prefix-output")
+    h, target = start_chatty(procs, "--no-prefix-output")
     pid = serving_pid(target)
     for fd in (1, 2):  # the very files hupt writes to, not pipes of hupt's
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == os.readlink(f"/proc/{h.pid}/fd/{fd}")
@@ -92,7 +81,7 @@ def test_no_prefix_output_hands_the_server_hupts_own_stdout_and_stderr(procs: Pr
 def test_a_failed_generations_last_stderr_lines_come_with_the_reason(procs: Procs,
                                                                     tmp_path: Path) -> None:
     fail = tmp_path / "fail"
-    h, _ = start(procs, server=["--fail-if", str(fail)])
+    h, _ = start_chatty(procs, server=["--fail-if", str(fail)])
     fail.touch()
     r = h.reload()
     assert r.returncode == 1, r.stderr
@@ -116,7 +105,7 @@ def test_a_failed_generations_last_stderr_lines_come_with_the_reason(procs: Proc
 
 
 def test_exec_mode_labels_the_lines_with_the_image_that_runs(procs: Procs) -> None:
-    h, target = start(procs, "--exec")
+    h, target = start_chatty(procs, "--exec")
     pid = serving_pid(target)
     assert h.reload().returncode == 0
     assert serving_pid(target) == pid  # the same process runs generation 2
@@ -127,7 +116,7 @@ def test_exec_mode_labels_the_lines_with_the_image_that_runs(procs: Procs) -> No
 
 
 def test_the_server_outlives_a_killed_hupt_without_blocking_on_its_output(procs: Procs) -> None:
-    h, target = start(procs, server=["--chatter", "1"])
+    h, target = start_chatty(procs, server=["--chatter", "1"])
     server = pid_of(h, 1)
     keeper = next(p for p in _pids() if f"hupt-output-keeper:{h.pid}" in _cmdline(p))
     assert keeper not in h.descendants(), "the keeper is not in hupt's process tree"

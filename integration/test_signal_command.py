@@ -12,36 +12,24 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
 from pathlib import Path
 
 from harness import (
-    HuptProcess,
     Procs,
-    chatty_cmd,
-    free_port,
     hupt_cli,
     one_line_error,
     serving_pid,
     wait_for,
-    wait_listening,
 )
-from load import HeldRequest, Target
-from supervision import states
-
-
-def start(procs: Procs, *opts: str, server: Sequence[str] = ()) -> tuple[HuptProcess, Target]:
-    target: Target = ("127.0.0.1", free_port())
-    h = procs.hupt(*opts, cmd=chatty_cmd(target, *server))
-    wait_listening(target, 20, proc=h)
-    return h, target
+from load import HeldRequest
+from supervision import start_chatty, states
 
 
 def test_signal_reaches_the_serving_generation_and_all_of_them(procs: Procs,
                                                                tmp_path: Path) -> None:
     got = tmp_path / "signals"
     name = f"sig-{os.getpid()}"
-    h, target = start(procs, "--name", name, "--drain-timeout", "30",
+    h, target = start_chatty(procs, "--name", name, "--drain-timeout", "30",
                       server=["--signals", str(got)])
     first = serving_pid(target)
     r = hupt_cli("signal", name, "USR1")

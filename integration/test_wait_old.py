@@ -13,32 +13,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
 
 from harness import (
     Background,
-    HuptProcess,
     Procs,
     alive,
-    chatty_cmd,
-    free_port,
     serving_pid,
     wait_for,
-    wait_listening,
 )
-from load import HeldRequest, SlowRequest, Target
-from supervision import states
-
-
-def start(procs: Procs, *opts: str, server: Sequence[str] = ()) -> tuple[HuptProcess, Target]:
-    target: Target = ("127.0.0.1", free_port())
-    h = procs.hupt(*opts, cmd=chatty_cmd(target, *server))
-    wait_listening(target, 20, proc=h)
-    return h, target
+from load import HeldRequest, SlowRequest
+from supervision import start_chatty, states
 
 
 def test_wait_old_returns_once_the_old_generation_has_exited(procs: Procs) -> None:
-    h, target = start(procs, "--drain-timeout", "30")
+    h, target = start_chatty(procs, "--drain-timeout", "30")
     old = serving_pid(target)
     slow = SlowRequest(target, seconds=3.0).start()
     slow.wait_accepted()
@@ -84,7 +72,7 @@ def test_wait_old_returns_once_the_old_generation_has_exited(procs: Procs) -> No
 
 
 def test_wait_old_names_a_drain_timeout(procs: Procs) -> None:
-    h, target = start(procs, "--drain-timeout", "1", "--kill-timeout", "2")
+    h, target = start_chatty(procs, "--drain-timeout", "1", "--kill-timeout", "2")
     held = HeldRequest(target, timeout=30).start()  # never released: the timeout ends it
     held.wait_accepted()
     r = h.reload("--wait-old")

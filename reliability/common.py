@@ -10,7 +10,6 @@ per control connection or per signal never does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import HuptProcess
+from harness import HuptProcess, fds_and_rss
 from load import LoadResult
 
 from hupt import control
@@ -112,30 +111,6 @@ class Record:
 
 
 # -- hupt's footprint ---------------------------------------------------------------------
-
-
-def fds_and_rss(pid: int) -> tuple[int, int]:
-    """(open fds, VmRSS in KB) of pid."""
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:"))
-    return len(os.listdir(f"/proc/{pid}/fd")), rss
-
-
-def fd_targets(pid: int) -> list[str]:
-    """What pid's fds point at, for a failure message."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return sorted(out)
-
-
-def settled_fds(pid: int, expected: int, within: float = 10.0) -> int:
-    """pid's fd count once it is back to `expected` or below (or at `within` s)."""
-    deadline = time.monotonic() + within
-    while (n := len(os.listdir(f"/proc/{pid}/fd"))) > expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return n
 
 
 def cpu_seconds(pid: int) -> float:

@@ -46,7 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import HuptProcess, Procs, free_port, go_cmd, wait_listening
+from harness import (
+    HuptProcess,
+    Procs,
+    fd_targets,
+    fds_and_rss,
+    free_port,
+    go_cmd,
+    settled_fds,
+    wait_listening,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from load import Load, Target
@@ -57,12 +66,9 @@ from reliability.common import (
     FORM,
     Record,
     control_client,
-    fd_targets,
-    fds_and_rss,
     ms,
     no_traceback,
     ping_seconds,
-    settled_fds,
 )
 
 MAX = control.MAX_REQUEST

@@ -24,7 +24,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import Procs, free_port, go_cmd, listener_inode, wait_listening
+from harness import (
+    Procs,
+    fd_targets,
+    fds_and_rss,
+    free_port,
+    go_cmd,
+    listener_inode,
+    settled_fds,
+    wait_listening,
+)
 from load import Load, Target
 from supervision import generations, held_by_hupt, ping, stop_gracefully, wait_single_generation
 
@@ -32,13 +41,10 @@ from reliability.common import (
     FORM,
     Record,
     cpu_seconds,
-    fd_targets,
-    fds_and_rss,
     median,
     ms,
     no_traceback,
     reload,
-    settled_fds,
 )
 
 WARM_UP = 10

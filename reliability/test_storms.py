@@ -37,9 +37,12 @@ from harness import (
     Background,
     HuptProcess,
     Procs,
+    fd_targets,
+    fds_and_rss,
     free_port,
     go_cmd,
     hupt_cli,
+    settled_fds,
     variant_cmd,
     wait_for,
     wait_listening,
@@ -57,14 +60,11 @@ from hupt import control
 from reliability.common import (
     FORM,
     Record,
-    fd_targets,
-    fds_and_rss,
     median,
     ms,
     no_traceback,
     ping_seconds,
     reload,
-    settled_fds,
 )
 
 # hupt answers its control socket within this long, storm or not (seconds; a reload
