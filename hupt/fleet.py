@@ -144,6 +144,11 @@ class Fleet:
         self._next_scan = 0.0
         self._last_scan = -math.inf
         self.detached = False  # hupt attach let go: nothing is ours to watch
+        # Whether the command has served under hupt.  Not yet after hupt attach:
+        # the recorded command line may be a title or lack the server's options,
+        # and a command that failed without ever serving is not started again
+        # on hupt's own initiative (only when an operator reloads).
+        self.command_served = True
 
     # -- lookups --------------------------------------------------------------
     def next_number(self) -> int:
@@ -224,6 +229,7 @@ class Fleet:
         """Take over running server ``pid`` as the serving generation (hupt attach)."""
         number = self.next_number()
         got = self.sys.attach(number, pid)
+        self.command_served = False
         now = self.sys.now()
         gen = Generation(number, pid, now, pids={pid}, listened=set(got.listened),
                          env=dict(self.opts.env), argv=list(self.opts.argv))
@@ -232,6 +238,10 @@ class Fleet:
         self.gens.append(gen)
         self._watch(gen, got.notify_fd, got.exit_fd)
         self.current = gen
+        # It listened before hupt came: what a generation started while none
+        # serves must take (else that one counts as ready at once, the held
+        # sockets are released, and the clients queued on them reset).
+        self.last_serving = set(gen.listened)
         return gen, got.problems
 
     def exec_in_place(self, old: Generation, path: str, launch: Launch) -> Generation:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shlex
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -377,6 +379,16 @@ class Reloader:
             failed.to(State.FAILED)
             if failed.pids:
                 self.draining.drain(failed)
+        if not self.fleet.command_served:
+            # Attached with a command line that never served: starting it again
+            # would fail the same way.  The sockets stay held (clients queue)
+            # until an operator gives the command (hupt reload -- CMD ARGS).
+            up.awaiting_command = True
+            self._fail(up, f"{reason}; not started again: `{shlex.join(self.opts.argv)}` "
+                       "has never served under hupt (recorded at attach); the sockets "
+                       "stay held: give the server's command with hupt reload "
+                       f"{os.getpid()} -- CMD ARGS...")
+            return
         try:
             fresh = self.fleet.spawn()
         except HuptError as e:
@@ -415,6 +427,7 @@ class Reloader:
         gen.ready_at = now
         old, self.fleet.current = self.fleet.current, gen
         self.fleet.last_serving = set(gen.listened)
+        self.fleet.command_served = True  # the command (with a change: kept) serves
         msg = f"{gen} is ready in {(now - gen.started_at) * 1000:.0f} ms"
         log.ok(msg)
         up.tell(msg)

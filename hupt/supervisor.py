@@ -107,6 +107,9 @@ class Supervisor:
         # hupt run: generation 1, started before this was built (hupt/launch.py).
         self._first = first
         self.stopping = False
+        # Nothing serves and the command never has (hupt attach): hupt holds the
+        # sockets until an operator reloads with the command, or stops it.
+        self.awaiting_command = False
         self.exit_code: int | None = None
         self.started_at = time.time()
         self._control = control
@@ -245,6 +248,7 @@ class Supervisor:
         if self.stopping:
             w.done(False, "hupt is stopping")
             return
+        self.awaiting_command = False  # this reload brings it, or fails and waits again
         self.reloader.request(w, revive=revive, change=change)
 
     def _wait_old(self, w: WaitOld) -> None:
@@ -301,9 +305,11 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         up = self.reloader.upgrade
         # down: nothing serves and the command is being started again (--revive,
-        # or exec mode after a failed reload), whether waiting out the backoff or trying.
+        # or exec mode after a failed reload), whether waiting out the backoff or
+        # trying, or waits for an operator to give it (an attached command failed).
+        idle = up is None and self.fleet.current is None and bool(self.fleet.gens)
         state = ("stopping" if self.stopping
-                 else "down" if self.reviver.pending or (up is not None and up.revive)
+                 else "down" if self.reviver.pending or (up is not None and up.revive) or idle
                  else "reloading" if up is not None else "running")
         doc = snapshot(self.sys, self.fleet.gens, command=self.opts.argv,
                        exec_mode=self.opts.exec_mode, state=state,
@@ -355,7 +361,8 @@ class Supervisor:
             while True:
                 self.step()
                 if self.detached or (all(not g.alive for g in self.fleet.gens)
-                                     and not self.reviver.pending):
+                                     and not self.reviver.pending
+                                     and not (self.awaiting_command and not self.stopping)):
                     break
         finally:
             for s, h in previous.items():
@@ -573,6 +580,11 @@ class Supervisor:
             self._release_unused()
             return
         if self.fleet.current is not None or self.stopping:
+            return
+        if up.awaiting_command or (self.opts.exec_mode and not self.fleet.command_served):
+            self.awaiting_command = True
+            self.announcer.status("down: the attached server's command failed; the sockets "
+                                  "are held until hupt reload -- CMD ARGS gives it")
             return
         if up.revive or (self.opts.exec_mode and up.fresh):
             # Exec mode: the new image and the command started afresh both

@@ -118,6 +118,9 @@ class Upgrade:
     waiters: list[Waiter]
     revive: bool = False  # bringing a dead server back: no reload to the service manager
     fresh: bool = False  # exec mode: the command started afresh after the new image failed
+    # Exec mode: the new image failed and its command never served (hupt attach):
+    # nothing is started again until an operator reloads; the sockets stay held.
+    awaiting_command: bool = False
     # hupt reload --env/--unset-env/-- ARGV: kept as the command only if this succeeds.
     change: Change | None = None
     launch: Launch | None = None  # what the new generation runs (set when it is started)

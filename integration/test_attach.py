@@ -531,3 +531,56 @@ def test_attach_a_server_whose_hupt_was_killed(procs: Procs, go_server: Path) ->
     assert r.returncode == 0, r.stderr
     assert a.popen.wait(20) == 0, a.log()
     wait_for("the server to exit", lambda: not alive(server), 20)
+
+
+def test_an_attached_command_that_fails_is_not_started_again_until_given(
+        procs: Procs, tmp_path: Path, go_server: Path) -> None:
+    """`hupt attach PID -- CMD` with a command that cannot serve (a title, options
+    missing): the first reload execs it and it exits.  hupt does not start that
+    command again by itself (it would fail the same way, again and again); the
+    listening socket stays held, so a client that connects meanwhile queues and is
+    answered once the operator gives the right command (issue 11.6)."""
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    s = spawn_server(procs, go_cmd(go_server, target), target)
+    starts = tmp_path / "starts"
+    wrong = ["/bin/sh", "-c", f"echo started >> {starts}; exit 3"]
+    a = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", "--drain-timeout", "20",
+                     "--kill-timeout", "5", "--drain-signal", "TERM", str(s.pid), "--", *wrong],
+                    name="attach")
+    wait_for("hupt attach to take over", partial(_attached_or_gone, a), 20)
+    assert a.poll() is None, a.log()
+    inode = listener_inode(port)
+    r = hupt_cli("reload", str(a.pid))
+    one_line_error(r, "has never served under hupt", "-- CMD ARGS")
+    assert s.popen.wait(10) == 3, "the wrong command ran in the server's process and exited"
+    time.sleep(3)  # longer than the first backoff step of a retry
+    assert starts.read_text() == "started\n", "started once (the exec), never again"
+    assert a.poll() is None, "hupt attach holds on: " + a.log()
+    assert listener_inode(port) == inode, "the listening socket is still held"
+    status = hupt_cli("status", "--json", str(a.pid))
+    assert '"state": "down"' in status.stdout, status.stdout
+    # A client connecting now is queued on the held socket, not refused.
+    queued = socket.create_connection(("127.0.0.1", port), timeout=30)
+    queued.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    r = hupt_cli("reload", str(a.pid), "--", *go_cmd(go_server, target))
+    assert r.returncode == 0, r.stderr + a.log()
+    reply = b""
+    try:
+        while chunk := queued.recv(4096):
+            reply += chunk
+    except OSError as e:
+        raise AssertionError(f"the queued client: {e}\n{a.log()}") from None
+    queued.close()
+    assert reply.startswith(b"HTTP/1.0 200") or reply.startswith(b"HTTP/1.1 200"), reply
+    assert listener_inode(port) == inode, "the right command took the same socket"
+    with Load(target, fresh=2, keepalive=0, persistent=1) as load:
+        time.sleep(0.5)
+        r = hupt_cli("reload", str(a.pid))
+        assert r.returncode == 0, r.stderr + a.log()
+        time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary()
+    assert listener_inode(port) == inode
+    r = hupt_cli("stop", str(a.pid))
+    assert r.returncode == 0, r.stderr
+    assert a.popen.wait(20) == 0, a.log()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from hupt.address import AF_INET, Address
+from hupt.command import Change
 from hupt.errors import HuptError, InjectionError
 from hupt.generations import Generation, State
 from hupt.supervisor import Options, Supervisor
@@ -619,3 +620,51 @@ def test_a_pause_that_failed_fails_the_exec_reload(fake: FakeSystem) -> None:
     fake.pause_problems = []
     w2 = reload_to_exec(sup, fake)
     assert "exec 1 -> 2" in fake.events and w2.result is None
+
+
+# --- an attached command that never served is not started again (issue 11.6) -----------
+
+
+def test_attached_command_that_fails_at_its_first_exec_is_not_started_again(
+        fake: FakeSystem) -> None:
+    sup = Supervisor(fake, Options(argv=["server", "--title-only"], env={}, exec_mode=True),
+                     control=False)
+    sup.adopt(4242)
+    assert sup.fleet.last_serving == {A}, "what a generation started while none serves takes"
+    w = reload_to_exec(sup, fake)
+    assert fake.events[-1] == "exec 1 -> 2"
+    fake.exit(2, 1)  # the exec'd image: the recorded command without its options
+    fake.advance(1.5)
+    sup.tick()
+    assert w.result is not None and not w.result[0]
+    assert "has never served under hupt" in w.result[1]
+    assert "hupt reload" in w.result[1] and "-- CMD ARGS" in w.result[1]
+    assert not any(e.startswith("spawn") for e in fake.events), "the failed argv not retried"
+    fake.advance(30)  # no backoff retry either, however long
+    sup.tick()
+    assert not any(e.startswith("spawn") for e in fake.events)
+    assert not sup.stopping, "the service is not taken down"
+    assert len(fake.listeners) == 1, "the sockets stay held: clients queue"
+    assert sup.status()["state"] == "down"
+    # The operator gives the real command: started on the held sockets, kept.
+    w2 = Recorder()
+    sup.request_reload(w2, change=Change(["server", "--config", "real.conf"]))
+    assert fake.spawns[-1][0] == ["server", "--config", "real.conf"]
+    fresh = sup.gens[-1]
+    fake.listen(fresh.number, A)
+    sup.on_notify(fresh)
+    assert w2.result is not None and w2.result[0], w2.result
+    assert sup.current is fresh and sup.opts.argv == ["server", "--config", "real.conf"]
+    assert sup.fleet.command_served
+
+
+def test_a_command_that_served_is_started_afresh_when_its_image_fails(
+        fake: FakeSystem) -> None:
+    """hupt run's command has served: a failed exec starts it afresh (item 5)."""
+    sup = make(fake)
+    assert sup.fleet.command_served
+    reload_to_exec(sup, fake)
+    fake.exit(2, 1)
+    fake.advance(1.5)
+    sup.tick()
+    assert fake.events[-1] == "spawn 3"
