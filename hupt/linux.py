@@ -417,9 +417,12 @@ class LinuxSystem:
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
             try:
-                fds = [fd for fd, ino in procfs.socket_inodes(pid).items() if ino in inodes]
+                socks = procfs.socket_inodes(pid)
+                fds = [fd for fd, ino in socks.items() if ino in inodes]
                 if fds:
-                    saved = accepting.pause_listeners(pid, fds)
+                    views = {fd: held.nonblock_of(number) for fd in fds
+                             if (held := self.listeners.by_inode(socks[fd])) is not None}
+                    saved = accepting.pause_listeners(pid, fds, nonblock=views)
                     self._gens.setdefault(number, _GenRecord()).paused.append(saved)
             except NoSuchProcess:
                 continue
@@ -457,7 +460,14 @@ class LinuxSystem:
             paused, rec.paused = rec.paused, []
         for saved in reversed(paused):
             try:
+                was = {p.ino: h.nonblock() for p in saved.listeners
+                       if (h := self.listeners.by_inode(p.ino)) is not None}
                 skipped = accepting.resume_listeners(saved.pid, saved)
+                for p in saved.listeners:
+                    held = self.listeners.by_inode(p.ino)
+                    if held is not None and p.fd not in skipped:
+                        # The resume gave it its own O_NONBLOCK back, for every holder.
+                        held.set_by(number, was[p.ino], p.nonblock)
                 if skipped:
                     problems.append(f"pid {saved.pid}: fds {skipped} were replaced meanwhile")
             except NoSuchProcess:

@@ -37,7 +37,7 @@ from snapshots import thread_states, whole_view
 from hupt.errors import AccessDenied, InjectionError, NoSuchProcess
 from hupt.tracer import bpf, pidfd, procfs, seccomp
 from hupt.tracer import ptrace as pt
-from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, SYS
+from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, O_NONBLOCK, SYS
 from hupt.tracer.accepting import (
     PausedListeners,
     UnpausableListener,
@@ -394,6 +394,42 @@ def test_resume_skips_a_listener_fd_the_program_replaced(procs: Procs) -> None:
     assert resume_listeners(s.pid, paused) == [fd]
     assert saved not in procfs.socket_inodes(s.pid)  # the copy was closed anyway
     assert listener_inode(main) is None  # nobody held the listener any more
+
+
+def test_pause_gives_the_stand_in_the_mode_the_process_expects_and_resume_restores_it(
+        procs: Procs) -> None:
+    """O_NONBLOCK is the socket's, shared by every holder: another holder (the next
+    generation, handed the socket) may have changed it.  The stand-in gets the mode the
+    process expects, the socket itself is left alone while paused, and resuming puts
+    the process's mode back on it, for every holder."""
+    s, main, aux = start(procs, python_target("epoll_server.py", "plain"))
+    (fd,) = listener_fds(s.pid, main)
+    assert fdinfo_flags(s.pid, fd) & O_NONBLOCK, "an epoll server's listener does not block"
+    handle = pidfd.pidfd_open(s.pid)
+    try:
+        other = pidfd.pidfd_getfd(handle, fd)
+    finally:
+        os.close(handle)
+    try:
+        os.set_blocking(other, True)  # what a blocking next generation is handed
+        assert not fdinfo_flags(s.pid, fd) & O_NONBLOCK, "one flag for every holder"
+        paused = pause_listeners(s.pid, [fd], nonblock={fd: True})
+        try:
+            assert fdinfo_flags(s.pid, fd) & O_NONBLOCK, "the stand-in in the process's mode"
+            assert os.get_blocking(other), "the shared socket keeps the other holder's mode"
+            assert ask(aux).endswith(b"ok\n"), "the process works on"
+        finally:
+            resume_listeners(s.pid, paused)
+        assert fdinfo_flags(s.pid, fd) & O_NONBLOCK and not os.get_blocking(other)
+        assert ask(main).endswith(b"ok\n")
+        # Without a mode given, the stand-in takes the socket's own.
+        os.set_blocking(other, True)
+        paused = pause_listeners(s.pid, [fd])
+        assert not fdinfo_flags(s.pid, fd) & O_NONBLOCK
+        resume_listeners(s.pid, paused)
+        assert os.get_blocking(other), "resuming keeps the mode it found"
+    finally:
+        os.close(other)
 
 
 def test_resume_needs_the_pid_it_was_paused_in() -> None:

@@ -21,7 +21,8 @@ For each listener fd, in this order (the order is the kernel's, not ours):
    name the file: done after the swap of step 3, DEL fails with ENOENT and
    the stale entry reports the listener forever, a busy loop.
 3. ``dup3`` a dummy over the listener fd: a listening stream socket with
-   the listener's O_NONBLOCK and the fd's close-on-exec flag, which never
+   the O_NONBLOCK the process expects (see below) and the fd's close-on-exec
+   flag, which never
    becomes readable and never reports an error or hang-up: accept() on it
    blocks or says EAGAIN, select and poll never wake for it.  (An
    unconnected TCP socket reports POLLHUP and makes selector loops spin.)
@@ -39,11 +40,30 @@ For each listener fd, in this order (the order is the kernel's, not ours):
 4. Threads blocked in accept() were interrupted by the session and restart
    their accept on the dummy.
 
+O_NONBLOCK is a file status flag of the open file description, not of the
+fd: every fd and every process holding the socket shares it (a dup, a fork,
+pidfd_getfd and SCM_RIGHTS all give the same description), fcntl(F_SETFL)
+by one holder changes it for all, and a socket cannot be reopened through
+/proc for a description of its own (integration/test_blocking_mode.py).
+When the next generation is handed the socket in the mode it asked for, the
+old one sees that mode too, until it is paused: an event loop that accepts
+until EAGAIN then sleeps in accept() on a socket made blocking, and a
+blocking accept() loop spins on EAGAIN on one made non-blocking.  The mode
+is read as accept() starts: a thread already asleep in a blocking accept()
+stays asleep when another holder sets O_NONBLOCK, until a connection, a
+signal or this session's interrupt wakes it.  So the dummy takes the mode
+the process had (``nonblock``, as hupt recorded it at the handoff; by default
+the socket's own), the session's interrupt sends every thread asleep in
+accept() to it, and resuming sets that mode on the socket again before the
+listener goes back on its fd (for every holder: the process resumed must
+be the one that serves on, as after a rollback or a failed exec).
+
 The connections that keep arriving wait in the listener's accept queue, which
 the next generation (holding the same socket) drains.
 
-Resuming reverses it: ``dup3`` the saved copy back, ``EPOLL_CTL_ADD`` with the
-recorded events and data, close the saved copy.  The kernel adds
+Resuming reverses it: the process's O_NONBLOCK on the listener, ``dup3``
+the saved copy back, ``EPOLL_CTL_ADD`` with the recorded events and data,
+close the saved copy.  The kernel adds
 EPOLLERR|EPOLLHUP (0x18) to every registration and fdinfo shows them; adding
 them back explicitly is accepted (also with EPOLLEXCLUSIVE) and gives the
 same registration.  A connection queued meanwhile makes the re-added entry
@@ -64,6 +84,10 @@ Limits:
   outside and makes ``pause_listeners`` refuse before changing anything.
 - A disarmed EPOLLONESHOT entry comes back armed for EPOLLERR|EPOLLHUP only,
   which a listener never reports.
+- Between the next generation's bind() and the pause, the old generation
+  sees the next one's O_NONBLOCK on the shared socket: its accept() may
+  sleep until the next connection or the pause, or say EAGAIN.  Nothing
+  gives it a description of its own (above); the pause ends it.
 - ``getsockname`` on a paused fd sees the dummy: the listener's family, but
   a loopback address and another port (or an abstract unix name).
 
@@ -97,7 +121,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -115,7 +139,9 @@ from hupt.tracer.abi import (
     EPOLL_CTL_DEL,
     EPOLL_EVENT,
     F_DUPFD_CLOEXEC,
+    F_GETFL,
     F_SETFD,
+    F_SETFL,
     FD_CLOEXEC,
     O_CLOEXEC,
     O_NONBLOCK,
@@ -162,7 +188,7 @@ class PausedListener:
     ino: int  # the listener's socket inode
     dummy_ino: int  # the dummy's socket inode, to recognise it at resume
     cloexec: bool  # FD_CLOEXEC of ``fd`` (per fd, restored by dup3)
-    nonblock: bool  # O_NONBLOCK of the listener (per open file, mirrored by the dummy)
+    nonblock: bool  # O_NONBLOCK this process expects (the dummy's; the listener's at resume)
     registrations: tuple[Registration, ...]
 
 
@@ -172,11 +198,17 @@ class PausedListeners:
     listeners: tuple[PausedListener, ...]
 
 
-def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> PausedListeners:
+def pause_listeners(pid: int, fds: Sequence[int], *, nonblock: Mapping[int, bool] | None = None,
+                    timeout: float = 5.0) -> PausedListeners:
     """Make process ``pid`` stop accepting on listener ``fds``; return what resuming needs.
+
+    ``nonblock``: fd -> the O_NONBLOCK the process expects of that listener, where
+    another holder has changed the shared socket's (default: the socket's own).
+    Its stand-in gets that mode, and resuming puts it back on the socket.
 
     All or nothing: on any error every change is undone and the error raised.
     """
+    views = dict(nonblock or {})
     fds = list(dict.fromkeys(fds))
     if not fds:
         return PausedListeners(pid, ())
@@ -194,7 +226,8 @@ def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> Pa
                 flags = procfs.fd_flags(t.pid, fd)
                 paused.append(_pause_one(
                     t, fd, socks[fd], base, mem,
-                    cloexec=bool(flags & O_CLOEXEC), nonblock=bool(flags & O_NONBLOCK),
+                    cloexec=bool(flags & O_CLOEXEC),
+                    nonblock=views.get(fd, bool(flags & O_NONBLOCK)),
                     registrations=registrations[fd],
                 ))
         return PausedListeners(pid, tuple(paused))
@@ -284,6 +317,7 @@ def _pause_one(t: Tracee, fd: int, ino: int, base: int, mem: _DummyScratch, *, c
 
 
 def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
+    _set_nonblock(t, p.saved, p.nonblock)
     _dup3(t, p.saved, p.fd, p.cloexec)
 
     def undo_swap() -> None:
@@ -362,6 +396,18 @@ def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bo
         if saved is not None:
             t.on_rollback(f"dummy over fd {fd}", lambda: _dup3(t, saved, fd, cloexec))
     return ino
+
+
+def _set_nonblock(t: Tracee, fd: int, on: bool) -> None:
+    """Give the open file on ``fd`` (and so every holder of it) O_NONBLOCK ``on``;
+    undone if the session fails."""
+    cur = t.syscall(SYS.fcntl, fd, F_GETFL, op=f"fcntl({fd}, F_GETFL)")
+    want = cur | O_NONBLOCK if on else cur & ~O_NONBLOCK
+    if want == cur:
+        return
+    t.syscall(SYS.fcntl, fd, F_SETFL, want, op=f"fcntl({fd}, F_SETFL)")
+    t.on_rollback(f"O_NONBLOCK of fd {fd}",
+                  partial(t.syscall, SYS.fcntl, fd, F_SETFL, cur, op=f"fcntl({fd}, F_SETFL)"))
 
 
 def _dup3(t: Tracee, src: int, dst: int, cloexec: bool) -> None:

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from routes import respond
@@ -105,29 +106,39 @@ def serve_nonblock(lst: socket.socket, sick: bool) -> None:
                     sel.register(c, selectors.EVENT_READ, None)
                     bufs[c], seen[c] = bytearray(), time.monotonic()
             else:
-                c = key.fileobj
-                assert isinstance(c, socket.socket)
-                try:
-                    data = c.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    close(c)
-                    continue
-                buf = bufs[c]
-                buf += data
-                seen[c] = time.monotonic()
-                while b"\r\n\r\n" in buf:
-                    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-                    buf[:] = rest
-                    c.setblocking(True)
-                    c.sendall(answer(head, sick))
-                    c.setblocking(False)
-                    if draining.is_set():
-                        close(c)
-                        break
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                serve_ready(conn, bufs, seen, sick, close)
+
+
+def serve_ready(c: socket.socket, bufs: dict[socket.socket, bytearray],
+                seen: dict[socket.socket, float], sick: bool,
+                close: Callable[[socket.socket], None]) -> None:
+    try:
+        data = c.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if not data:
+        close(c)
+        return
+    buf = bufs[c]
+    buf += data
+    seen[c] = time.monotonic()
+    while b"\r\n\r\n" in buf:
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        buf[:] = rest
+        try:
+            c.setblocking(True)
+            c.sendall(answer(head, sick))
+            c.setblocking(False)
+        except OSError:
+            close(c)
+            return
+        if draining.is_set():
+            close(c)
+            return
 
 
 # --- block: an acceptor thread, a thread per connection ------------------------------------
