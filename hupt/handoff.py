@@ -33,7 +33,10 @@ getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN)
 unlink(path) / unlinkat(dirfd, path, 0)
     A held unix socket path is answered 0 and left in place: servers unlink
     their socket path before bind and at exit, which would cut every new
-    client off the socket the next generation serves.
+    client off the socket the next generation serves.  So is the path of a
+    paused listener's stand-in (``Listeners.stand_ins``, its file removed
+    as it was bound), which is what getsockname() of the paused fd gives and
+    gunicorn unlinks at exit.
 
 Every answer is preceded by ID_VALID after reading the target's memory: a
 signal can withdraw a notification at any moment (the syscall then restarts
@@ -275,6 +278,10 @@ class Handoff:
             return
         if path in paths:
             log.debug(f"generation {self.generation}: kept held socket path {path!r}")
+            self.notify.send_result(n.id, 0)
+        elif path in self.listeners.stand_ins:
+            # Its file is gone already: removing it "again" must not fail.
+            log.debug(f"generation {self.generation}: unlink of stand-in path {path!r}")
             self.notify.send_result(n.id, 0)
         else:
             self.notify.send_continue(n.id)

@@ -292,7 +292,9 @@ class LinuxSystem:
         del self._gens[number]
         self._gens[new_number] = rec
         # The saved listener copies were close-on-exec: nothing is left to resume.
+        # The stand-ins went with them (the exec closed every fd but stdio).
         rec.paused.clear()
+        self.listeners.forget_stand_ins(number)
         if rec.notifications is not None:
             rec.notifications.renumber(new_number)
         rec.members = set()  # ``members`` has not been asked about the new number yet
@@ -309,6 +311,7 @@ class LinuxSystem:
         rec = self._gens.pop(number, None)
         if rec is not None:
             rec.close()
+        self.listeners.forget_stand_ins(number)
 
     def reap(self) -> list[tuple[int, int]]:
         # The kernel reports a ptrace-stop of a thread hupt traces to any wait of
@@ -424,6 +427,10 @@ class LinuxSystem:
                              if (held := self.listeners.by_inode(socks[fd])) is not None}
                     saved = accepting.pause_listeners(pid, fds, nonblock=views)
                     self._gens.setdefault(number, _GenRecord()).paused.append(saved)
+                    for p in saved.listeners:
+                        if p.stand_in is not None:
+                            self.listeners.add_stand_in(
+                                _absolute(pid, p.stand_in), number)
             except NoSuchProcess:
                 continue
             except HuptError as e:
@@ -592,6 +599,13 @@ class LinuxSystem:
                 pass
             except PermissionError as e:
                 log.warn(f"cannot signal {pid}: {e}")
+
+
+def _absolute(pid: int, path: bytes) -> bytes:
+    """``path`` as process ``pid`` would resolve it (against its cwd), as the handoff does."""
+    if path.startswith(b"/"):
+        return path
+    return os.path.normpath(os.path.join(os.fsencode(procfs.cwd(pid)), path))
 
 
 def _noop_unlink_filter() -> bytes:

@@ -36,6 +36,8 @@ from hupt.address import Address
 MIN_BACKLOG = 1024
 # Generations older than the last few handoffs are retired or paused already.
 KEEP_VIEWS = 16
+# A bound on the stand-in paths remembered: generations drain for a while, not forever.
+MAX_STAND_INS = 4096
 
 
 @dataclass
@@ -107,6 +109,20 @@ class Listeners:
     def __init__(self) -> None:
         self._by_addr: dict[Address, Held] = {}
         self._by_inode: dict[int, Held] = {}
+        # Paths the stand-ins of paused unix listeners were bound to (their
+        # files removed at once), by generation: what getsockname() answers
+        # for the paused fd, so what a server unlinks at exit (gunicorn), and
+        # the handoff answers that unlink with 0 as for a held path.
+        self.stand_ins: dict[bytes, int] = {}
+
+    def add_stand_in(self, path: bytes, number: int) -> None:
+        self.stand_ins[path] = number
+        for old in list(self.stand_ins)[:-MAX_STAND_INS]:
+            del self.stand_ins[old]
+
+    def forget_stand_ins(self, number: int) -> None:
+        for path in [p for p, n in self.stand_ins.items() if n == number]:
+            del self.stand_ins[path]
 
     def add(self, address: Address, sock: socket.socket, backlog: int) -> Held:
         old = self._by_addr.get(address)

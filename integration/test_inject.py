@@ -556,3 +556,51 @@ def test_a_paused_tcp_listener_looks_like_a_tcp_socket_nobody_can_reach(procs: P
     finally:
         resume_listeners(s.pid, paused)
     assert ask(main).endswith(b"ok\n")
+
+
+UNIX_HOLDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+print(s.fileno(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_paused_unix_listener_answers_getsockname_with_a_path_that_is_not_there(
+        procs: Procs, short_tmp: Path) -> None:
+    """gunicorn unlinks, at exit, the path getsockname() of its listener gives (an
+    abstract name made it fail with "embedded null character"): a unix listener's
+    stand-in is bound next to it, under the listener's path plus a suffix, and its
+    file removed at once: a path, nothing on disk, nothing anyone can connect to."""
+    path = short_tmp / "app.sock"
+    s = procs.spawn([sys.executable, "-c", UNIX_HOLDER, str(path)])
+    out = settle(lambda: s.out.read_text(), lambda o: "\n" in o or s.poll() is not None, 20)
+    fd = int(out)
+    inode = path.stat().st_ino
+    paused = pause_listeners(s.pid, [fd])
+    try:
+        (p,) = paused.listeners
+        assert p.stand_in is not None and p.stand_in.startswith(bytes(path) + b".paused-")
+        handle = pidfd.pidfd_open(s.pid)
+        try:
+            stand_in = socket.socket(fileno=pidfd.pidfd_getfd(handle, fd))
+        finally:
+            os.close(handle)
+        with stand_in:
+            name = stand_in.getsockname()
+            assert isinstance(name, str) and os.fsencode(name) == p.stand_in
+            assert not os.path.lexists(name), "the stand-in's file is left on disk"
+            assert stand_in.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert not select.select([stand_in], [], [], 0.2)[0]
+        assert sorted(os.listdir(short_tmp)) == ["app.sock"]
+        assert path.stat().st_ino == inode
+    finally:
+        resume_listeners(s.pid, paused)
+    handle = pidfd.pidfd_open(s.pid)
+    try:
+        with socket.socket(fileno=pidfd.pidfd_getfd(handle, fd)) as back:
+            assert back.getsockname() == str(path)
+    finally:
+        os.close(handle)

@@ -157,7 +157,9 @@ from hupt.tracer.abi import (
     SOCKADDR_IN,
     SOCKADDR_IN6,
     SOCKADDR_MAX,
+    SOCKADDR_UN,
     SOL_SOCKET,
+    SUN_PATH_MAX,
     SYS,
     FilterFlag,
     SeccompOp,
@@ -190,6 +192,10 @@ class PausedListener:
     cloexec: bool  # FD_CLOEXEC of ``fd`` (per fd, restored by dup3)
     nonblock: bool  # O_NONBLOCK this process expects (the dummy's; the listener's at resume)
     registrations: tuple[Registration, ...]
+    # The path a unix listener's dummy was bound to, as given (its file is
+    # unlinked at once): what getsockname() of the paused fd answers.  None:
+    # an abstract name, or not a unix dummy.
+    stand_in: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -310,10 +316,12 @@ def _pause_one(t: Tracee, fd: int, ino: int, base: int, mem: _DummyScratch, *, c
                   op=f"epoll_ctl({r.epfd}, DEL, {fd})")
         t.on_rollback(f"epoll {r.epfd} registration of fd {fd}",
                       partial(_epoll_add, t, r, fd))
-    family = mem.family_of(fd)
-    dummy_ino = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock,
-                               saved=saved)
-    return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations))
+    family, path = mem.name_of(fd)
+    dummy_ino, stand_in = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec,
+                                         nonblock=nonblock, saved=saved,
+                                         names=stand_in_names(path, os.urandom(4).hex()))
+    return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations),
+                          stand_in)
 
 
 def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
@@ -323,8 +331,9 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
     def undo_swap() -> None:
         with t.scratch(_DummyScratch.SIZE) as scratch:
             mem = _DummyScratch(t, scratch)
-            _swap_in_dummy(t, p.fd, mem, mem.family_of(p.saved), cloexec=p.cloexec,
-                           nonblock=p.nonblock, saved=None)
+            _swap_in_dummy(t, p.fd, mem, mem.name_of(p.saved)[0], cloexec=p.cloexec,
+                           nonblock=p.nonblock, saved=None,
+                           names=[p.stand_in] if p.stand_in is not None else [])
 
     t.on_rollback(f"listener back on fd {p.fd}", undo_swap)
     for r in p.registrations:
@@ -336,13 +345,29 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
                                   op=f"epoll_ctl({r.epfd}, DEL, {p.fd})"))
 
 
+def stand_in_names(path: bytes, token: str) -> list[bytes]:
+    """The paths to try binding a unix listener's dummy to, given the listener's ``path``
+    (its getsockname(), empty or NUL-led if it has no path) and a random ``token``.
+
+    Next to the listener, where the server could bind: its path with a suffix,
+    else (too long for sun_path) a short name in its directory.
+    """
+    if not path or path.startswith(b"\0"):
+        return []
+    head, _, _ = path.rpartition(b"/")
+    names = [path + b".paused-" + token.encode(),
+             (head + b"/" if b"/" in path else b"") + b".hupt-" + token.encode()]
+    return [n for n in names if len(n) < SUN_PATH_MAX]
+
+
 class _DummyScratch:
     """What making dummies needs in the tracee's memory, written once per session:
-    the three sockaddrs, a one-instruction "drop everything" socket filter, and
-    room for a getsockname() answer."""
+    the three sockaddrs, a one-instruction "drop everything" socket filter,
+    room for a getsockname() answer and for a unix path to bind."""
 
     UNIX, IN, IN6, FPROG, INSN, NAME, NAMELEN = 0, 16, 32, 64, 80, 96, 96 + SOCKADDR_MAX
-    SIZE = NAMELEN + 8
+    SUN = NAMELEN + 8
+    SIZE = SUN + SOCKADDR_UN.size
 
     def __init__(self, t: Tracee, base: int) -> None:
         self.t, self.base = t, base
@@ -352,42 +377,69 @@ class _DummyScratch:
         t.write(base + self.INSN, SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
         t.write(base + self.FPROG, SOCK_FPROG.pack(1, base + self.INSN))
 
-    def family_of(self, fd: int) -> int:
-        """The address family of the socket on ``fd`` in the tracee (getsockname)."""
+    def name_of(self, fd: int) -> tuple[int, bytes]:
+        """The address family of the socket on ``fd`` in the tracee (getsockname) and,
+        for a unix socket, its sun_path as bound (no trailing NUL; NUL-led if abstract)."""
         self.t.write(self.base + self.NAMELEN, struct.pack("<I", SOCKADDR_MAX))
         self.t.syscall(SYS.getsockname, fd, self.base + self.NAME, self.base + self.NAMELEN,
                        op=f"getsockname({fd})")
-        (family,) = SOCKADDR_FAMILY.unpack(self.t.read(self.base + self.NAME,
-                                                      SOCKADDR_FAMILY.size))
-        return int(family)
+        (size,) = struct.unpack("<I", self.t.read(self.base + self.NAMELEN, 4))
+        raw = self.t.read(self.base + self.NAME, max(SOCKADDR_FAMILY.size,
+                                                      min(size, SOCKADDR_MAX)))
+        (family,) = SOCKADDR_FAMILY.unpack(raw[:SOCKADDR_FAMILY.size])
+        path = raw[SOCKADDR_FAMILY.size:] if family == AF_UNIX else b""
+        if path and not path.startswith(b"\0"):
+            path = path.split(b"\0", 1)[0]
+        return int(family), path
+
+    def unix_path(self, name: bytes) -> tuple[int, int]:
+        """Write a sockaddr_un naming ``name``; return its address and length."""
+        self.t.write(self.base + self.SUN, SOCKADDR_UN.pack(AF_UNIX, name))
+        return self.base + self.SUN, SOCKADDR_FAMILY.size + len(name) + 1
 
 
 def _swap_in_dummy(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
-                   nonblock: bool, saved: int | None) -> int:
+                   nonblock: bool, saved: int | None,
+                   names: Sequence[bytes] = ()) -> tuple[int, bytes | None]:
     """Put a never-ready listening socket of ``family`` on ``fd`` (unix if that
-    cannot be had); return the dummy's inode.
+    cannot be had); return the dummy's inode and the unix path it was bound to.
 
-    With ``saved``, the swap is registered to be undone by putting ``saved`` back.
+    A unix dummy is bound to the first of ``names`` that it can be (its file
+    unlinked at once), else autobound.  With ``saved``, the swap is registered
+    to be undone by putting ``saved`` back.
     """
+    swap = partial(_swap_in, t, fd, mem, cloexec=cloexec, nonblock=nonblock, saved=saved)
     if family in (AF_INET, AF_INET6):
         try:
-            return _swap_in(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock, saved=saved)
+            return swap(family), None
         except InjectionError:
             pass  # no loopback of that family to bind: a unix dummy does as well
-    return _swap_in(t, fd, mem, AF_UNIX, cloexec=cloexec, nonblock=nonblock, saved=saved)
+    for name in names:
+        try:
+            return swap(AF_UNIX, name), name
+        except InjectionError:
+            continue  # not ours to create there (EACCES, EROFS, EADDRINUSE...)
+    return swap(AF_UNIX), None
 
 
-def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
-             nonblock: bool, saved: int | None) -> int:
+def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, name: bytes | None = None, *,
+             cloexec: bool, nonblock: bool, saved: int | None) -> int:
     kind = SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0)
-    where, size = {AF_UNIX: (mem.UNIX, SOCKADDR_FAMILY.size), AF_INET: (mem.IN, SOCKADDR_IN.size),
-                   AF_INET6: (mem.IN6, SOCKADDR_IN6.size)}[family]
+    where, size = {AF_UNIX: (mem.base + mem.UNIX, SOCKADDR_FAMILY.size),
+                   AF_INET: (mem.base + mem.IN, SOCKADDR_IN.size),
+                   AF_INET6: (mem.base + mem.IN6, SOCKADDR_IN6.size)}[family]
+    if name is not None:
+        where, size = mem.unix_path(name)
     with t.temporary_fd(SYS.socket, family, kind, 0, op=f"socket({family}) for the dummy") as dummy:
         if family != AF_UNIX:
             # Before it listens: no SYN to it is ever answered.
             t.syscall(SYS.setsockopt, dummy, SOL_SOCKET, SO_ATTACH_FILTER, mem.base + mem.FPROG,
                       SOCK_FPROG.size, op="setsockopt(SO_ATTACH_FILTER) on the dummy")
-        t.syscall(SYS.bind, dummy, mem.base + where, size, op="bind dummy")
+        t.syscall(SYS.bind, dummy, where, size, op="bind dummy")
+        if name is not None:
+            # The name stays the socket's (getsockname) without a file: nothing
+            # can connect to it, and nothing is left to remove.
+            t.syscall(SYS.unlink, where + SOCKADDR_FAMILY.size, op="unlink the dummy's path")
         t.syscall(SYS.listen, dummy, 1, op="listen on dummy")
         ino = procfs.socket_inodes(t.pid).get(dummy)
         if ino is None:
