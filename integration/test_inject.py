@@ -568,16 +568,22 @@ time.sleep(120)
 """
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 def test_a_paused_unix_listener_answers_getsockname_with_a_path_that_is_not_there(
-        procs: Procs, short_tmp: Path) -> None:
+        sealed: bool, procs: Procs, short_tmp: Path) -> None:
     """gunicorn unlinks, at exit, the path getsockname() of its listener gives (an
     abstract name made it fail with "embedded null character"): a unix listener's
     stand-in is bound next to it, under the listener's path plus a suffix, and its
-    file removed at once: a path, nothing on disk, nothing anyone can connect to."""
+    file removed at once: a path, nothing on disk, nothing anyone can connect to.
+    Also in a process whose every unlink a filter makes a no-op (a retiring
+    generation's seal): hupt's own unlink goes through."""
     path = short_tmp / "app.sock"
     s = procs.spawn([sys.executable, "-c", UNIX_HOLDER, str(path)])
     out = settle(lambda: s.out.read_text(), lambda o: "\n" in o or s.poll() is not None, 20)
     fd = int(out)
+    if sealed:
+        noop = bpf.pack(seccomp.build_noop_filter([SYS.unlink, SYS.unlinkat]))
+        inject_filter(s.pid, noop, listener=False)
     inode = path.stat().st_ino
     paused = pause_listeners(s.pid, [fd])
     try:
