@@ -22,21 +22,29 @@ For each listener fd, in this order (the order is the kernel's, not ours):
    the stale entry reports the listener forever, a busy loop.
 3. ``dup3`` a dummy over the listener fd: a listening stream socket with
    the O_NONBLOCK the process expects (see below) and the fd's close-on-exec
-   flag, which never
-   becomes readable and never reports an error or hang-up: accept() on it
-   blocks or says EAGAIN, select and poll never wake for it.  (An
-   unconnected TCP socket reports POLLHUP and makes selector loops spin.)
-   It is of the listener's family, because servers ask it what it is:
-   gunicorn, closing its listeners at exit, unlinks the path getsockname()
-   gives when it is a unix name, and a unix dummy in place of a TCP
-   listener made it fail with "embedded null character" at every
+   flag, which never becomes readable and never reports an error or
+   hang-up: accept() on it blocks or says EAGAIN, select and poll never wake
+   for it.  (An unconnected TCP socket reports POLLHUP and makes selector
+   loops spin.)  It is of the listener's family, because servers ask it what
+   it is: gunicorn, closing its listeners at exit, unlinks the path
+   getsockname() gives when it is a unix name, and a unix dummy in place of
+   a TCP listener made it fail with "embedded null character" at every
    generation's exit.  A TCP listener gets a TCP dummy on loopback
    (127.0.0.1 or ::1, port 0: an ephemeral port) with a socket filter that
-   drops every packet, so no connection to it ever completes; a unix
-   listener, or a TCP one whose loopback cannot be bound, an AF_UNIX dummy
-   bound with a bare 2-byte sockaddr (autobind to a fresh abstract name, so
-   no file and no name collision).  The family comes from an injected
-   getsockname() of the listener.  The dummy's own fd is closed again.
+   drops every packet, so no connection to it ever completes.  A unix
+   listener with a path gets a unix dummy that answers with a path too (an
+   abstract name made gunicorn fail the same way), bound next to the
+   listener, to its path plus ".paused-" and a random token (or, too long
+   for sun_path, ".hupt-TOKEN" in its directory), and that file unlinked in
+   the same session: the name stays the socket's, nothing can connect to
+   it, nothing is left on disk, and the server's own unlink of it at exit
+   is answered 0 by hupt (handoff.py; a retiring generation's no-op unlink
+   filter lets hupt's injected unlink through).  An abstract listener, a
+   directory the process cannot create in, or a TCP listener whose loopback
+   cannot be bound get an AF_UNIX dummy bound with a bare 2-byte sockaddr
+   (autobind to a fresh abstract name).  Family and path come from an
+   injected getsockname() of the listener.  The dummy's own fd is closed
+   again.
 4. Threads blocked in accept() were interrupted by the session and restart
    their accept on the dummy.
 
@@ -89,7 +97,8 @@ Limits:
   sleep until the next connection or the pause, or say EAGAIN.  Nothing
   gives it a description of its own (above); the pause ends it.
 - ``getsockname`` on a paused fd sees the dummy: the listener's family, but
-  a loopback address and another port (or an abstract unix name).
+  a loopback address and another port, or a unix path next to the
+  listener's that names no file (an abstract name in the fallback cases).
 
 Two more operations on a running, unmodified server use the same sessions:
 
