@@ -165,7 +165,7 @@ class Handoff:
         # recorded for their stand-ins and for a rollback.
         cur = fcntl.fcntl(give.fileno(), fcntl.F_GETFL)
         want = (cur | O_NONBLOCK) if flags & O_NONBLOCK else (cur & ~O_NONBLOCK)
-        if held is not None:
+        if held is not None and give is held.sock:
             held.set_by(self.generation, bool(cur & O_NONBLOCK), bool(want & O_NONBLOCK))
         if want != cur:
             fcntl.fcntl(give.fileno(), fcntl.F_SETFL, want)

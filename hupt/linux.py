@@ -423,8 +423,10 @@ class LinuxSystem:
                 socks = procfs.socket_inodes(pid)
                 fds = [fd for fd, ino in socks.items() if ino in inodes]
                 if fds:
+                    # (A reuseport group's other sockets have flags of their own: left as found.)
                     views = {fd: held.nonblock_of(number) for fd in fds
-                             if (held := self.listeners.by_inode(socks[fd])) is not None}
+                             if (held := self.listeners.by_inode(socks[fd])) is not None
+                             and held.inode == socks[fd]}
                     saved = accepting.pause_listeners(pid, fds, nonblock=views)
                     self._gens.setdefault(number, _GenRecord()).paused.append(saved)
                     for p in saved.listeners:
@@ -468,11 +470,11 @@ class LinuxSystem:
         for saved in reversed(paused):
             try:
                 was = {p.ino: h.nonblock() for p in saved.listeners
-                       if (h := self.listeners.by_inode(p.ino)) is not None}
+                       if (h := self.listeners.by_inode(p.ino)) is not None and h.inode == p.ino}
                 skipped = accepting.resume_listeners(saved.pid, saved)
                 for p in saved.listeners:
                     held = self.listeners.by_inode(p.ino)
-                    if held is not None and p.fd not in skipped:
+                    if held is not None and p.ino in was and p.fd not in skipped:
                         # The resume gave it its own O_NONBLOCK back, for every holder.
                         held.set_by(number, was[p.ino], p.nonblock)
                 if skipped:
