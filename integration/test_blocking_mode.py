@@ -51,6 +51,8 @@ from harness import (
 from load import Load, Target
 from supervision import generations, stop_gracefully
 
+from hupt.tracer.abi import SYS
+
 STARTED = re.compile(r"pid (\d+) (block|nonblock) on fd (\d+)")
 AT_TERM = re.compile(r"pid (\d+) listener flags at term: ([0-7]+)")
 EAGAIN = re.compile(r"pid (\d+) eagain after term: (\d+)")
@@ -131,14 +133,15 @@ def test_a_blocking_accept_asleep_stays_asleep_when_another_holder_sets_o_nonblo
 
 
 def _in_accept(t: threading.Thread) -> bool:
+    """The thread sleeps in accept() or accept4() (its /proc syscall line: the number)."""
     tid = t.native_id
     if tid is None:
         return False
     try:
-        return Path(f"/proc/self/task/{tid}/wchan").read_text() == "inet_csk_accept" or (
-            Path(f"/proc/self/task/{tid}/syscall").read_text().split()[0] == "43")
+        line = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
     except OSError:
         return False
+    return bool(line) and line[0] in (str(int(SYS.accept)), str(int(SYS.accept4)))
 
 
 # --- hupt keeps each generation's view -----------------------------------------------------
