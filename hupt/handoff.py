@@ -7,9 +7,13 @@ bind(fd, addr)
     An address hupt holds: the held socket is installed at the app's fd
     number (ADDFD with SETFD; the app's own socket is closed by the
     replacement) with the app's O_NONBLOCK mirrored onto it, and bind
-    returns 0.  Any other address: the call goes through unchanged
-    (CONTINUE), and a chosen address (not port 0) is remembered by the
-    socket's inode so the listen() that follows can be recognised.
+    returns 0.  That flag is one for every holder of the socket: the mode
+    the older generations had is recorded (``Held.views``), so
+    that pausing one gives it a stand-in in its own mode and resuming it
+    (a rollback) puts its own mode back on the socket.  Any other address:
+    the call goes through unchanged (CONTINUE), and a chosen address (not
+    port 0) is remembered by the socket's inode so the listen() that follows
+    can be recognised.
 
 listen(fd, backlog)
     hupt takes its own reference (pidfd_getfd) and does the listen itself
@@ -29,7 +33,10 @@ getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN)
 unlink(path) / unlinkat(dirfd, path, 0)
     A held unix socket path is answered 0 and left in place: servers unlink
     their socket path before bind and at exit, which would cut every new
-    client off the socket the next generation serves.
+    client off the socket the next generation serves.  So is the path of a
+    paused listener's stand-in (``Listeners.stand_ins``, its file removed
+    as it was bound), which is what getsockname() of the paused fd gives and
+    gunicorn unlinks at exit.
 
 Every answer is preceded by ID_VALID after reading the target's memory: a
 signal can withdraw a notification at any moment (the syscall then restarts
@@ -153,9 +160,13 @@ class Handoff:
                 return
         flags = procfs.fd_flags(n.pid, fd)
         # O_NONBLOCK lives on the open file description, shared with every
-        # holder: mirror what this generation expects (Go needs it set).
+        # holder: mirror what this generation expects (Go needs it set).  The
+        # older generations see it too until they are paused: what they had is
+        # recorded for their stand-ins and for a rollback.
         cur = fcntl.fcntl(give.fileno(), fcntl.F_GETFL)
         want = (cur | O_NONBLOCK) if flags & O_NONBLOCK else (cur & ~O_NONBLOCK)
+        if held is not None and give is held.sock:
+            held.set_by(self.generation, bool(cur & O_NONBLOCK), bool(want & O_NONBLOCK))
         if want != cur:
             fcntl.fcntl(give.fileno(), fcntl.F_SETFL, want)
         if not self.notify.id_valid(n.id):
@@ -216,7 +227,7 @@ class Handoff:
             try:
                 kept = socket.socket(fileno=os.dup(theirs.fileno()))
                 os.set_inheritable(kept.fileno(), False)
-                self.listeners.add(addr, kept, backlog)
+                self.listeners.add(addr, kept, backlog).setter = self.generation
             except OSError as e:
                 self.notify.send_result(n.id, error=e.errno or errno.EINVAL)
                 return None
@@ -267,6 +278,10 @@ class Handoff:
             return
         if path in paths:
             log.debug(f"generation {self.generation}: kept held socket path {path!r}")
+            self.notify.send_result(n.id, 0)
+        elif path in self.listeners.stand_ins:
+            # Its file is gone already: removing it "again" must not fail.
+            log.debug(f"generation {self.generation}: unlink of stand-in path {path!r}")
             self.notify.send_result(n.id, 0)
         else:
             self.notify.send_continue(n.id)

@@ -292,7 +292,9 @@ class LinuxSystem:
         del self._gens[number]
         self._gens[new_number] = rec
         # The saved listener copies were close-on-exec: nothing is left to resume.
+        # The stand-ins went with them (the exec closed every fd but stdio).
         rec.paused.clear()
+        self.listeners.forget_stand_ins(number)
         if rec.notifications is not None:
             rec.notifications.renumber(new_number)
         rec.members = set()  # ``members`` has not been asked about the new number yet
@@ -309,6 +311,7 @@ class LinuxSystem:
         rec = self._gens.pop(number, None)
         if rec is not None:
             rec.close()
+        self.listeners.forget_stand_ins(number)
 
     def reap(self) -> list[tuple[int, int]]:
         # The kernel reports a ptrace-stop of a thread hupt traces to any wait of
@@ -417,10 +420,19 @@ class LinuxSystem:
         inodes = self.listeners.inodes()
         for pid in sorted(pids):
             try:
-                fds = [fd for fd, ino in procfs.socket_inodes(pid).items() if ino in inodes]
+                socks = procfs.socket_inodes(pid)
+                fds = [fd for fd, ino in socks.items() if ino in inodes]
                 if fds:
-                    saved = accepting.pause_listeners(pid, fds)
+                    # (A reuseport group's other sockets have flags of their own: left as found.)
+                    views = {fd: held.nonblock_of(number) for fd in fds
+                             if (held := self.listeners.by_inode(socks[fd])) is not None
+                             and held.inode == socks[fd]}
+                    saved = accepting.pause_listeners(pid, fds, nonblock=views)
                     self._gens.setdefault(number, _GenRecord()).paused.append(saved)
+                    for p in saved.listeners:
+                        if p.stand_in is not None:
+                            self.listeners.add_stand_in(
+                                _absolute(pid, p.stand_in), number)
             except NoSuchProcess:
                 continue
             except HuptError as e:
@@ -457,7 +469,14 @@ class LinuxSystem:
             paused, rec.paused = rec.paused, []
         for saved in reversed(paused):
             try:
+                was = {p.ino: h.nonblock() for p in saved.listeners
+                       if (h := self.listeners.by_inode(p.ino)) is not None and h.inode == p.ino}
                 skipped = accepting.resume_listeners(saved.pid, saved)
+                for p in saved.listeners:
+                    held = self.listeners.by_inode(p.ino)
+                    if held is not None and p.ino in was and p.fd not in skipped:
+                        # The resume gave it its own O_NONBLOCK back, for every holder.
+                        held.set_by(number, was[p.ino], p.nonblock)
                 if skipped:
                     problems.append(f"pid {saved.pid}: fds {skipped} were replaced meanwhile")
             except NoSuchProcess:
@@ -582,6 +601,13 @@ class LinuxSystem:
                 pass
             except PermissionError as e:
                 log.warn(f"cannot signal {pid}: {e}")
+
+
+def _absolute(pid: int, path: bytes) -> bytes:
+    """``path`` as process ``pid`` would resolve it (against its cwd), as the handoff does."""
+    if path.startswith(b"/"):
+        return path
+    return os.path.normpath(os.path.join(os.fsencode(procfs.cwd(pid)), path))
 
 
 def _noop_unlink_filter() -> bytes:

@@ -21,6 +21,7 @@ someone has since replaced with another file is not hupt's to remove.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import stat
@@ -33,6 +34,10 @@ from hupt.address import Address
 # the old one pausing and the new one's first accept(), during an exec): the
 # kernel caps this at net.core.somaxconn.
 MIN_BACKLOG = 1024
+# Generations older than the last few handoffs are retired or paused already.
+KEEP_VIEWS = 16
+# A bound on the stand-in paths remembered: generations drain for a while, not forever.
+MAX_STAND_INS = 4096
 
 
 @dataclass
@@ -47,6 +52,16 @@ class Held:
     # a server hupt attached to (one socket per worker): each has an accept
     # queue of its own, so each is held and handed on, none closed.
     group: list[socket.socket] = field(default_factory=list)
+    # O_NONBLOCK is one flag of the socket, shared by every holder (a socket
+    # cannot be reopened for a description of one's own), and each generation
+    # may want it otherwise.  hupt sets it for a generation when the handoff
+    # gives it the socket and when a resume gives it back: ``setter`` is the
+    # generation whose mode it has now (None: not known, an adopted socket),
+    # ``views`` the mode each other generation had when it last changed hands,
+    # ``older`` (N, mode) the mode of the unknown generations before N.
+    setter: int | None = None
+    views: dict[int, bool] = field(default_factory=dict)
+    older: tuple[int, bool] | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -54,6 +69,32 @@ class Held:
     def sockets(self) -> list[socket.socket]:
         """The held socket first, then the rest of its reuseport group."""
         return [self.sock, *self.group]
+
+    def nonblock(self) -> bool:
+        """The socket's O_NONBLOCK now, as every holder sees it."""
+        return bool(fcntl.fcntl(self.sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+
+    def set_by(self, number: int, was: bool, nonblock: bool) -> None:
+        """Generation ``number`` now has the socket with O_NONBLOCK ``nonblock`` (a
+        handoff, a resume); until then it had ``was``: the last setter's mode, which
+        that one may have changed itself since."""
+        if self.setter is not None:
+            self.views[self.setter] = was
+        elif self.older is None:
+            self.older = (number, was)
+        self.views[number] = nonblock
+        self.setter = number
+        for n in sorted(self.views)[:-KEEP_VIEWS]:
+            del self.views[n]
+
+    def nonblock_of(self, number: int) -> bool:
+        """The O_NONBLOCK generation ``number`` expects of the socket."""
+        if number != self.setter:
+            if number in self.views:
+                return self.views[number]
+            if self.older is not None and number < self.older[0]:
+                return self.older[1]
+        return self.nonblock()
 
     def raise_backlog(self, asked: int, sock: socket.socket | None = None) -> int:
         """listen() again on the held socket (or one of its group); on a listening
@@ -68,6 +109,20 @@ class Listeners:
     def __init__(self) -> None:
         self._by_addr: dict[Address, Held] = {}
         self._by_inode: dict[int, Held] = {}
+        # Paths the stand-ins of paused unix listeners were bound to (their
+        # files removed at once), by generation: what getsockname() answers
+        # for the paused fd, so what a server unlinks at exit (gunicorn), and
+        # the handoff answers that unlink with 0 as for a held path.
+        self.stand_ins: dict[bytes, int] = {}
+
+    def add_stand_in(self, path: bytes, number: int) -> None:
+        self.stand_ins[path] = number
+        for old in list(self.stand_ins)[:-MAX_STAND_INS]:
+            del self.stand_ins[old]
+
+    def forget_stand_ins(self, number: int) -> None:
+        for path in [p for p, n in self.stand_ins.items() if n == number]:
+            del self.stand_ins[path]
 
     def add(self, address: Address, sock: socket.socket, backlog: int) -> Held:
         old = self._by_addr.get(address)

@@ -37,7 +37,7 @@ from snapshots import thread_states, whole_view
 from hupt.errors import AccessDenied, InjectionError, NoSuchProcess
 from hupt.tracer import bpf, pidfd, procfs, seccomp
 from hupt.tracer import ptrace as pt
-from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, SYS
+from hupt.tracer.abi import F_DUPFD_CLOEXEC, O_CLOEXEC, O_NONBLOCK, SYS
 from hupt.tracer.accepting import (
     PausedListeners,
     UnpausableListener,
@@ -396,6 +396,42 @@ def test_resume_skips_a_listener_fd_the_program_replaced(procs: Procs) -> None:
     assert listener_inode(main) is None  # nobody held the listener any more
 
 
+def test_pause_gives_the_stand_in_the_mode_the_process_expects_and_resume_restores_it(
+        procs: Procs) -> None:
+    """O_NONBLOCK is the socket's, shared by every holder: another holder (the next
+    generation, handed the socket) may have changed it.  The stand-in gets the mode the
+    process expects, the socket itself is left alone while paused, and resuming puts
+    the process's mode back on it, for every holder."""
+    s, main, aux = start(procs, python_target("epoll_server.py", "plain"))
+    (fd,) = listener_fds(s.pid, main)
+    assert fdinfo_flags(s.pid, fd) & O_NONBLOCK, "an epoll server's listener does not block"
+    handle = pidfd.pidfd_open(s.pid)
+    try:
+        other = pidfd.pidfd_getfd(handle, fd)
+    finally:
+        os.close(handle)
+    try:
+        os.set_blocking(other, True)  # what a blocking next generation is handed
+        assert not fdinfo_flags(s.pid, fd) & O_NONBLOCK, "one flag for every holder"
+        paused = pause_listeners(s.pid, [fd], nonblock={fd: True})
+        try:
+            assert fdinfo_flags(s.pid, fd) & O_NONBLOCK, "the stand-in in the process's mode"
+            assert os.get_blocking(other), "the shared socket keeps the other holder's mode"
+            assert ask(aux).endswith(b"ok\n"), "the process works on"
+        finally:
+            resume_listeners(s.pid, paused)
+        assert fdinfo_flags(s.pid, fd) & O_NONBLOCK and not os.get_blocking(other)
+        assert ask(main).endswith(b"ok\n")
+        # Without a mode given, the stand-in takes the socket's own.
+        os.set_blocking(other, True)
+        paused = pause_listeners(s.pid, [fd])
+        assert not fdinfo_flags(s.pid, fd) & O_NONBLOCK
+        resume_listeners(s.pid, paused)
+        assert os.get_blocking(other), "resuming keeps the mode it found"
+    finally:
+        os.close(other)
+
+
 def test_resume_needs_the_pid_it_was_paused_in() -> None:
     with pytest.raises(ValueError):
         resume_listeners(1, PausedListeners(2, ()))
@@ -520,3 +556,57 @@ def test_a_paused_tcp_listener_looks_like_a_tcp_socket_nobody_can_reach(procs: P
     finally:
         resume_listeners(s.pid, paused)
     assert ask(main).endswith(b"ok\n")
+
+
+UNIX_HOLDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+print(s.fileno(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_a_paused_unix_listener_answers_getsockname_with_a_path_that_is_not_there(
+        sealed: bool, procs: Procs, short_tmp: Path) -> None:
+    """gunicorn unlinks, at exit, the path getsockname() of its listener gives (an
+    abstract name made it fail with "embedded null character"): a unix listener's
+    stand-in is bound next to it, under the listener's path plus a suffix, and its
+    file removed at once: a path, nothing on disk, nothing anyone can connect to.
+    Also in a process whose every unlink a filter makes a no-op (a retiring
+    generation's seal): hupt's own unlink goes through."""
+    path = short_tmp / "app.sock"
+    s = procs.spawn([sys.executable, "-c", UNIX_HOLDER, str(path)])
+    out = settle(lambda: s.out.read_text(), lambda o: "\n" in o or s.poll() is not None, 20)
+    fd = int(out)
+    if sealed:
+        noop = bpf.pack(seccomp.build_noop_filter([SYS.unlink, SYS.unlinkat]))
+        inject_filter(s.pid, noop, listener=False)
+    inode = path.stat().st_ino
+    paused = pause_listeners(s.pid, [fd])
+    try:
+        (p,) = paused.listeners
+        assert p.stand_in is not None and p.stand_in.startswith(bytes(path) + b".paused-")
+        handle = pidfd.pidfd_open(s.pid)
+        try:
+            stand_in = socket.socket(fileno=pidfd.pidfd_getfd(handle, fd))
+        finally:
+            os.close(handle)
+        with stand_in:
+            name = stand_in.getsockname()
+            assert isinstance(name, str) and os.fsencode(name) == p.stand_in
+            assert not os.path.lexists(name), "the stand-in's file is left on disk"
+            assert stand_in.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert not select.select([stand_in], [], [], 0.2)[0]
+        assert sorted(os.listdir(short_tmp)) == ["app.sock"]
+        assert path.stat().st_ino == inode
+    finally:
+        resume_listeners(s.pid, paused)
+    handle = pidfd.pidfd_open(s.pid)
+    try:
+        with socket.socket(fileno=pidfd.pidfd_getfd(handle, fd)) as back:
+            assert back.getsockname() == str(path)
+    finally:
+        os.close(handle)

@@ -7,16 +7,24 @@ serves it, hupt removes the path itself. Asserted under load: 0 failed
 requests, the same listening socket (inode) in every generation, the same
 socket file on disk. Exec mode and hupt attach have their unix socket tests
 in test_exec_mode.py and test_attach.py.
+
+gunicorn, stopping, unlinks the path getsockname() gives for each of its
+listeners: a paused generation's listener fd holds hupt's stand-in, a
+listening unix socket that must answer with a path (not an abstract name,
+"embedded null byte") whose unlink is harmless: hupt answers it with 0 (the
+stand-in's file is gone already), and the held path stays.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
-from harness import Procs, listener_inode, unix_cmd, variant_cmd, wait_listening
+from harness import SERVERS, Procs, listener_inode, unix_cmd, variant_cmd, wait_listening
 from load import Load, Target
 from supervision import (
     check_load,
@@ -87,3 +95,59 @@ def test_unix_path_relative_to_cwd_reloads(procs: Procs, short_tmp: Path) -> Non
     stop_gracefully(h)
     # Once no generation serves it, the path goes, as the server's own unlink at exit would.
     assert not path.exists(), "a dead socket file was left behind"
+
+
+class PathWatch:
+    """Checks, every few ms in a thread, that `path` is always the same socket file."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.inode = path, os.stat(path).st_ino
+        self.misses: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PathWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            try:
+                ino = os.stat(self.path).st_ino
+            except OSError as e:
+                self.misses.append(repr(e))
+                continue
+            if ino != self.inode:
+                self.misses.append(f"inode {ino}, not {self.inode}")
+
+
+def test_gunicorn_on_a_unix_socket_reloads_and_unlinks_nothing_at_exit(
+        procs: Procs, short_tmp: Path) -> None:
+    path = str(short_tmp / "g.sock")
+    cmd = [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"unix:{path}",
+           "--chdir", str(SERVERS), "--graceful-timeout", "5", "--no-control-socket",
+           "wsgi_app:app"]
+    h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "5", cmd=cmd, verbose=True)
+    wait_listening(path, 30, proc=h)
+    with PathWatch(path) as watch, Load(path, fresh=2, keepalive=1, persistent=2) as load:
+        time.sleep(0.3)
+        reload_many(h, 4, path, pause=0.3)
+        # The old masters have stopped: each unlinked what getsockname() gave it.
+        wait_single_generation(h)
+        time.sleep(0.3)
+    check_load(load.result)
+    assert len(load.result.pids) >= 8, load.result.summary()  # 2 workers x 5 generations
+    assert not watch.misses, f"{path} went away: {watch.misses[:5]}"
+    log = h.log()
+    assert "embedded null" not in log and "Traceback" not in log, log
+    # Each old master unlinked its listener's stand-in path: answered by hupt for
+    # generations 2-4, whose filters notify unlink (generation 1 started before
+    # hupt held a unix socket: its retiring processes get a filter that makes
+    # every unlink a no-op).
+    assert log.count("unlink of stand-in path") == 3, log
+    stop_gracefully(h)
+    assert not os.path.exists(path), "a dead socket file was left behind"

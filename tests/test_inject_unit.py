@@ -219,3 +219,17 @@ def test_exec_image_edge_cases() -> None:
     assert len(exec_image(0, b"/x", [b"/x"], [])[0]) == len(blob)  # size does not depend on base
     with pytest.raises(ValueError):
         exec_image(BASE, b"/x", [b"a\0b"], [])
+
+
+def test_stand_in_names_sit_next_to_the_listener_and_fit_sun_path() -> None:
+    from hupt.tracer.accepting import stand_in_names
+
+    assert stand_in_names(b"/run/app/app.sock", "0a1b2c3d") == [
+        b"/run/app/app.sock.paused-0a1b2c3d", b"/run/app/.hupt-0a1b2c3d"]
+    assert stand_in_names(b"app.sock", "0a1b2c3d") == [
+        b"app.sock.paused-0a1b2c3d", b".hupt-0a1b2c3d"]
+    long = b"/" + b"d" * 80 + b"/" + b"s" * 20
+    assert stand_in_names(long, "0a1b2c3d") == [b"/" + b"d" * 80 + b"/.hupt-0a1b2c3d"]
+    assert stand_in_names(b"/" + b"d" * 102 + b"/s", "0a1b2c3d") == []
+    assert stand_in_names(b"\0abstract", "0a1b2c3d") == []  # keeps an abstract autobind
+    assert stand_in_names(b"", "0a1b2c3d") == []

@@ -265,3 +265,21 @@ def test_noop_filter_turns_only_unlink_into_success() -> None:
     for nr, want in [(SYS.unlink, int(Ret.ERRNO)), (SYS.unlinkat, int(Ret.ERRNO)),
                      (SYS.bind, int(Ret.ALLOW)), (SYS.read, int(Ret.ALLOW))]:
         assert run(prog, SECCOMP_DATA.pack(nr, AUDIT_ARCH_X86_64, 0, 0, 0, 0, 0, 0, 0)) == want
+
+
+def test_noop_filter_lets_hupts_own_unlink_through() -> None:
+    """A paused unix listener's stand-in is bound to a path whose file hupt's injected
+    unlink removes at once: a retiring process's no-op filter must not swallow it."""
+    from hupt.tracer.abi import SECCOMP_DATA
+    from hupt.tracer.bpf import run
+    from hupt.tracer.seccomp import INJECTION_COOKIE, build_noop_filter
+
+    prog = build_noop_filter([SYS.unlink, SYS.unlinkat])
+
+    def verdict(nr: int, r9: int) -> int:
+        return run(prog, SECCOMP_DATA.pack(nr, AUDIT_ARCH_X86_64, 0, 0, 0, 0, 0, 0, r9))
+
+    for nr in (SYS.unlink, SYS.unlinkat):
+        assert verdict(nr, INJECTION_COOKIE) == int(Ret.ALLOW)
+        assert verdict(nr, INJECTION_COOKIE & 0xFFFFFFFF) == int(Ret.ERRNO)
+        assert verdict(nr, 0) == int(Ret.ERRNO)

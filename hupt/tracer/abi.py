@@ -254,6 +254,8 @@ SOCK_CLOEXEC = O_CLOEXEC
 # struct sockaddr_un { sa_family_t sun_family; char sun_path[108]; }: bound with only
 # its 2-byte family, a unix socket autobinds to a fresh abstract name.
 SOCKADDR_FAMILY = struct.Struct("<H")
+SUN_PATH_MAX = 108
+SOCKADDR_UN = struct.Struct(f"<H{SUN_PATH_MAX}s")
 
 # ptrace requests python-ptrace has no helper for
 PTRACE_SEIZE = 0x4206

@@ -21,29 +21,57 @@ For each listener fd, in this order (the order is the kernel's, not ours):
    name the file: done after the swap of step 3, DEL fails with ENOENT and
    the stale entry reports the listener forever, a busy loop.
 3. ``dup3`` a dummy over the listener fd: a listening stream socket with
-   the listener's O_NONBLOCK and the fd's close-on-exec flag, which never
-   becomes readable and never reports an error or hang-up: accept() on it
-   blocks or says EAGAIN, select and poll never wake for it.  (An
-   unconnected TCP socket reports POLLHUP and makes selector loops spin.)
-   It is of the listener's family, because servers ask it what it is:
-   gunicorn, closing its listeners at exit, unlinks the path getsockname()
-   gives when it is a unix name, and a unix dummy in place of a TCP
-   listener made it fail with "embedded null character" at every
+   the O_NONBLOCK the process expects (see below) and the fd's close-on-exec
+   flag, which never becomes readable and never reports an error or
+   hang-up: accept() on it blocks or says EAGAIN, select and poll never wake
+   for it.  (An unconnected TCP socket reports POLLHUP and makes selector
+   loops spin.)  It is of the listener's family, because servers ask it what
+   it is: gunicorn, closing its listeners at exit, unlinks the path
+   getsockname() gives when it is a unix name, and a unix dummy in place of
+   a TCP listener made it fail with "embedded null character" at every
    generation's exit.  A TCP listener gets a TCP dummy on loopback
    (127.0.0.1 or ::1, port 0: an ephemeral port) with a socket filter that
-   drops every packet, so no connection to it ever completes; a unix
-   listener, or a TCP one whose loopback cannot be bound, an AF_UNIX dummy
-   bound with a bare 2-byte sockaddr (autobind to a fresh abstract name, so
-   no file and no name collision).  The family comes from an injected
-   getsockname() of the listener.  The dummy's own fd is closed again.
+   drops every packet, so no connection to it ever completes.  A unix
+   listener with a path gets a unix dummy that answers with a path too (an
+   abstract name made gunicorn fail the same way), bound next to the
+   listener, to its path plus ".paused-" and a random token (or, too long
+   for sun_path, ".hupt-TOKEN" in its directory), and that file unlinked in
+   the same session: the name stays the socket's, nothing can connect to
+   it, nothing is left on disk, and the server's own unlink of it at exit
+   is answered 0 by hupt (handoff.py; a retiring generation's no-op unlink
+   filter lets hupt's injected unlink through).  An abstract listener, a
+   directory the process cannot create in, or a TCP listener whose loopback
+   cannot be bound get an AF_UNIX dummy bound with a bare 2-byte sockaddr
+   (autobind to a fresh abstract name).  Family and path come from an
+   injected getsockname() of the listener.  The dummy's own fd is closed
+   again.
 4. Threads blocked in accept() were interrupted by the session and restart
    their accept on the dummy.
+
+O_NONBLOCK is a file status flag of the open file description, not of the
+fd: every fd and every process holding the socket shares it (a dup, a fork,
+pidfd_getfd and SCM_RIGHTS all give the same description), fcntl(F_SETFL)
+by one holder changes it for all, and a socket cannot be reopened through
+/proc for a description of its own (integration/test_blocking_mode.py).
+When the next generation is handed the socket in the mode it asked for, the
+old one sees that mode too, until it is paused: an event loop that accepts
+until EAGAIN then sleeps in accept() on a socket made blocking, and a
+blocking accept() loop spins on EAGAIN on one made non-blocking.  The mode
+is read as accept() starts: a thread already asleep in a blocking accept()
+stays asleep when another holder sets O_NONBLOCK, until a connection, a
+signal or this session's interrupt wakes it.  So the dummy takes the mode
+the process had (``nonblock``, as hupt recorded it at the handoff; by default
+the socket's own), the session's interrupt sends every thread asleep in
+accept() to it, and resuming sets that mode on the socket again before the
+listener goes back on its fd (for every holder: the process resumed must
+be the one that serves on, as after a rollback or a failed exec).
 
 The connections that keep arriving wait in the listener's accept queue, which
 the next generation (holding the same socket) drains.
 
-Resuming reverses it: ``dup3`` the saved copy back, ``EPOLL_CTL_ADD`` with the
-recorded events and data, close the saved copy.  The kernel adds
+Resuming reverses it: the process's O_NONBLOCK on the listener, ``dup3``
+the saved copy back, ``EPOLL_CTL_ADD`` with the recorded events and data,
+close the saved copy.  The kernel adds
 EPOLLERR|EPOLLHUP (0x18) to every registration and fdinfo shows them; adding
 them back explicitly is accepted (also with EPOLLEXCLUSIVE) and gives the
 same registration.  A connection queued meanwhile makes the re-added entry
@@ -64,8 +92,13 @@ Limits:
   outside and makes ``pause_listeners`` refuse before changing anything.
 - A disarmed EPOLLONESHOT entry comes back armed for EPOLLERR|EPOLLHUP only,
   which a listener never reports.
+- Between the next generation's bind() and the pause, the old generation
+  sees the next one's O_NONBLOCK on the shared socket: its accept() may
+  sleep until the next connection or the pause, or say EAGAIN.  Nothing
+  gives it a description of its own (above); the pause ends it.
 - ``getsockname`` on a paused fd sees the dummy: the listener's family, but
-  a loopback address and another port (or an abstract unix name).
+  a loopback address and another port, or a unix path next to the
+  listener's that names no file (an abstract name in the fallback cases).
 
 Two more operations on a running, unmodified server use the same sessions:
 
@@ -94,10 +127,11 @@ filtered syscalls fail with ENOSYS from then on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -115,7 +149,9 @@ from hupt.tracer.abi import (
     EPOLL_CTL_DEL,
     EPOLL_EVENT,
     F_DUPFD_CLOEXEC,
+    F_GETFL,
     F_SETFD,
+    F_SETFL,
     FD_CLOEXEC,
     O_CLOEXEC,
     O_NONBLOCK,
@@ -131,7 +167,9 @@ from hupt.tracer.abi import (
     SOCKADDR_IN,
     SOCKADDR_IN6,
     SOCKADDR_MAX,
+    SOCKADDR_UN,
     SOL_SOCKET,
+    SUN_PATH_MAX,
     SYS,
     FilterFlag,
     SeccompOp,
@@ -162,8 +200,12 @@ class PausedListener:
     ino: int  # the listener's socket inode
     dummy_ino: int  # the dummy's socket inode, to recognise it at resume
     cloexec: bool  # FD_CLOEXEC of ``fd`` (per fd, restored by dup3)
-    nonblock: bool  # O_NONBLOCK of the listener (per open file, mirrored by the dummy)
+    nonblock: bool  # O_NONBLOCK this process expects (the dummy's; the listener's at resume)
     registrations: tuple[Registration, ...]
+    # The path a unix listener's dummy was bound to, as given (its file is
+    # unlinked at once): what getsockname() of the paused fd answers.  None:
+    # an abstract name, or not a unix dummy.
+    stand_in: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -172,11 +214,17 @@ class PausedListeners:
     listeners: tuple[PausedListener, ...]
 
 
-def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> PausedListeners:
+def pause_listeners(pid: int, fds: Sequence[int], *, nonblock: Mapping[int, bool] | None = None,
+                    timeout: float = 5.0) -> PausedListeners:
     """Make process ``pid`` stop accepting on listener ``fds``; return what resuming needs.
+
+    ``nonblock``: fd -> the O_NONBLOCK the process expects of that listener, where
+    another holder has changed the shared socket's (default: the socket's own).
+    Its stand-in gets that mode, and resuming puts it back on the socket.
 
     All or nothing: on any error every change is undone and the error raised.
     """
+    views = dict(nonblock or {})
     fds = list(dict.fromkeys(fds))
     if not fds:
         return PausedListeners(pid, ())
@@ -194,7 +242,8 @@ def pause_listeners(pid: int, fds: Sequence[int], *, timeout: float = 5.0) -> Pa
                 flags = procfs.fd_flags(t.pid, fd)
                 paused.append(_pause_one(
                     t, fd, socks[fd], base, mem,
-                    cloexec=bool(flags & O_CLOEXEC), nonblock=bool(flags & O_NONBLOCK),
+                    cloexec=bool(flags & O_CLOEXEC),
+                    nonblock=views.get(fd, bool(flags & O_NONBLOCK)),
                     registrations=registrations[fd],
                 ))
         return PausedListeners(pid, tuple(paused))
@@ -277,20 +326,24 @@ def _pause_one(t: Tracee, fd: int, ino: int, base: int, mem: _DummyScratch, *, c
                   op=f"epoll_ctl({r.epfd}, DEL, {fd})")
         t.on_rollback(f"epoll {r.epfd} registration of fd {fd}",
                       partial(_epoll_add, t, r, fd))
-    family = mem.family_of(fd)
-    dummy_ino = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock,
-                               saved=saved)
-    return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations))
+    family, path = mem.name_of(fd)
+    dummy_ino, stand_in = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec,
+                                         nonblock=nonblock, saved=saved,
+                                         names=stand_in_names(path, os.urandom(4).hex()))
+    return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations),
+                          stand_in)
 
 
 def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
+    _set_nonblock(t, p.saved, p.nonblock)
     _dup3(t, p.saved, p.fd, p.cloexec)
 
     def undo_swap() -> None:
         with t.scratch(_DummyScratch.SIZE) as scratch:
             mem = _DummyScratch(t, scratch)
-            _swap_in_dummy(t, p.fd, mem, mem.family_of(p.saved), cloexec=p.cloexec,
-                           nonblock=p.nonblock, saved=None)
+            _swap_in_dummy(t, p.fd, mem, mem.name_of(p.saved)[0], cloexec=p.cloexec,
+                           nonblock=p.nonblock, saved=None,
+                           names=[p.stand_in] if p.stand_in is not None else [])
 
     t.on_rollback(f"listener back on fd {p.fd}", undo_swap)
     for r in p.registrations:
@@ -302,13 +355,29 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
                                   op=f"epoll_ctl({r.epfd}, DEL, {p.fd})"))
 
 
+def stand_in_names(path: bytes, token: str) -> list[bytes]:
+    """The paths to try binding a unix listener's dummy to, given the listener's ``path``
+    (its getsockname(), empty or NUL-led if it has no path) and a random ``token``.
+
+    Next to the listener, where the server could bind: its path with a suffix,
+    else (too long for sun_path) a short name in its directory.
+    """
+    if not path or path.startswith(b"\0"):
+        return []
+    head, _, _ = path.rpartition(b"/")
+    names = [path + b".paused-" + token.encode(),
+             (head + b"/" if b"/" in path else b"") + b".hupt-" + token.encode()]
+    return [n for n in names if len(n) < SUN_PATH_MAX]
+
+
 class _DummyScratch:
     """What making dummies needs in the tracee's memory, written once per session:
-    the three sockaddrs, a one-instruction "drop everything" socket filter, and
-    room for a getsockname() answer."""
+    the three sockaddrs, a one-instruction "drop everything" socket filter,
+    room for a getsockname() answer and for a unix path to bind."""
 
     UNIX, IN, IN6, FPROG, INSN, NAME, NAMELEN = 0, 16, 32, 64, 80, 96, 96 + SOCKADDR_MAX
-    SIZE = NAMELEN + 8
+    SUN = NAMELEN + 8
+    SIZE = SUN + SOCKADDR_UN.size
 
     def __init__(self, t: Tracee, base: int) -> None:
         self.t, self.base = t, base
@@ -318,42 +387,72 @@ class _DummyScratch:
         t.write(base + self.INSN, SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
         t.write(base + self.FPROG, SOCK_FPROG.pack(1, base + self.INSN))
 
-    def family_of(self, fd: int) -> int:
-        """The address family of the socket on ``fd`` in the tracee (getsockname)."""
+    def name_of(self, fd: int) -> tuple[int, bytes]:
+        """The address family of the socket on ``fd`` in the tracee (getsockname) and,
+        for a unix socket, its sun_path as bound (no trailing NUL; NUL-led if abstract)."""
         self.t.write(self.base + self.NAMELEN, struct.pack("<I", SOCKADDR_MAX))
         self.t.syscall(SYS.getsockname, fd, self.base + self.NAME, self.base + self.NAMELEN,
                        op=f"getsockname({fd})")
-        (family,) = SOCKADDR_FAMILY.unpack(self.t.read(self.base + self.NAME,
-                                                      SOCKADDR_FAMILY.size))
-        return int(family)
+        (size,) = struct.unpack("<I", self.t.read(self.base + self.NAMELEN, 4))
+        raw = self.t.read(self.base + self.NAME, max(SOCKADDR_FAMILY.size,
+                                                      min(size, SOCKADDR_MAX)))
+        (family,) = SOCKADDR_FAMILY.unpack(raw[:SOCKADDR_FAMILY.size])
+        path = raw[SOCKADDR_FAMILY.size:] if family == AF_UNIX else b""
+        if path and not path.startswith(b"\0"):
+            path = path.split(b"\0", 1)[0]
+        return int(family), path
+
+    def unix_path(self, name: bytes) -> tuple[int, int]:
+        """Write a sockaddr_un naming ``name``; return its address and length."""
+        self.t.write(self.base + self.SUN, SOCKADDR_UN.pack(AF_UNIX, name))
+        return self.base + self.SUN, SOCKADDR_FAMILY.size + len(name) + 1
 
 
 def _swap_in_dummy(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
-                   nonblock: bool, saved: int | None) -> int:
+                   nonblock: bool, saved: int | None,
+                   names: Sequence[bytes] = ()) -> tuple[int, bytes | None]:
     """Put a never-ready listening socket of ``family`` on ``fd`` (unix if that
-    cannot be had); return the dummy's inode.
+    cannot be had); return the dummy's inode and the unix path it was bound to.
 
-    With ``saved``, the swap is registered to be undone by putting ``saved`` back.
+    A unix dummy is bound to the first of ``names`` that it can be (its file
+    unlinked at once), else autobound.  With ``saved``, the swap is registered
+    to be undone by putting ``saved`` back.
     """
+    swap = partial(_swap_in, t, fd, mem, cloexec=cloexec, nonblock=nonblock, saved=saved)
     if family in (AF_INET, AF_INET6):
         try:
-            return _swap_in(t, fd, mem, family, cloexec=cloexec, nonblock=nonblock, saved=saved)
+            return swap(family), None
         except InjectionError:
             pass  # no loopback of that family to bind: a unix dummy does as well
-    return _swap_in(t, fd, mem, AF_UNIX, cloexec=cloexec, nonblock=nonblock, saved=saved)
+    for name in names:
+        try:
+            return swap(AF_UNIX, name), name
+        except InjectionError:
+            continue  # not ours to create there (EACCES, EROFS, EADDRINUSE...)
+    return swap(AF_UNIX), None
 
 
-def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
-             nonblock: bool, saved: int | None) -> int:
+def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, name: bytes | None = None, *,
+             cloexec: bool, nonblock: bool, saved: int | None) -> int:
     kind = SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0)
-    where, size = {AF_UNIX: (mem.UNIX, SOCKADDR_FAMILY.size), AF_INET: (mem.IN, SOCKADDR_IN.size),
-                   AF_INET6: (mem.IN6, SOCKADDR_IN6.size)}[family]
+    where, size = {AF_UNIX: (mem.base + mem.UNIX, SOCKADDR_FAMILY.size),
+                   AF_INET: (mem.base + mem.IN, SOCKADDR_IN.size),
+                   AF_INET6: (mem.base + mem.IN6, SOCKADDR_IN6.size)}[family]
+    if name is not None:
+        where, size = mem.unix_path(name)
     with t.temporary_fd(SYS.socket, family, kind, 0, op=f"socket({family}) for the dummy") as dummy:
         if family != AF_UNIX:
             # Before it listens: no SYN to it is ever answered.
             t.syscall(SYS.setsockopt, dummy, SOL_SOCKET, SO_ATTACH_FILTER, mem.base + mem.FPROG,
                       SOCK_FPROG.size, op="setsockopt(SO_ATTACH_FILTER) on the dummy")
-        t.syscall(SYS.bind, dummy, mem.base + where, size, op="bind dummy")
+        t.syscall(SYS.bind, dummy, where, size, op="bind dummy")
+        if name is not None:
+            # The name stays the socket's (getsockname) without a file: nothing
+            # can connect to it, and nothing is left to remove.  A file the
+            # process could create but not remove (an LSM rule) stays: the
+            # stand-in works the same, and trying another name would leave two.
+            with contextlib.suppress(InjectionError):
+                t.syscall(SYS.unlink, where + SOCKADDR_FAMILY.size, op="unlink the dummy's path")
         t.syscall(SYS.listen, dummy, 1, op="listen on dummy")
         ino = procfs.socket_inodes(t.pid).get(dummy)
         if ino is None:
@@ -362,6 +461,18 @@ def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bo
         if saved is not None:
             t.on_rollback(f"dummy over fd {fd}", lambda: _dup3(t, saved, fd, cloexec))
     return ino
+
+
+def _set_nonblock(t: Tracee, fd: int, on: bool) -> None:
+    """Give the open file on ``fd`` (and so every holder of it) O_NONBLOCK ``on``;
+    undone if the session fails."""
+    cur = t.syscall(SYS.fcntl, fd, F_GETFL, op=f"fcntl({fd}, F_GETFL)")
+    want = cur | O_NONBLOCK if on else cur & ~O_NONBLOCK
+    if want == cur:
+        return
+    t.syscall(SYS.fcntl, fd, F_SETFL, want, op=f"fcntl({fd}, F_SETFL)")
+    t.on_rollback(f"O_NONBLOCK of fd {fd}",
+                  partial(t.syscall, SYS.fcntl, fd, F_SETFL, cur, op=f"fcntl({fd}, F_SETFL)"))
 
 
 def _dup3(t: Tracee, src: int, dst: int, cloexec: bool) -> None:

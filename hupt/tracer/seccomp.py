@@ -159,8 +159,10 @@ def build_filter(notify: Iterable[SYS], *, cookie: int = INJECTION_COOKIE,
     return bpf.assemble(items)
 
 
-def build_noop_filter(calls: Iterable[SYS]) -> list[Insn]:
-    """Make these x86_64 syscalls return 0 without running (RET_ERRNO with errno 0).
+def build_noop_filter(calls: Iterable[SYS], *, cookie: int = INJECTION_COOKIE) -> list[Insn]:
+    """Make these x86_64 syscalls return 0 without running (RET_ERRNO with errno 0),
+    bar hupt's own (sixth argument ``cookie``): pausing a listener removes the file
+    of its unix stand-in with an injected unlink.
 
     Used on a retiring generation that was started before hupt held a unix
     socket, so its filter does not notify unlink: a second notify filter is
@@ -176,7 +178,13 @@ def build_noop_filter(calls: Iterable[SYS]) -> list[Insn]:
         ld_abs(SECCOMP_DATA_NR),
         *(jeq(nr, jt="noop") for nr in sorted(set(calls))),
         Label("allow"), ret(Ret.ALLOW),
-        Label("noop"), ret(ret_errno(0)),
+        Label("noop"),
+        ld_abs(seccomp_data_arg(5)),
+        jeq(cookie & 0xFFFFFFFF, jf="errno0"),
+        ld_abs(seccomp_data_arg(5, high=True)),
+        jeq(cookie >> 32, jf="errno0"),
+        ret(Ret.ALLOW),  # BPF jumps only forward: not the "allow" above
+        Label("errno0"), ret(ret_errno(0)),
     ])
 
 
