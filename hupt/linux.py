@@ -490,7 +490,7 @@ class LinuxSystem:
                 p = stack.pop()
                 out[n].add(p)
                 stack.extend(children.get(p, []))
-        now = time.monotonic()
+        now = self.now()
         for n, pids in out.items():
             rec = self._gens.get(n)
             if rec is None or n in grouped:

@@ -235,7 +235,8 @@ def test_sigkill_of_hupt_leaves_one_master_and_the_next_hupt_cleans_up(
         other_port = free_port()
         h2 = procs.hupt(cmd=[*_http_server(other_port)])
         wait_listening(("127.0.0.1", other_port), 20, proc=h2)
-        wait_for("the next hupt to name the survivor", lambda: f"{last} (nginx)" in h2.log(), 10, h2)
+        wait_for("the next hupt to name the survivor",
+                 lambda: f"{last} (nginx)" in h2.log(), 10, h2)
         assert "hupt attach" in h2.log()
         h2.signal(signal.SIGTERM)
         assert h2.popen.wait(30) == 0, h2.log()
