@@ -50,7 +50,7 @@ from harness import (
     wait_listening,
 )
 from load import Load, Target, body_pid, request
-from supervision import check_load, held_by_hupt, ping, reload_ok
+from supervision import check_load, held_by_hupt, hupt_status, ping, reload_ok
 
 pytestmark = pytest.mark.root
 
@@ -174,6 +174,8 @@ def test_nginx_daemon_on_reloads_under_load(procs: Procs, tmp_path: Path) -> Non
                         10, h)
         assert gens[1]["pid"] != master, "the master is not the process hupt started"
         assert _with_children({master}) <= _cgroup_procs(master), "one cgroup: master, workers"
+        assert hupt_status(h)["tracking"] == f"cgroup {_hupt_cgroups(h.pid)}"
+        assert str(_cgroup_path(master)) == f"{_hupt_cgroups(h.pid)}/gen.1"
         # The launcher exited 0 long ago: the generation lives on in its master.
         time.sleep(1.5)
         assert h.poll() is None and "exited on its own" not in h.log(), h.log()

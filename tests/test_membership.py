@@ -194,3 +194,21 @@ def test_status_says_how_generations_are_tracked(fake: FakeSystem) -> None:
     sup = Supervisor(fake, Options(argv=["server"], env={}), control=False)
     sup.start()
     assert sup.status()["tracking"] == "process tree (fake)"
+
+
+def test_status_says_so_when_generations_are_tracked_without_cgroups(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hupt import status
+
+    inst = {"hupt_pid": 99, "name": None, "command": ["srv"], "mode": "fork",
+            "state": "running", "uptime_s": 1.0, "generations": [], "reloads": [],
+            "listeners": [], "tracking": "process tree (cannot create /x/hupt.99 (read-only))"}
+    status.render({"schema": 1, "instances": [inst]})
+    out = capsys.readouterr().out
+    assert "generations tracked by their process tree (cannot create /x/hupt.99 (read-only))" \
+        in out and "may be lost" in out
+    for quiet in ({"tracking": "cgroup /sys/fs/cgroup/hupt.99"}, {}):  # {}: an older hupt
+        status.render({"schema": 1, "instances": [{**inst, **quiet} if quiet else
+                                                   {k: v for k, v in inst.items()
+                                                    if k != "tracking"}]})
+        assert "tracked" not in capsys.readouterr().out
