@@ -45,6 +45,7 @@ from harness import (
     listener_inode,
     listener_inodes,
     ppid,
+    variant_cmd,
     wait_for,
     wait_gone,
     wait_listening,
@@ -396,3 +397,46 @@ def test_redis_daemonize_yes_reloads_under_load(procs: Procs, tmp_path: Path) ->
         assert h.popen.wait(30) == 0, h.log()
         assert not wait_gone(seen, 10)
 
+
+
+# -- without cgroups ----------------------------------------------------------------------------
+
+# hupt in a mount namespace of its own where the cgroup2 hierarchy is read-only, as in
+# a container: it cannot make a group and must fall back to the process tree.
+READ_ONLY_CGROUPS = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                     f"mount -o remount,bind,ro {CGROUP2} && exec \"$@\"", "sh"]
+
+
+@needs_cgroup2
+def test_without_a_writable_cgroup2_hierarchy_hupt_falls_back_and_says_so(
+        procs: Procs) -> None:
+    """A server that daemonizes (a double fork) but keeps its environment is still
+    found by its marker: reloads under load, 0 failed; `hupt status` says the
+    generations are tracked by the process tree, and why."""
+    port = free_port()
+    target: Target = ("127.0.0.1", port)
+    h = procs.hupt("--drain-timeout", "5", "--kill-timeout", "5",
+                   cmd=variant_cmd(target, "--daemonize", "3"), wrapper=READ_ONLY_CGROUPS)
+    wait_listening(target, 20, proc=h)
+    inode = listener_inode(port)
+    assert inode is not None
+    doc = hupt_status(h)
+    assert doc["tracking"].startswith("process tree (") and "read-only" in doc["tracking"], doc
+    assert "cgroups unavailable" in h.log() and "read-only" in h.log()
+    r = hupt_cli("status", str(h.pid))
+    assert "generations tracked by their process tree" in r.stdout, r.stdout
+    first = wait_for("generation 1's daemon", lambda: (g := ping(h).get(1)) and
+                     (p := set(g["pids"]) - {g["pid"]}) and p, 10, h)
+    with Load(target, fresh=2, keepalive=2) as load:
+        time.sleep(0.3)
+        for i in range(3):
+            reload_ok(h)
+            assert listener_inode(port) == inode and held_by_hupt(h) == {inode}
+            wait_for(f"reload {i + 1}: one generation left", lambda: len(ping(h)) == 1, 30, h)
+            time.sleep(0.2)
+    check_load(load.result)
+    assert not wait_gone(first, 10), "generation 1's daemon was retired"
+    r = hupt_cli("stop", str(h.pid), timeout=60)
+    assert r.returncode == 0, r.stderr + h.log()
+    assert h.popen.wait(30) == 0, h.log()
+    assert not _hupt_cgroups(h.pid).exists()
