@@ -212,3 +212,13 @@ def test_status_says_so_when_generations_are_tracked_without_cgroups(
                                                    {k: v for k, v in inst.items()
                                                     if k != "tracking"}]})
         assert "tracked" not in capsys.readouterr().out
+
+
+def test_a_group_left_with_processes_by_a_killed_hupt_of_the_same_pid_is_not_reused(
+        tmp_path: Path) -> None:
+    groups = cgroup.Groups(str(tmp_path / "hupt.1"))
+    group_with(tmp_path, "hupt.1/gen.1", {4321})
+    with pytest.raises(cgroup.CgroupUnavailable, match="killed"):
+        groups.create(1)
+    os.unlink(tmp_path / "hupt.1/gen.1/cgroup.procs")
+    assert groups.create(1) == str(tmp_path / "hupt.1/gen.1"), "an empty one is"

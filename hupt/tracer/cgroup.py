@@ -126,7 +126,11 @@ class Groups:
         try:
             os.mkdir(path, 0o755)
         except FileExistsError:
-            pass
+            # A killed hupt's whose pid this one got, with a server it left serving:
+            # those processes are not this generation's.
+            if procs(path):
+                raise CgroupUnavailable(f"{path} has processes of a hupt that was "
+                                        "killed") from None
         except OSError as e:
             raise CgroupUnavailable(f"cannot create {path}: {e.strerror}") from e
         self.made.add(path)
