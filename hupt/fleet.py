@@ -391,6 +391,7 @@ class Fleet:
     def close(self) -> None:
         for g in self.gens:
             self._drop_ready_socket(g)
+        self.sys.close_tracking()
 
     # -- the held sockets ------------------------------------------------------------------
     def release_unused(self) -> None:

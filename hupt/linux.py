@@ -3,8 +3,15 @@ the modules of ``hupt.tracer``.
 
 One record per generation number (``_GenRecord``): its notify fds behind
 one pollable fd, the listener copies saved while it is paused, its
-generation marker, an attached root's pidfd, its last members.  An exec in
-place moves the record to the new number whole.
+generation marker, its cgroup, an attached root's pidfd, its last members.
+An exec in place moves the record to the new number whole.
+
+Membership: a spawned generation's processes are those of its own cgroup2
+group (hupt/tracer/cgroup.py), which a server cannot leave by daemonizing
+nor hide by rewriting its title.  Where no group can be made (no writable
+cgroup2 hierarchy: a container, a non-root hupt without delegation) and for
+an attached server, they are the process tree below the root, orphans that
+came back to hupt told apart by the HUPT_GEN marker in their environment.
 """
 
 from __future__ import annotations
@@ -21,8 +28,16 @@ from hupt.address import Address
 from hupt.errors import HuptError, KernelError, NoSuchProcess
 from hupt.handoff import Handoff
 from hupt.listeners import Listeners, reuseport
-from hupt.system import GEN_ENV, Attached, Followed, FollowResult, Serviced, find_program
-from hupt.tracer import pidfd, procfs
+from hupt.system import (
+    GEN_ENV,
+    Attached,
+    Followed,
+    FollowResult,
+    Serviced,
+    find_program,
+    procname,
+)
+from hupt.tracer import cgroup, pidfd, procfs
 from hupt.tracer.abi import SYS
 from hupt.tracer.notify import NotifyFd
 from hupt.tracer.spawn import spawn
@@ -107,6 +122,11 @@ class _GenRecord:
     # Attached (the root is not our child): a pidfd on the root.
     pidfd: int | None = None
     members: set[int] = field(default_factory=set)  # the last answer of ``members``
+    # Its cgroup2 group (every process it makes is a member); None: tracked by its tree.
+    group: str | None = None
+    # Without a group: since when an unreadable process (a daemon on its way to hupt,
+    # or a retitled one) has kept its last members (IN_TRANSIT_MAX bounds it).
+    transit_since: float | None = None
 
     def close(self) -> None:
         if self.notifications is not None:
@@ -116,6 +136,13 @@ class _GenRecord:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+# Longest a generation whose processes all seem gone keeps its last members
+# because a process under hupt could not be told apart (its marker unreadable:
+# exiting, or overwritten by a new process title).  A daemon in transit is
+# re-parented within milliseconds; past this the generation is taken as gone.
+IN_TRANSIT_MAX = 5.0
 
 
 class LinuxSystem:
@@ -139,6 +166,34 @@ class LinuxSystem:
         self._me = os.getpid()
         # Roots followed until their exit becomes an exec: number -> (tracer, new number)
         self._following: dict[int, tuple[ExitToExec, int]] = {}
+        # hupt's cgroups, made at the first spawn; why not, when they cannot be.
+        self._groups: cgroup.Groups | None = None
+        self._no_groups: str | None = None
+
+    def _cgroups(self) -> cgroup.Groups | None:
+        if self._groups is not None or self._no_groups is not None:
+            return self._groups
+        try:
+            self._groups = cgroup.open_groups(self._me)
+        except HuptError as e:
+            self._no_groups = str(e)
+            log.info(f"cgroups unavailable ({e}): generations are tracked by their process "
+                     "tree; a server that daemonizes and rewrites its title may be lost")
+            return None
+        log.debug(f"each generation gets a cgroup below {self._groups.base}")
+        for path, pids in cgroup.sweep(self._groups).items():
+            log.warn(f"{path} was left by a hupt that was killed; still in it: "
+                     + ", ".join(f"{p} ({procname(p)})" for p in sorted(pids))
+                     + ": `hupt attach PID` takes a server over again; `echo 1 > "
+                     f"{path}/cgroup.kill` ends them all")
+        return self._groups
+
+    def tracking(self) -> str:
+        if self._groups is not None:
+            return f"cgroup {self._groups.base}"
+        if self._no_groups is not None:
+            return f"process tree ({self._no_groups})"
+        return "process tree"
 
     def now(self) -> float:
         return time.monotonic()
@@ -155,9 +210,32 @@ class LinuxSystem:
         syscalls = self._filter_calls(spawning=True)
         env = dict(env)
         env[GEN_ENV] = f"{self._me}.{number}"
-        pid, notify = spawn(argv, env, syscalls, cwd=cwd, stdout=stdio[0], stderr=stdio[1])
+        rec = self._gens.get(number)
+        fresh = rec is None
+        if rec is None:
+            rec = _GenRecord()
+            groups = self._cgroups()
+            if groups is not None:
+                try:
+                    rec.group = groups.create(number)
+                except HuptError as e:
+                    log.warn(f"generation {number} is tracked by its process tree: {e}")
+        try:
+            pid, notify, joined = spawn(argv, env, syscalls, cwd=cwd, stdout=stdio[0],
+                                        stderr=stdio[1], cgroup=rec.group)
+        except BaseException:
+            if fresh and rec.group is not None and self._groups is not None:
+                self._groups.remove(rec.group)
+            raise
+        if rec.group is not None and not joined:
+            # --multi: a copy outside the group would be no member at all.
+            log.warn(f"generation {number}: pid {pid} could not join {rec.group}: the "
+                     "generation is tracked by its process tree")
+            if self._groups is not None and cgroup.procs(rec.group) == set():
+                self._groups.remove(rec.group)
+            rec.group = None
+        self._gens[number] = rec
         notify.enable_sync_wakeup()
-        rec = self._gens.setdefault(number, _GenRecord())
         group = rec.notifications
         if group is None:  # --multi: later copies join the first one's group
             group = rec.notifications = _Notifications()
@@ -311,7 +389,17 @@ class LinuxSystem:
         rec = self._gens.pop(number, None)
         if rec is not None:
             rec.close()
+            if rec.group is not None and self._groups is not None:
+                # Busy (a process outlived its generation): tried again at close.
+                self._groups.remove(rec.group)
         self.listeners.forget_stand_ins(number)
+
+    def close_tracking(self) -> None:
+        if self._groups is None:
+            return
+        for path, pids in self._groups.close().items():
+            log.warn(f"{path} is left: its processes outlived hupt: "
+                     + ", ".join(f"{p} ({procname(p)})" for p in sorted(pids)))
 
     def reap(self) -> list[tuple[int, int]]:
         # The kernel reports a ptrace-stop of a thread hupt traces to any wait of
@@ -351,12 +439,23 @@ class LinuxSystem:
         return out
 
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
+        # A generation with a group: its members are the group's, whatever their
+        # titles and parents.  Read before the tree, so that a process forked
+        # between the two reads is in the group (a child starts in its parent's).
+        grouped: dict[int, set[int]] = {}
+        for number in roots:
+            got = self._gens.get(number)
+            if got is not None and got.group is not None:
+                grouped[number] = cgroup.procs(got.group)
+        in_groups = set().union(*grouped.values()) if grouped else set()
         parents = procfs.parent_map()
         children: dict[int, list[int]] = {}
         for pid, ppid in parents.items():
-            children.setdefault(ppid, []).append(pid)
-        by_root = {pid: n for n, pid in roots.items()}
-        by_marker = {r.marker: n for n, r in self._gens.items() if r.marker is not None}
+            if pid not in in_groups:
+                children.setdefault(ppid, []).append(pid)
+        by_root = {pid: n for n, pid in roots.items() if n not in grouped}
+        by_marker = {r.marker: n for n, r in self._gens.items()
+                     if r.marker is not None and n not in grouped}
         out: dict[int, set[int]] = {n: set() for n in roots}
         prefix = f"{GEN_ENV}={self._me}.".encode()
         starts: list[tuple[int, int]] = []
@@ -380,6 +479,9 @@ class LinuxSystem:
                 starts.append((pid, n))
         for n, pid in roots.items():
             rec = self._gens.get(n)
+            if n in grouped:
+                out[n] = grouped[n] & set(parents)  # listed, and not a zombie since
+                continue
             fd = rec.pidfd if rec is not None else None
             # Not our child: a zombie root is its parent's to reap, and the pidfd
             # says when the whole process (every thread) has exited.
@@ -391,13 +493,25 @@ class LinuxSystem:
                 p = stack.pop()
                 out[n].add(p)
                 stack.extend(children.get(p, []))
-        if in_transit:
+        now = self.now()
+        for n, pids in out.items():
+            rec = self._gens.get(n)
+            if rec is None or n in grouped:
+                continue
+            if pids or not in_transit:
+                rec.transit_since = None
+                continue
             # A generation that seems empty may have its daemon in transit behind
-            # that zombie: it keeps its last members until a scan after the reap.
-            for n, pids in out.items():
-                rec = self._gens.get(n)
-                if not pids and rec is not None:
-                    pids |= rec.members
+            # that zombie: it keeps its last members until a scan after the reap,
+            # for IN_TRANSIT_MAX at most (a retitled daemon's marker never reads).
+            if rec.transit_since is None:
+                rec.transit_since = now
+            if now - rec.transit_since < IN_TRANSIT_MAX:
+                pids |= rec.members
+            elif rec.members:
+                log.warn(f"generation {n}: no process of it found for {IN_TRANSIT_MAX:g} s "
+                         "(unreadable processes under hupt: exiting, or retitled daemons "
+                         "without a cgroup to find them by): taken as gone")
         for n, rec in self._gens.items():
             rec.members = out.get(n, set())
         return out

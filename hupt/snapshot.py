@@ -54,7 +54,7 @@ def snapshot(system: System, gens: list[Generation], *, command: list[str], exec
         out.append(doc)
     return {
         "hupt_pid": os.getpid(), "command": command, "mode": "exec" if exec_mode else "fork",
-        "state": state, "uptime_s": round(uptime, 3),
+        "state": state, "uptime_s": round(uptime, 3), "tracking": system.tracking(),
         "generations": out, "listeners": system.listener_stats(),
         "reloads": [{"at": r.at, "duration_ms": round(r.duration_ms, 1), "ok": r.ok,
                      "reason": r.reason, "generation": r.generation} for r in history]}

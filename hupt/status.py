@@ -10,7 +10,7 @@ Fields are only ever added within a schema version::
         "chdir": "/srv/app/current", "env_file": "/etc/app.env",
         "env_changes": {"LOG_LEVEL": "debug", "OLD_FLAG": null},
         "mode": "fork", "state": "running" | "reloading" | "down" | "stopping",
-        "uptime_s": 12.5,
+        "uptime_s": 12.5, "tracking": "cgroup /sys/fs/cgroup/hupt.1234",
         "generations": [
           {"number": 3, "pid": 4321, "pids": [4321], "state": "serving",
            "command": ["python3", "-m", "http.server"],
@@ -34,7 +34,11 @@ longest-open of a draining generation's connections has been seen open (at
 least; null unless draining), ``reloads`` the last 20, oldest first.
 The top-level ``version`` is the CLI's; an instance's ``version`` is that of
 the hupt running it (they differ after an upgrade until it restarts), its
-``name`` the one given with ``hupt run --name`` (or null).
+``name`` the one given with ``hupt run --name`` (or null).  ``tracking`` says
+how hupt tells which processes make a generation: ``cgroup PATH`` (a group
+per generation below PATH), or ``process tree`` followed by why no cgroup
+could be used, in parentheses (a server that daemonizes and rewrites its
+title can then be lost); absent from a hupt older than it.
 
 What a deploy changes (hupt/command.py): an instance's ``command`` is the one
 the next reload runs (``hupt reload -- ARGV`` changes it once a reload with
@@ -119,6 +123,15 @@ def _holdups(inst: dict[str, Any]) -> list[str]:
     return out
 
 
+def _fallback(inst: dict[str, Any]) -> str | None:
+    """Said when generations are not tracked by cgroups (absent: an older hupt)."""
+    how = inst.get("tracking")
+    if not how or how.startswith("cgroup "):
+        return None
+    return (f"generations tracked by their {how}: a server that daemonizes and rewrites "
+            "its title may be lost")
+
+
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -165,6 +178,8 @@ def _render_plain(doc: dict[str, Any]) -> None:
               f"{_age(inst['uptime_s'])}): {' '.join(inst['command'])}")
         for line in _deploy(inst):
             print(f"  {line}")
+        if fallback := _fallback(inst):
+            print(f"  {fallback}")
         for g in inst["generations"]:
             fl = "-" if g["in_flight"] is None else g["in_flight"]
             took = g.get("draining_s")
@@ -214,6 +229,8 @@ def _render_tty(doc: dict[str, Any]) -> None:
               f"{_ansi('36', ' '.join(inst['command']))}")
         for line in _deploy(inst):
             print(_ansi("2", line))
+        if fallback := _fallback(inst):
+            print(_ansi("33", fallback))
         rows = []
         for g in inst["generations"]:
             st = g["state"]

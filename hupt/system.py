@@ -108,7 +108,17 @@ class System(Protocol):
         """(pid, exit code) of every exited child; a code -N means killed by signal N."""
 
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
-        """Live processes of each generation, given generation -> root pid."""
+        """Live processes of each generation, given generation -> root pid.
+
+        A generation lives on after its root exits as long as any process it
+        made runs (a server that daemonized: its launcher exited 0)."""
+
+    def tracking(self) -> str:
+        """How ``members`` tells a generation's processes: "cgroup PATH", or "process
+        tree" (with why no cgroup could be used)."""
+
+    def close_tracking(self) -> None:
+        """hupt exits: remove what it made to track the generations (their cgroups)."""
 
     def alive(self, pids: Iterable[int]) -> set[int]:
         """Those of ``pids`` that still run (zombies do not)."""

@@ -688,10 +688,12 @@ class Procs:
         return self._start(Started, list(cmd), name or Path(cmd[0]).name, env, cwd, pass_fds)
 
     def hupt(self, *opts: str, cmd: Sequence[str], env: Mapping[str, str] | None = None,
-             cwd: Path | None = None, verbose: bool = False) -> HuptProcess:
-        """Start `python -m hupt [-v] run *opts -- *cmd`."""
-        argv = [sys.executable, "-m", "hupt", *(["-v"] if verbose else []), "run", *opts,
-                "--", *cmd]
+             cwd: Path | None = None, verbose: bool = False,
+             wrapper: Sequence[str] = ()) -> HuptProcess:
+        """Start `python -m hupt [-v] run *opts -- *cmd`, as `WRAPPER... python ...` if given
+        (a wrapper must exec it, so that its pid is hupt's)."""
+        argv = [*wrapper, sys.executable, "-m", "hupt", *(["-v"] if verbose else []), "run",
+                *opts, "--", *cmd]
         started = self._start(HuptProcess, argv, "hupt", env, cwd)
         assert isinstance(started, HuptProcess)
         return started

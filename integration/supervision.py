@@ -284,7 +284,8 @@ def exec_reloads_under_load(kind: str, target: Target, pid: int, parent: int, re
 KeyTypes = dict[str, type | tuple[type, ...]]
 NUMBER: tuple[type, ...] = (int, float)
 INSTANCE_KEYS: KeyTypes = {"hupt_pid": int, "command": list, "mode": str, "state": str,
-                 "uptime_s": NUMBER, "generations": list, "listeners": list, "reloads": list}
+                 "uptime_s": NUMBER, "generations": list, "listeners": list, "reloads": list,
+                 "tracking": str}
 GENERATION_KEYS: KeyTypes = {"number": int, "pid": int, "pids": list, "state": str, "age_s": NUMBER,
                    "ready_ms": (*NUMBER, type(None)), "in_flight": (int, type(None)),
                    "listening": list}

@@ -239,6 +239,12 @@ class FakeSystem:
     def members(self, roots: dict[int, int]) -> dict[int, set[int]]:
         return {n: set(self.gens[n].pids) for n in roots}
 
+    def tracking(self) -> str:
+        return "process tree (fake)"
+
+    def close_tracking(self) -> None:
+        self.events.append("close tracking")
+
     def pause(self, number: int, pids: set[int], lives_on: Iterable[int] = ()) -> list[str]:
         self.lives_on[number] = set(lives_on)
         self.paused_pids.setdefault(number, set()).update(pids)

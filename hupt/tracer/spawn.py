@@ -16,6 +16,10 @@ installed by the forked child itself, between fork() and execve():
   here, as are the handlers hupt installed, the signal mask and the wakeup fd.
 * An exec failure (no such program) is reported through a close-on-exec
   pipe: EOF means the exec happened.
+* ``cgroup``: the child joins that cgroup2 group first (hupt/tracer/cgroup.py),
+  so that everything it will make is a member.  If it cannot, it says so in
+  its message with the notify fd (``u`` instead of ``n``) and runs on: hupt
+  then tracks that generation by its process tree.
 * Each generation gets its own process group so that a Ctrl-C at hupt's
   terminal reaches hupt (which drains) and not the server directly.
 * hupt raised its own soft limit of open files (hupt/fdlimit.py): the child
@@ -50,8 +54,9 @@ class SpawnError(HuptError):
 
 def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
           cwd: str | None = None, stdout: int | None = None,
-          stderr: int | None = None) -> tuple[int, NotifyFd]:
-    """Fork, install the notify filter in the child, exec ``argv``; return (pid, notify fd)."""
+          stderr: int | None = None, cgroup: str | None = None) -> tuple[int, NotifyFd, bool]:
+    """Fork, install the notify filter in the child, exec ``argv``; return (pid, notify
+    fd, whether it joined ``cgroup``)."""
     prog = seccomp.build_filter(notify)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -60,13 +65,13 @@ def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
         try:
             ours.close()
             os.close(err_r)
-            _child(argv, env, prog, theirs, err_w, cwd, (stdout, stderr))
+            _child(argv, env, prog, theirs, err_w, cwd, (stdout, stderr), cgroup)
         finally:
             os._exit(127)
     theirs.close()
     os.close(err_w)
     try:
-        notify_fd = _receive_fd(ours)
+        notify_fd, joined = _receive_fd(ours)
         failure = _read_all(err_r)
     finally:
         ours.close()
@@ -80,14 +85,22 @@ def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
     if notify_fd is None:
         os.waitpid(pid, 0)
         raise SpawnError(f"cannot start {argv[0]!r}: the child sent no notify fd")
-    return pid, NotifyFd(notify_fd)
+    return pid, NotifyFd(notify_fd), joined and cgroup is not None
 
 
 def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.socket,
            err_w: int, cwd: str | None,
-           stdio: tuple[int | None, int | None]) -> None:  # pragma: no cover
+           stdio: tuple[int | None, int | None],
+           cgroup: str | None) -> None:  # pragma: no cover
     step = "setup"
+    joined = b"n"
     try:
+        if cgroup is not None:
+            try:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write("0")
+            except OSError:
+                joined = b"u"
         signal.set_wakeup_fd(-1)
         for s in _RESET_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
@@ -102,7 +115,7 @@ def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.
             os.chdir(cwd)
         step = "seccomp"
         fd = seccomp.install_listener(prog)  # type: ignore[arg-type]
-        chan.sendmsg([b"n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        chan.sendmsg([joined], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         os.close(fd)
         chan.close()
         # Last: below the old limit, the fds of hupt's not closed yet may leave
@@ -119,15 +132,16 @@ def _child(argv: Sequence[str], env: dict[str, str], prog: object, chan: socket.
         os.write(err_w, f"{errno.EINVAL}:{step}".encode())
 
 
-def _receive_fd(chan: socket.socket) -> int | None:
+def _receive_fd(chan: socket.socket) -> tuple[int | None, bool]:
+    """The notify fd the child sent, and whether it joined its cgroup."""
     try:
-        _, anc, _, _ = chan.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        msg, anc, _, _ = chan.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     except OSError:
-        return None
+        return None, False
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
-            return int(struct.unpack("i", data[:4])[0])
-    return None
+            return int(struct.unpack("i", data[:4])[0]), msg == b"n"
+    return None, False
 
 
 def _read_all(fd: int) -> bytes:
