@@ -477,7 +477,7 @@ class LinuxSystem:
         from hupt import drain
 
         try:
-            idle = drain.idle_connections(self._sockdiag(), addresses, pids, idle_ms)
+            idle = drain.idle_connections(self._sockdiag(), _streams(addresses), pids, idle_ms)
         except KernelError as e:
             log.warn(f"looking for idle connections: {e}")
             return 0
@@ -542,7 +542,9 @@ class LinuxSystem:
             queued: int | None = None
             backlog: int | None = held.backlog
             try:
-                if a.is_unix:
+                if a.is_datagram:
+                    rows = []  # no accept queue
+                elif a.is_unix:
                     rows = [(u.inode, u.queued, u.backlog) for u in diag.unix_listeners()]
                 else:
                     rows = [(t.inode, t.queued, t.backlog)
@@ -560,7 +562,7 @@ class LinuxSystem:
         from hupt.tracer import sockdiag
 
         try:
-            return sockdiag.in_flight(self._sockdiag(), addresses, pids)
+            return sockdiag.in_flight(self._sockdiag(), _streams(addresses), pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
             return None
@@ -569,7 +571,7 @@ class LinuxSystem:
         from hupt.tracer import sockdiag
 
         try:
-            return sockdiag.in_flight_inodes(self._sockdiag(), addresses, pids)
+            return sockdiag.in_flight_inodes(self._sockdiag(), _streams(addresses), pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
             return None
@@ -582,6 +584,12 @@ class LinuxSystem:
                 pass
             except PermissionError as e:
                 log.warn(f"cannot signal {pid}: {e}")
+
+
+def _streams(addresses: Iterable[Address]) -> set[Address]:
+    """The stream ones: a datagram socket has no connections to count or wait for
+    (the unix one even carries its own name, as an accepted connection would)."""
+    return {a for a in addresses if not a.is_datagram}
 
 
 def _noop_unlink_filter() -> bytes:

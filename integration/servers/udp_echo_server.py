@@ -1,0 +1,81 @@
+"""A datagram echo server: UDP (v4, v6) or unix SOCK_DGRAM, one socket, one thread.
+
+Every datagram is answered, to its sender, with the datagram itself followed
+by " PID": a counting client can tell which request each answer is for and
+which generation answered it.  A unix path is unlinked before bind() and at
+exit, as servers do.
+
+Usage: udp_echo_server.py udp:HOST:PORT | udp:[V6]:PORT | unixgram:PATH
+SIGTERM/SIGINT: answer the datagram in hand, then exit (what real servers do
+on their graceful-stop signal: dnsmasq handles signals in its main loop).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+from types import FrameType
+
+stopping = False
+
+
+def on_stop(signum: int, frame: FrameType | None) -> None:
+    global stopping
+    stopping = True
+
+
+def parse(arg: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    if arg.startswith("unixgram:"):
+        return socket.AF_UNIX, arg[len("unixgram:"):]
+    if not arg.startswith("udp:"):
+        raise SystemExit(f"not an address: {arg!r}")
+    host, _, port = arg[len("udp:"):].rpartition(":")
+    if host.startswith("["):
+        return socket.AF_INET6, (host.strip("[]"), int(port))
+    return socket.AF_INET, (host, int(port))
+
+
+def unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def main() -> None:
+    family, addr = parse(sys.argv[1])
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if isinstance(addr, str):
+        unlink_socket(addr)
+    sock.bind(addr)
+    print(f"udp_echo_server {os.getpid()} bound {sys.argv[1]}", flush=True)
+    pid = f" {os.getpid()}".encode()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    answered = 0
+    while not stopping:
+        if not sel.select(0.2):
+            continue
+        try:
+            data, peer = sock.recvfrom(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue  # another generation read it first
+        try:
+            sock.sendto(data + pid, peer)
+            answered += 1
+        except OSError as e:  # a unix client gone meanwhile
+            print(f"udp_echo_server {os.getpid()}: sendto {peer!r}: {e}", flush=True)
+    print(f"udp_echo_server {os.getpid()} answered {answered}", flush=True)
+    if isinstance(addr, str):
+        unlink_socket(addr)
+
+
+if __name__ == "__main__":
+    main()
