@@ -253,7 +253,7 @@ class Reloader:
         up.tell(msg)
         # Connections queue from now on: exec at once if nothing is in flight
         # (unless the server is on its way out by itself).
-        if up.follow is None and self.draining.in_flight(old) == 0:
+        if up.follow is None and self.draining.drained_now(old):
             self.exec(old)
 
     def exec(self, old: Generation) -> None:

@@ -5,19 +5,24 @@ by " PID": a counting client can tell which request each answer is for and
 which generation answered it.  A unix path is unlinked before bind() and at
 exit, as servers do.
 
-Usage: udp_echo_server.py udp:HOST:PORT | udp:[V6]:PORT | unixgram:PATH
+Usage: udp_echo_server.py ADDRESS [--bind-delay S] [--reply-delay S]
+ADDRESS: udp:HOST:PORT | udp:[V6]:PORT | unixgram:PATH
+--bind-delay: sleep before bind() (a server that reads its config first).
+--reply-delay: hold each datagram that long before answering it (work in hand
+when the generation is paused: its answer leaves after the pause).
 SIGTERM/SIGINT: answer the datagram in hand, then exit (what real servers do
 on their graceful-stop signal: dnsmasq handles signals in its main loop).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import selectors
 import signal
 import socket
 import stat
-import sys
+import time
 from types import FrameType
 
 stopping = False
@@ -48,14 +53,20 @@ def unlink_socket(path: str) -> None:
 
 
 def main() -> None:
-    family, addr = parse(sys.argv[1])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("address")
+    ap.add_argument("--bind-delay", type=float, default=0.0)
+    ap.add_argument("--reply-delay", type=float, default=0.0)
+    args = ap.parse_args()
+    family, addr = parse(args.address)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    time.sleep(args.bind_delay)
     if isinstance(addr, str):
         unlink_socket(addr)
     sock.bind(addr)
-    print(f"udp_echo_server {os.getpid()} bound {sys.argv[1]}", flush=True)
+    print(f"udp_echo_server {os.getpid()} bound {args.address}", flush=True)
     pid = f" {os.getpid()}".encode()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
@@ -67,6 +78,8 @@ def main() -> None:
             data, peer = sock.recvfrom(65536, socket.MSG_DONTWAIT)
         except BlockingIOError:
             continue  # another generation read it first
+        if args.reply_delay:
+            time.sleep(args.reply_delay)  # a signal meanwhile: the sleep goes on (PEP 475)
         try:
             sock.sendto(data + pid, peer)
             answered += 1
