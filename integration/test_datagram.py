@@ -18,7 +18,9 @@ sleeps before binding).  A real DNS server from Debian (dnsmasq, which binds
 UDP and TCP on one port: two held addresses, kept apart) answers every query.
 
 Server rows (a matrix of real servers can take them as they are): the Python
-echo server in servers/udp_echo_server.py and dnsmasq.
+echo server in servers/udp_echo_server.py, the same protocol in static Go
+(servers/udpgo, built here with CGO_ENABLED=0: Go reads through its
+edge-triggered netpoller), and dnsmasq.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from datagram_load import DatagramLoad, DatagramResult, DgramTarget, dns_answer, dns_query
 from harness import SERVERS, HuptProcess, Procs, alive, socket_inodes, wait_for
 from supervision import generations, ping, reload_ok, stop_gracefully, wait_single_generation
+
+from conftest import build_static_go
 
 RELOADS = 10
 READY_MS = re.compile(r"generation (\d+) \(pid (\d+)\) is ready in (\d+) ms")
@@ -63,6 +68,25 @@ def free_udp_port(host: str) -> int:
 
 def echo_cmd(address: str, *opts: str) -> list[str]:
     return [sys.executable, str(SERVERS / "udp_echo_server.py"), address, *opts]
+
+
+@pytest.fixture(scope="session")
+def udp_go(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The static Go echo server (servers/udpgo), built once per session."""
+    return build_static_go(SERVERS / "udpgo", tmp_path_factory)
+
+
+EchoCmd = Callable[[str, str], list[str]]
+
+
+@pytest.fixture
+def echo(request: pytest.FixtureRequest) -> EchoCmd:
+    """echo(kind, address): the echo server's command, "python" or "go"."""
+    def make(kind: str, address: str) -> list[str]:
+        if kind == "go":
+            return [str(request.getfixturevalue("udp_go")), address]
+        return echo_cmd(address)
+    return make
 
 
 def address_of(target: DgramTarget) -> str:
@@ -170,11 +194,13 @@ def server_answer_counts(h: HuptProcess) -> dict[int, int]:
 
 @pytest.mark.parametrize("mode", ["fork", "exec"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_udp_server_reloads_lose_no_datagram(procs: Procs, host: str, mode: str) -> None:
+@pytest.mark.parametrize("kind", ["python", "go"])
+def test_udp_server_reloads_lose_no_datagram(procs: Procs, echo: EchoCmd, kind: str, host: str,
+                                             mode: str) -> None:
     target = (host, free_udp_port(host))
     opts = ["--exec"] if mode == "exec" else []
     h = procs.hupt(*opts, "--drain-timeout", "10", "--kill-timeout", "5",
-                   cmd=echo_cmd(address_of(target)))
+                   cmd=echo(kind, address_of(target)))
     probes = wait_answering(target, h)
     first = next(iter(generations(h)[1]))
     res = reloads_under_load(h, target, exec_pid=first if mode == "exec" else None)
@@ -194,11 +220,13 @@ def test_udp_server_reloads_lose_no_datagram(procs: Procs, host: str, mode: str)
 
 
 @pytest.mark.parametrize("mode", ["fork", "exec"])
-def test_unix_datagram_server_reloads(procs: Procs, short_tmp: Path, mode: str) -> None:
+@pytest.mark.parametrize("kind", ["python", "go"])
+def test_unix_datagram_server_reloads(procs: Procs, short_tmp: Path, echo: EchoCmd, kind: str,
+                                      mode: str) -> None:
     path = str(short_tmp / "dgram.sock")
     opts = ["--exec"] if mode == "exec" else []
     h = procs.hupt(*opts, "--drain-timeout", "10", "--kill-timeout", "5",
-                   cmd=echo_cmd(address_of(path)))
+                   cmd=echo(kind, address_of(path)))
     probes = wait_answering(path, h)
     file_inode = os.stat(path).st_ino
     res = reloads_under_load(h, path, exec_pid=(next(iter(generations(h)[1]))
