@@ -20,7 +20,11 @@ bind(fd, addr) of a datagram socket (UDP, unix SOCK_DGRAM)
     answers with its result, and holds the socket from then on.  Doing it
     is the only way to know the bind succeeded (seccomp has no post-syscall
     hook) and the socket receives from that moment, so no datagram reaches
-    a socket hupt does not hold.  The bind runs with hupt's credentials: a
+    a socket hupt does not hold.  Only while the generation starts: a
+    datagram socket a serving generation binds to a new address is a
+    client's (DNS resolvers bind a random query port per upstream query),
+    let through unheld; one held at start-up and closed since is released
+    by the fleet's scans (``release_abandoned``).  The bind runs with hupt's credentials: a
     refusal for want of privilege (EACCES, EPERM) is retried as the app's
     own bind (CONTINUE), not held, with a warning.  A unix path hupt bound
     is given the owner and mode the app's own bind would have made (its
@@ -94,6 +98,10 @@ class Handoff:
     handed: set[Address] = field(default_factory=set)
     # (process, address) already counted as listening: once each.
     counted: set[tuple[int, Address]] = field(default_factory=set)
+    # A datagram bind of an address not held yet is held while the generation
+    # starts; once it serves, such a bind is a client's (a resolver's query
+    # port, bound and closed per query) and goes through unheld.
+    hold_new_datagrams: bool = True
 
     def service(self) -> list[Address]:
         """Answer every pending notification; return the addresses newly listened on."""
@@ -202,7 +210,7 @@ class Handoff:
                 return None
             log.debug(f"generation {self.generation}: bind {addr} -> held socket at fd {fd}")
             return self._count(n.pid, addr)
-        if held is not None or not self.notify.id_valid(n.id):
+        if held is not None or not self.hold_new_datagrams or not self.notify.id_valid(n.id):
             self.notify.send_continue(n.id)
             return None
         # A relative unix path would resolve against hupt's cwd: bind the

@@ -507,6 +507,27 @@ class LinuxSystem:
     def release_except(self, addresses: set[Address]) -> list[Address]:
         return self.listeners.keep_only(addresses)
 
+    def end_startup(self, number: int) -> None:
+        rec = self._gens.get(number)
+        if rec is not None and rec.notifications is not None:
+            for h in rec.notifications.handoffs.values():
+                h.hold_new_datagrams = False
+
+    def release_abandoned(self, pids: set[int]) -> list[Address]:
+        held = {h.inode: h.address for h in self.listeners if h.address.is_datagram}
+        if not held:
+            return []
+        open_now: set[int] = set()
+        for pid in pids:
+            try:
+                open_now |= set(procfs.socket_inodes(pid).values())
+            except HuptError:
+                continue  # gone: holds nothing
+        gone = [a for ino, a in held.items() if ino not in open_now]
+        for a in gone:
+            self.listeners.release(a)
+        return gone
+
     def refuse_new(self) -> None:
         self.listeners.refuse_new()
 

@@ -124,6 +124,9 @@ class Reloader:
     def _launch(self, up: Upgrade) -> None:
         """Start the new generation (exec mode: drain the serving one first)."""
         cur = self.fleet.current
+        if cur is not None:
+            self.fleet.end_startup(cur)
+        self.fleet.prune_datagrams()  # before the target is taken from what it listens on
         try:
             # The command now: the env file is read again, the change applied.
             up.launch = self.fleet.launch(up.change)
@@ -413,6 +416,7 @@ class Reloader:
         now = self.loop.now()
         gen.to(State.SERVING)
         gen.ready_at = now
+        self.fleet.end_startup(gen)
         old, self.fleet.current = self.fleet.current, gen
         self.fleet.last_serving = set(gen.listened)
         msg = f"{gen} is ready in {(now - gen.started_at) * 1000:.0f} ms"

@@ -295,6 +295,26 @@ def test_ready_only_after_the_bind(procs: Procs, mode: str) -> None:
     check_result(load.result, min_sent=100)
 
 
+# -- query ports: datagram sockets a serving generation binds are not service addresses ------
+
+
+def test_query_ports_bound_while_serving_are_not_held(procs: Procs) -> None:
+    """A resolver binds a random port of its choosing per upstream query and closes it:
+    not held (the next generation would never bind it, and hupt would pile up one
+    socket per query), while the service address still is."""
+    target = ("127.0.0.1", free_udp_port("127.0.0.1"))
+    h = procs.hupt("--drain-timeout", "10", "--kill-timeout", "5", "--ready-timeout", "20",
+                   cmd=echo_cmd(address_of(target), "--query-ports"))
+    wait_answering(target, h)
+    reload_ok(h)  # generation 2's start-up ends as it is ready: its query ports go unheld
+    wait_single_generation(h)
+    fds_before = len(os.listdir(f"/proc/{h.pid}/fd"))
+    res = reloads_under_load(h, target, reloads=5)
+    check_result(res, min_sent=150)
+    assert [g["listening"] for g in ping(h).values()] == [[address_of(target)]]
+    assert len(os.listdir(f"/proc/{h.pid}/fd")) <= fds_before + 5, "hupt holds query ports"
+
+
 # -- what the paused generation still sends --------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from hupt.address import AF_INET, AF_INET6, AF_UNIX, Address
 from hupt.draining import DATAGRAM_GRACE
+from hupt.fleet import DATAGRAM_STARTUP
 from hupt.generations import State
 from hupt.listeners import Listeners
 from hupt.readiness import Policy, probe_target
@@ -105,3 +106,53 @@ def test_exec_mode_waits_the_datagram_grace_before_the_exec(fake: FakeSystem) ->
     fake.advance(DATAGRAM_GRACE + 0.01)
     sup.tick()
     assert fake.events[-1] == "exec 1 -> 2"
+
+
+QUERY = Address(AF_INET, "0.0.0.0", 40123, kind=socket.SOCK_DGRAM)
+
+
+def test_a_reload_ends_the_start_up_of_both_generations(fake: FakeSystem) -> None:
+    """Past its start-up, a generation's datagram binds of new addresses go unheld."""
+    sup = make(fake, UDP)
+    w = Recorder()
+    sup.request_reload(w)
+    assert "end startup 1" in fake.events, "the old generation has long started"
+    assert "end startup 2" not in fake.events, "the new one binds its sockets now"
+    fake.listen(2, UDP)
+    sup.on_notify(sup.gens[1])
+    assert w.result is not None and w.result[0]
+    assert "end startup 2" in fake.events
+
+
+def test_the_first_generation_starts_up_for_a_while(fake: FakeSystem) -> None:
+    sup = make(fake, UDP)
+    fake.advance(DATAGRAM_STARTUP - 1)
+    sup.tick()
+    assert "end startup 1" not in fake.events
+    fake.advance(20)
+    sup.tick()
+    assert "end startup 1" in fake.events
+
+
+def test_a_query_port_closed_since_is_released_and_not_waited_for(fake: FakeSystem) -> None:
+    sup = make(fake, UDP)
+    fake.listen(1, QUERY)  # a query port bound during its start-up, held
+    sup.on_notify(sup.gens[0])
+    assert sup.gens[0].listened == {UDP, QUERY}
+    fake.abandoned = {QUERY}  # the server closed it
+    w = Recorder()
+    sup.request_reload(w)
+    fake.listen(2, UDP)
+    sup.on_notify(sup.gens[1])
+    assert w.result is not None and w.result[0], "the new generation waits for no query port"
+    assert fake.listeners.get(QUERY) is None and fake.listeners.get(UDP) is not None
+
+
+def test_abandoned_datagram_sockets_are_released_at_idle_scans(fake: FakeSystem) -> None:
+    sup = make(fake, UDP)
+    fake.listen(1, QUERY)
+    sup.on_notify(sup.gens[0])
+    fake.abandoned = {QUERY}
+    fake.advance(60)
+    sup.tick()
+    assert fake.listeners.get(QUERY) is None and sup.gens[0].listened == {UDP}
