@@ -63,6 +63,7 @@ class _Notifications:
             h.binds.clear()
             h.handed.clear()
             h.counted.clear()  # the same process, a new program: it listens afresh
+            h.hold_new_datagrams = True  # and starts up afresh
             h.close()
 
     def service(self) -> Serviced:

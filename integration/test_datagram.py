@@ -358,6 +358,41 @@ def dnsmasq_cmd(port: int, tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_dnsmasq_forwarding_reloads_lose_no_query(procs: Procs, tmp_path: Path,
+                                                  mode: str) -> None:
+    """dnsmasq as a forwarder (no cache): every query goes upstream from a random
+    port it binds itself, which hupt must let through unheld; the upstream is
+    another dnsmasq, outside hupt."""
+    if DNSMASQ is None:
+        pytest.fail("dnsmasq is missing (.ci/run installs dnsmasq-base)")
+    up_port, port = free_udp_port("127.0.0.1"), free_udp_port("127.0.0.1")
+    upstream_dir = tmp_path / "upstream"
+    upstream_dir.mkdir()
+    procs.spawn([*dnsmasq_cmd(up_port, upstream_dir), "--address=/example.up/10.9.9.9"],
+                name="upstream-dnsmasq")
+    target = ("127.0.0.1", port)
+    opts = ["--exec"] if mode == "exec" else []
+    h = procs.hupt(*opts, "--drain-timeout", "10", "--kill-timeout", "5", "--ready-timeout",
+                   "20", cmd=[*dnsmasq_cmd(port, tmp_path), f"--server=127.0.0.1#{up_port}",
+                              "--cache-size=0"])
+
+    def resolves() -> bool:
+        got = ask(target, dns_query(1, "www.example.up"))
+        return got is not None and got[-4:] == bytes([10, 9, 9, 9])
+    wait_for("dnsmasq to forward", resolves, 20, h)
+    first = next(iter(generations(h)[1]))
+    res = reloads_under_load(h, target, exec_pid=first if mode == "exec" else None,
+                             dns_name="www.example.up")
+    check_result(res)
+    listening = next(iter(ping(h).values()))["listening"]
+    assert sorted(listening) == sorted([f"udp:127.0.0.1:{port}", f"127.0.0.1:{port}"]), (
+        "a query port is held", listening)
+    if mode == "fork":
+        wait_single_generation(h)
+    stop_gracefully(h)
+
+
+@pytest.mark.parametrize("mode", ["fork", "exec"])
 def test_dnsmasq_reloads_lose_no_query(procs: Procs, tmp_path: Path, mode: str) -> None:
     if DNSMASQ is None:
         pytest.fail("dnsmasq is missing (.ci/run installs dnsmasq-base)")
