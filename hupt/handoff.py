@@ -70,7 +70,15 @@ from hupt.address import Address, from_socket_name, parse_sockaddr
 from hupt.errors import KernelError, NoSuchProcess, NotificationGone
 from hupt.listeners import Listeners, reuseport
 from hupt.tracer import libc, pidfd, procfs
-from hupt.tracer.abi import O_CLOEXEC, O_NONBLOCK, SYS
+from hupt.tracer.abi import (
+    BPF_RET_K,
+    O_CLOEXEC,
+    O_NONBLOCK,
+    SO_ATTACH_REUSEPORT_CBPF,
+    SOCK_FILTER,
+    SOCK_FPROG,
+    SYS,
+)
 from hupt.tracer.notify import Notification, NotifyFd
 
 AT_FDCWD = -100
@@ -217,6 +225,8 @@ class Handoff:
         # resolved one.  Anything else exactly as passed (IPv6 scope ids).
         sockaddr = addr.sockaddr() if addr.is_unix and not addr.is_abstract else raw
         try:
+            if not addr.is_unix:
+                _steer_to_first(theirs)
             _bind_raw(theirs.fileno(), sockaddr)
         except KernelError as e:
             if e.errno in (errno.EACCES, errno.EPERM):
@@ -226,6 +236,11 @@ class Handoff:
             else:
                 self.notify.send_result(n.id, error=e.errno)
             return None
+        if not addr.is_unix:
+            try:
+                _attach_selector(theirs)
+            except OSError as e:  # its dummies then fall back to another port
+                log.warn(f"generation {self.generation}: {addr}: reuseport selector: {e}")
         if addr.is_unix and not addr.is_abstract:
             _own_like(n.pid, addr.path)
         kept = socket.socket(fileno=os.dup(theirs.fileno()))
@@ -347,6 +362,28 @@ class Handoff:
 def _bind_raw(fd: int, sockaddr: bytes) -> None:
     buf = ctypes.create_string_buffer(sockaddr, len(sockaddr))
     libc.syscall(SYS.bind, fd, buf, len(sockaddr), op="bind")
+
+
+def _steer_to_first(sock: socket.socket) -> None:
+    """Make ``sock``'s bind create a SO_REUSEPORT group, first in it, whose selector
+    program ("return 0") sends every datagram to it.
+
+    A paused generation's dummy later joins this group on the same address (see
+    tracer/accepting.py): with the program in place before any dummy exists, no
+    datagram is ever steered to a dummy.  Attached by the dummy's injection
+    instead, a datagram arriving between its bind and the attach went to the
+    dummy, whose filter dropped it (1 lost in ~2,000 under load).  The program
+    can only be attached once the group exists, i.e. right after the bind,
+    before the server gets its socket back.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def _attach_selector(sock: socket.socket) -> None:
+    """The group's selector program, on ``sock`` bound by ``_steer_to_first``."""
+    insn = ctypes.create_string_buffer(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
+    fprog = SOCK_FPROG.pack(1, ctypes.addressof(insn))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def _own_like(tid: int, path: bytes) -> None:

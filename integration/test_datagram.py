@@ -315,6 +315,25 @@ def test_query_ports_bound_while_serving_are_not_held(procs: Procs) -> None:
     assert len(os.listdir(f"/proc/{h.pid}/fd")) <= fds_before + 5, "hupt holds query ports"
 
 
+def test_the_held_socket_gets_every_datagram_from_its_bind_on(procs: Procs) -> None:
+    """hupt binds a UDP socket it holds with SO_REUSEPORT and a selector that picks it,
+    before the server gets it: a paused generation's dummy, joining that group on
+    the same address, is never sent a datagram, from the first pause on.  Shown
+    with a socket of our own in the dummy's place (same user, same address)."""
+    target = ("127.0.0.1", free_udp_port("127.0.0.1"))
+    h = procs.hupt("--drain-timeout", "5", "--kill-timeout", "5",
+                   cmd=echo_cmd(address_of(target)))
+    wait_answering(target, h)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(target)  # EADDRINUSE unless the held socket shares its address
+        other.setblocking(False)
+        for i in range(200):  # from many source ports: the kernel's hash would spread them
+            assert ask(target, b"%d" % (i + 1)) is not None, f"request {i + 1} unanswered"
+        with pytest.raises(BlockingIOError):
+            other.recv(100)
+
+
 # -- what the paused generation still sends --------------------------------------------------
 
 

@@ -51,10 +51,13 @@ answered yet, and a reply that leaves from another port is lost (a client
 on a connected socket never sees it; DNS resolvers drop it as a spoof).  So
 a UDP dummy is bound to the very address of the held socket:
 
-* SO_REUSEPORT is set on the held socket (through the old generation's fd:
-  the flag is only looked at when another socket binds, and the held
-  socket's group is created then, with the held socket first), and on the
-  dummy, which is bound to the held socket's getsockname() address.  Both
+* hupt bound the held socket with SO_REUSEPORT and attached the group's
+  selector (below) right after, before the server got it back (handoff),
+  so no dummy is ever in a group without it.  For a socket bound otherwise
+  the flag is set here through the old generation's fd (it is only looked
+  at when another socket binds, and the held socket's group is created
+  then, with the held socket first).  The dummy gets it too and is bound to
+  the held socket's getsockname() address.  Both
   sockets were created by the same user (the server's), as the kernel
   requires.  The flag stays set on the held socket: later dummies join the
   same group.
