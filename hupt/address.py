@@ -3,7 +3,11 @@
 An address is the key hupt holds a socket under.  Families are matched exactly
 (an AF_INET socket is never handed to an AF_INET6 bind: see kernel-facts 2),
 and a unix path is stored resolved against the binding process's cwd so two
-generations that bind "./app.sock" from the same directory meet.
+generations that bind "./app.sock" from the same directory meet.  The socket
+type is part of the key: a UDP socket and a TCP listener on the same port
+(or a datagram and a stream unix socket, which can never share a path) are
+different addresses, each handed only to a bind of its own type.  Datagram
+addresses print as ``udp:HOST:PORT`` and ``unixgram:PATH``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from hupt.errors import UsageError
 AF_UNIX = socket.AF_UNIX
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
+SOCK_STREAM = socket.SOCK_STREAM
+SOCK_DGRAM = socket.SOCK_DGRAM
 
 # struct sockaddr_in  { sa_family_t family; __be16 port; struct in_addr addr; char zero[8]; };
 # (family is host-endian, port network-endian: decoded field by field below)
@@ -30,13 +36,18 @@ SUN_PATH_MAX = 108
 
 @dataclass(frozen=True, order=True)
 class Address:
-    """A stream listening address: TCP v4/v6 (host, port) or unix (path)."""
+    """A held address: TCP or UDP v4/v6 (host, port) or unix (path), stream or datagram."""
 
     family: int
     host: str = ""
     port: int = 0
     # Unix: the filesystem path (absolute) or an abstract name starting with "\0".
     path: bytes = b""
+    kind: int = SOCK_STREAM  # SOCK_STREAM or SOCK_DGRAM
+
+    @property
+    def is_datagram(self) -> bool:
+        return self.kind == SOCK_DGRAM
 
     @property
     def is_unix(self) -> bool:
@@ -55,12 +66,14 @@ class Address:
 
     def __str__(self) -> str:
         if self.is_unix:
+            scheme = "unixgram:" if self.is_datagram else "unix:"
             if self.is_abstract:
-                return "unix:@" + self.path[1:].decode(errors="replace")
-            return "unix:" + self.path.decode(errors="replace")
+                return scheme + "@" + self.path[1:].decode(errors="replace")
+            return scheme + self.path.decode(errors="replace")
+        scheme = "udp:" if self.is_datagram else ""
         if self.family == AF_INET6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            return f"{scheme}[{self.host}]:{self.port}"
+        return f"{scheme}{self.host}:{self.port}"
 
     def sockaddr(self) -> bytes:
         """The raw sockaddr bytes (for injection into a tracee)."""

@@ -15,6 +15,14 @@ keep-alive connection without cutting a request: Go's Shutdown and nginx's
 QUIT answer with ``Connection: close`` and close at the next boundary.
 hupt still counts what is in flight and enforces the drain timeout.
 
+A datagram socket has no connections to count: a generation that reads one
+is drained when its stream connections are, but never sooner than
+DATAGRAM_GRACE after its pause.  The pause interrupts a thread wherever it
+is, maybe between reading a request and answering it; given that moment it
+sends the answer (from the dummy, which sends from the held address), and
+only then does it get the stop signal or, in exec mode, the exec, which would
+lose the datagram in hand.
+
 A generation paused but not given up yet (a --ready http probe, an exec
 that may fail) can be resumed: it accepts again exactly as it did.
 """
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
 
 DRAIN_POLL = 0.1
 DRAIN_REPORT_AFTER = 5.0
+DATAGRAM_GRACE = 0.3
 
 
 def oldest_connection(g: Generation, now: float) -> float | None:
@@ -59,6 +68,10 @@ class Draining:
 
     def in_flight(self, gen: Generation) -> int | None:
         return self.sys.in_flight(gen.pids, gen.listened)
+
+    def drained_now(self, gen: Generation) -> bool:
+        """Nothing in flight, and no datagram socket read (those get DATAGRAM_GRACE)."""
+        return not any(a.is_datagram for a in gen.listened) and self.in_flight(gen) == 0
 
     def pause(self, gen: Generation, pids: set[int], lives_on: set[int]) -> list[str]:
         problems = self.sys.pause(gen.number, pids, lives_on)
@@ -188,6 +201,8 @@ class Draining:
         if conns is not None:
             g.connections_seen = {c: g.connections_seen.get(c, now) for c in conns}
         took = now - (g.drain_started_at if g.drain_started_at is not None else now)
+        if n == 0 and took < DATAGRAM_GRACE and any(a.is_datagram for a in g.listened):
+            return []  # what it read before the pause, it still answers
         if n == 0:
             g.drain_over(now, "drained", 0)
             return [Drained(g, f"no connections in flight after {took:.1f} s of draining",

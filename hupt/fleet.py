@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from hupt.sdnotify import Listener
 
 MEMBERS_POLL = 1.0
+# A generation started outside a reload (the first, a revived one) has bound its
+# datagram sockets after this long: later binds of new addresses are a client's.
+DATAGRAM_STARTUP = 10.0
 MEMBERS_IDLE_POLL = 10.0
 KEEP_EXITED = 10
 # A scan that keeps reaping (children dying as fast as it looks) gives up
@@ -451,7 +454,29 @@ class Fleet:
                 g.exited(now)
                 g.kill_at = g.drain_deadline = None
                 events.append(Exited(g, prev))
+            elif g.state is State.SERVING and now - g.started_at >= DATAGRAM_STARTUP:
+                self.end_startup(g)
+        if not self._in_motion():
+            self.prune_datagrams()
         self.emit(events)
+
+    def end_startup(self, gen: Generation) -> None:
+        if not gen.startup_over:
+            gen.startup_over = True
+            self.sys.end_startup(gen.number)
+
+    def prune_datagrams(self) -> list[Address]:
+        """Release the held datagram sockets no live process has open any more (a
+        query port held at start-up and closed since): the next generation is not
+        to wait for their bind."""
+        live = [g for g in self.gens if g.alive]
+        gone = self.sys.release_abandoned({p for g in live for p in g.pids})
+        if gone:
+            for g in live:
+                g.listened.difference_update(gone)
+            self.last_serving.difference_update(gone)
+            log.debug(f"released {', '.join(map(str, gone))}: no process has them open any more")
+        return gone
 
     def _reaped(self, pid: int, status: int, members: dict[int, set[int]],
                 events: list[Event]) -> None:

@@ -72,6 +72,8 @@ class Generation:
     listened: set[Address] = field(default_factory=set)
     # How many listen() calls it made per address: with --multi N every copy listens.
     listens: Counter[Address] = field(default_factory=Counter)
+    # Its start-up is over (System.end_startup): new datagram addresses go unheld.
+    startup_over: bool = False
     # The processes hupt started for it (--multi: one per copy); ``pid`` is the first.
     copies: list[int] = field(default_factory=list)
     ready_at: float | None = None

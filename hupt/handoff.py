@@ -15,6 +15,25 @@ bind(fd, addr)
     port 0) is remembered by the socket's inode so the listen() that follows
     can be recognised.
 
+bind(fd, addr) of a datagram socket (UDP, unix SOCK_DGRAM)
+    There is no listen(): the bind is when the socket starts receiving, so
+    it is the event that is held and counted.  A held address: the held
+    socket is handed over as above, and the bind counts as this process's
+    listen on it.  An address not held yet: hupt does the bind itself on
+    its own reference to the app's socket (the same socket: pidfd_getfd),
+    answers with its result, and holds the socket from then on.  Doing it
+    is the only way to know the bind succeeded (seccomp has no post-syscall
+    hook) and the socket receives from that moment, so no datagram reaches
+    a socket hupt does not hold.  Only while the generation starts: a
+    datagram socket a serving generation binds to a new address is a
+    client's (DNS resolvers bind a random query port per upstream query),
+    let through unheld; one held at start-up and closed since is released
+    by the fleet's scans (``release_abandoned``).  The bind runs with hupt's credentials: a
+    refusal for want of privilege (EACCES, EPERM) is retried as the app's
+    own bind (CONTINUE), not held, with a warning.  A unix path hupt bound
+    is given the owner and mode the app's own bind would have made (its
+    fsuid/fsgid, 0777 & ~umask).
+
 listen(fd, backlog)
     hupt takes its own reference (pidfd_getfd) and does the listen itself
     on it, with a backlog of at least MIN_BACKLOG, then answers 0: seccomp
@@ -46,18 +65,27 @@ with a new id or fails with EINTR), so every handler is idempotent.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hupt import log
 from hupt.address import Address, from_socket_name, parse_sockaddr
 from hupt.errors import KernelError, NoSuchProcess, NotificationGone
 from hupt.listeners import Listeners, reuseport
-from hupt.tracer import pidfd, procfs
-from hupt.tracer.abi import O_CLOEXEC, O_NONBLOCK, SYS
+from hupt.tracer import libc, pidfd, procfs
+from hupt.tracer.abi import (
+    BPF_RET_K,
+    O_CLOEXEC,
+    O_NONBLOCK,
+    SO_ATTACH_REUSEPORT_CBPF,
+    SOCK_FILTER,
+    SOCK_FPROG,
+    SYS,
+)
 from hupt.tracer.notify import Notification, NotifyFd
 
 AT_FDCWD = -100
@@ -85,6 +113,10 @@ class Handoff:
     handed: set[Address] = field(default_factory=set)
     # (process, address) already counted as listening: once each.
     counted: set[tuple[int, Address]] = field(default_factory=set)
+    # A datagram bind of an address not held yet is held while the generation
+    # starts; once it serves, such a bind is a client's (a resolver's query
+    # port, bound and closed per query) and goes through unheld.
+    hold_new_datagrams: bool = True
 
     def service(self) -> list[Address]:
         """Answer every pending notification; return the addresses newly listened on."""
@@ -109,7 +141,7 @@ class Handoff:
 
     def _answer(self, n: Notification) -> Address | None:
         if n.nr == SYS.bind:
-            self._bind(n)
+            return self._bind(n)
         elif n.nr == SYS.listen:
             return self._listen(n)
         elif n.nr in (SYS.unlink, SYS.unlinkat):
@@ -121,22 +153,25 @@ class Handoff:
         return None
 
     # -- bind ------------------------------------------------------------
-    def _bind(self, n: Notification) -> None:
+    def _bind(self, n: Notification) -> Address | None:
         fd, uaddr, alen = int(n.args[0]), n.args[1], int(n.args[2])
         with procfs.Memory(n.pid) as mem:
             raw = mem.read(uaddr, min(max(alen, 0), SOCKADDR_MAX))
         cwd = procfs.cwd(n.pid) if raw[:2] == socket.AF_UNIX.to_bytes(2, "little") else None
         if not self.notify.id_valid(n.id):
-            return
+            return None
         addr = parse_sockaddr(raw, cwd)
         if addr is None or not addr.chosen:
             self.notify.send_continue(n.id)
-            return
-        held = self.listeners.get(addr)
+            return None
         with _TheirSocket(n.pid, fd) as theirs:
+            if theirs is not None and theirs.type == socket.SOCK_DGRAM:
+                return self._bind_datagram(n, fd, replace(addr, kind=socket.SOCK_DGRAM),
+                                           raw, theirs)
             if theirs is None or theirs.type != socket.SOCK_STREAM:
                 self.notify.send_continue(n.id)
-                return
+                return None
+            held = self.listeners.get(addr)
             if held is not None and held.sock.family == theirs.family:
                 group = held.sockets()
                 k = self.binds.get(addr, 0)
@@ -157,7 +192,15 @@ class Handoff:
                     os.set_inheritable(kept.fileno(), False)
                     self.first_reuseport[addr] = kept
                 self.notify.send_continue(n.id)
-                return
+                return None
+        if self._hand(n, fd, give, addr):
+            what = ("socket it bound first" if held is None else "held socket"
+                    if give is held.sock else "held socket of its reuseport group")
+            log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}")
+        return None
+
+    def _hand(self, n: Notification, fd: int, give: socket.socket, addr: Address) -> bool:
+        """Install ``give`` at the app's ``fd`` and make its bind return 0."""
         flags = procfs.fd_flags(n.pid, fd)
         # O_NONBLOCK lives on the open file description, shared with every
         # holder: mirror what this generation expects (Go needs it set).  The
@@ -165,18 +208,59 @@ class Handoff:
         # recorded for their stand-ins and for a rollback.
         cur = fcntl.fcntl(give.fileno(), fcntl.F_GETFL)
         want = (cur | O_NONBLOCK) if flags & O_NONBLOCK else (cur & ~O_NONBLOCK)
+        held = self.listeners.get(addr)
         if held is not None and give is held.sock:
             held.set_by(self.generation, bool(cur & O_NONBLOCK), bool(want & O_NONBLOCK))
         if want != cur:
             fcntl.fcntl(give.fileno(), fcntl.F_SETFL, want)
         if not self.notify.id_valid(n.id):
-            return
+            return False
         self.notify.addfd(n.id, give.fileno(), fd, cloexec=bool(flags & O_CLOEXEC))
         self.notify.send_result(n.id, 0)
         self.handed.add(addr)
-        what = ("socket it bound first" if held is None
-                else "held socket" if give is held.sock else "held socket of its reuseport group")
-        log.debug(f"generation {self.generation}: bind {addr} -> {what} at fd {fd}")
+        return True
+
+    def _bind_datagram(self, n: Notification, fd: int, addr: Address, raw: bytes,
+                       theirs: socket.socket) -> Address | None:
+        """A datagram socket's bind: handed the held socket, or bound by hupt and held.
+        Either way the bind is this process's "listen" on ``addr``."""
+        held = self.listeners.get(addr)
+        if held is not None and held.sock.family == theirs.family:
+            if not self._hand(n, fd, held.sock, addr):
+                return None
+            log.debug(f"generation {self.generation}: bind {addr} -> held socket at fd {fd}")
+            return self._count(n.pid, addr)
+        if held is not None or not self.hold_new_datagrams or not self.notify.id_valid(n.id):
+            self.notify.send_continue(n.id)
+            return None
+        # A relative unix path would resolve against hupt's cwd: bind the
+        # resolved one.  Anything else exactly as passed (IPv6 scope ids).
+        sockaddr = addr.sockaddr() if addr.is_unix and not addr.is_abstract else raw
+        try:
+            if not addr.is_unix:
+                _steer_to_first(theirs)
+            _bind_raw(theirs.fileno(), sockaddr)
+        except KernelError as e:
+            if e.errno in (errno.EACCES, errno.EPERM):
+                log.warn(f"generation {self.generation}: hupt may not bind {addr} ({e}): "
+                         "the server binds it itself, and it is not held across reloads")
+                self.notify.send_continue(n.id)
+            else:
+                self.notify.send_result(n.id, error=e.errno)
+            return None
+        if not addr.is_unix:
+            try:
+                _attach_selector(theirs)
+            except OSError as e:  # its dummies then fall back to another port
+                log.warn(f"generation {self.generation}: {addr}: reuseport selector: {e}")
+        if addr.is_unix and not addr.is_abstract:
+            _own_like(n.pid, addr.path)
+        kept = socket.socket(fileno=os.dup(theirs.fileno()))
+        os.set_inheritable(kept.fileno(), False)
+        self.listeners.add(addr, kept, 0).setter = self.generation
+        self.notify.send_result(n.id, 0)
+        log.debug(f"generation {self.generation}: bound and holding datagram socket {addr}")
+        return self._count(n.pid, addr)
 
     def _first_of_group(self, addr: Address, theirs: socket.socket) -> socket.socket | None:
         """The socket this generation already bound to ``addr`` with SO_REUSEPORT, if
@@ -207,8 +291,8 @@ class Handoff:
     def _listen(self, n: Notification) -> Address | None:
         fd, backlog = int(n.args[0]), _s32(n.args[1])
         with _TheirSocket(n.pid, fd) as theirs:
-            if theirs is None:
-                self.notify.send_continue(n.id)
+            if theirs is None or theirs.type != socket.SOCK_STREAM:
+                self.notify.send_continue(n.id)  # the kernel's EOPNOTSUPP for a datagram one
                 return None
             ino = os.fstat(theirs.fileno()).st_ino
             held = self.listeners.by_inode(ino)
@@ -289,6 +373,49 @@ class Handoff:
     def _try_continue(self, n: Notification) -> None:
         with contextlib.suppress(KernelError):
             self.notify.send_continue(n.id)
+
+
+def _bind_raw(fd: int, sockaddr: bytes) -> None:
+    buf = ctypes.create_string_buffer(sockaddr, len(sockaddr))
+    libc.syscall(SYS.bind, fd, buf, len(sockaddr), op="bind")
+
+
+def _steer_to_first(sock: socket.socket) -> None:
+    """Make ``sock``'s bind create a SO_REUSEPORT group, first in it, whose selector
+    program ("return 0") sends every datagram to it.
+
+    A paused generation's dummy later joins this group on the same address (see
+    tracer/accepting.py): with the program in place before any dummy exists, no
+    datagram is ever steered to a dummy.  Attached by the dummy's injection
+    instead, a datagram arriving between its bind and the attach went to the
+    dummy, whose filter dropped it (1 lost in ~2,000 under load).  The program
+    can only be attached once the group exists, i.e. right after the bind,
+    before the server gets its socket back.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def _attach_selector(sock: socket.socket) -> None:
+    """The group's selector program, on ``sock`` bound by ``_steer_to_first``."""
+    insn = ctypes.create_string_buffer(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
+    fprog = SOCK_FPROG.pack(1, ctypes.addressof(insn))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def _own_like(tid: int, path: bytes) -> None:
+    """Give the socket file hupt bound at ``path`` the owner and mode that process
+    ``tid``'s own bind would have: its fsuid/fsgid, 0777 less its umask."""
+    fields = procfs.status_fields(tid)
+    try:
+        uid, gid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+        umask = int(fields.get("Umask", "022"), 8)
+    except (KeyError, IndexError, ValueError):
+        return
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.lchown(path, uid, gid)
+        os.chmod(path, 0o777 & ~umask)
 
 
 def _s32(v: int) -> int:

@@ -78,6 +78,7 @@ class _Notifications:
             h.binds.clear()
             h.handed.clear()
             h.counted.clear()  # the same process, a new program: it listens afresh
+            h.hold_new_datagrams = True  # and starts up afresh
             h.close()
 
     def service(self) -> Serviced:
@@ -610,7 +611,7 @@ class LinuxSystem:
         from hupt import drain
 
         try:
-            idle = drain.idle_connections(self._sockdiag(), addresses, pids, idle_ms)
+            idle = drain.idle_connections(self._sockdiag(), _streams(addresses), pids, idle_ms)
         except KernelError as e:
             log.warn(f"looking for idle connections: {e}")
             return 0
@@ -639,6 +640,27 @@ class LinuxSystem:
 
     def release_except(self, addresses: set[Address]) -> list[Address]:
         return self.listeners.keep_only(addresses)
+
+    def end_startup(self, number: int) -> None:
+        rec = self._gens.get(number)
+        if rec is not None and rec.notifications is not None:
+            for h in rec.notifications.handoffs.values():
+                h.hold_new_datagrams = False
+
+    def release_abandoned(self, pids: set[int]) -> list[Address]:
+        held = {h.inode: h.address for h in self.listeners if h.address.is_datagram}
+        if not held:
+            return []
+        open_now: set[int] = set()
+        for pid in pids:
+            try:
+                open_now |= set(procfs.socket_inodes(pid).values())
+            except HuptError:
+                continue  # gone: holds nothing
+        gone = [a for ino, a in held.items() if ino not in open_now]
+        for a in gone:
+            self.listeners.release(a)
+        return gone
 
     def refuse_new(self) -> None:
         self.listeners.refuse_new()
@@ -675,7 +697,9 @@ class LinuxSystem:
             queued: int | None = None
             backlog: int | None = held.backlog
             try:
-                if a.is_unix:
+                if a.is_datagram:
+                    rows = []  # no accept queue
+                elif a.is_unix:
                     rows = [(u.inode, u.queued, u.backlog) for u in diag.unix_listeners()]
                 else:
                     rows = [(t.inode, t.queued, t.backlog)
@@ -693,7 +717,7 @@ class LinuxSystem:
         from hupt.tracer import sockdiag
 
         try:
-            return sockdiag.in_flight(self._sockdiag(), addresses, pids)
+            return sockdiag.in_flight(self._sockdiag(), _streams(addresses), pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
             return None
@@ -702,7 +726,7 @@ class LinuxSystem:
         from hupt.tracer import sockdiag
 
         try:
-            return sockdiag.in_flight_inodes(self._sockdiag(), addresses, pids)
+            return sockdiag.in_flight_inodes(self._sockdiag(), _streams(addresses), pids)
         except KernelError as e:
             log.warn(f"counting connections: {e}")
             return None
@@ -722,6 +746,12 @@ def _absolute(pid: int, path: bytes) -> bytes:
     if path.startswith(b"/"):
         return path
     return os.path.normpath(os.path.join(os.fsencode(procfs.cwd(pid)), path))
+
+
+def _streams(addresses: Iterable[Address]) -> set[Address]:
+    """The stream ones: a datagram socket has no connections to count or wait for
+    (the unix one even carries its own name, as an accepted connection would)."""
+    return {a for a in addresses if not a.is_datagram}
 
 
 def _noop_unlink_filter() -> bytes:

@@ -5,6 +5,13 @@ address it chose (never a kernel-chosen port 0 or an autobound unix name).
 Holding the reference is what keeps the accept queue alive while no
 generation accepts: connections wait there instead of being refused.
 
+Datagram sockets (UDP, unix SOCK_DGRAM) are held the same way from their
+bind(), as there is no listen(): hupt's reference keeps the receive queue,
+and the datagrams in it, alive while no generation reads (see handoff).
+They have no backlog, and ``refuse_new`` leaves them alone: shutdown() of
+an unconnected datagram socket makes every recvfrom() on it return 0 at
+once, a busy loop for whoever still reads it.
+
 A held listener is released (closed by hupt) only when no live generation
 listens on its address any more, e.g. after a reload that dropped a port, or
 at the end of ``hupt run``.
@@ -98,7 +105,9 @@ class Held:
 
     def raise_backlog(self, asked: int, sock: socket.socket | None = None) -> int:
         """listen() again on the held socket (or one of its group); on a listening
-        socket this only resizes the queue."""
+        socket this only resizes the queue.  A datagram socket has no backlog."""
+        if self.address.is_datagram:
+            return 0
         want = max(MIN_BACKLOG, asked, self.backlog)
         (sock or self.sock).listen(want)
         self.backlog = want
@@ -190,6 +199,8 @@ class Listeners:
         exits and be reset then.  Accepted connections are not touched.
         """
         for held in self._by_addr.values():
+            if held.address.is_datagram:
+                continue
             for sock in held.sockets():
                 with contextlib.suppress(OSError):  # ENOTCONN: not listening after all
                     sock.shutdown(socket.SHUT_RD)

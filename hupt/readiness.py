@@ -94,6 +94,7 @@ def parse_policy(text: str) -> Policy:
 
 def probe_target(policy: Policy, held: set[Address]) -> Address | None:
     """The address an http probe connects to."""
+    held = {a for a in held if not a.is_datagram}  # http is spoken over streams only
     tcp = sorted((a for a in held if not a.is_unix), key=lambda a: (a.port, a.family, a.host))
     if policy.host is not None and policy.port is not None:
         # The URL's own host, if a held listener answers there: the same

@@ -126,6 +126,9 @@ class Reloader:
     def _launch(self, up: Upgrade) -> None:
         """Start the new generation (exec mode: drain the serving one first)."""
         cur = self.fleet.current
+        if cur is not None:
+            self.fleet.end_startup(cur)
+        self.fleet.prune_datagrams()  # before the target is taken from what it listens on
         try:
             # The command now: the env file is read again, the change applied.
             up.launch = self.fleet.launch(up.change)
@@ -255,7 +258,7 @@ class Reloader:
         up.tell(msg)
         # Connections queue from now on: exec at once if nothing is in flight
         # (unless the server is on its way out by itself).
-        if up.follow is None and self.draining.in_flight(old) == 0:
+        if up.follow is None and self.draining.drained_now(old):
             self.exec(old)
 
     def exec(self, old: Generation) -> None:
@@ -425,6 +428,7 @@ class Reloader:
         now = self.loop.now()
         gen.to(State.SERVING)
         gen.ready_at = now
+        self.fleet.end_startup(gen)
         old, self.fleet.current = self.fleet.current, gen
         self.fleet.last_serving = set(gen.listened)
         self.fleet.command_served = True  # the command (with a change: kept) serves

@@ -176,6 +176,15 @@ class System(Protocol):
     def release_except(self, addresses: set[Address]) -> list[Address]:
         """Close the held sockets of every other address; return those released."""
 
+    def end_startup(self, number: int) -> None:
+        """Generation ``number`` has started: from now on its datagram bind() of an
+        address hupt does not hold goes through as its own, unheld (a resolver's
+        query port, bound while it serves, is not a service address)."""
+
+    def release_abandoned(self, pids: set[int]) -> list[Address]:
+        """Release the held datagram sockets none of ``pids`` has open any more (a
+        query port the server closed); return their addresses.  Read from /proc."""
+
     def refuse_new(self) -> None:
         """hupt stops: clients connecting from now on are refused, not queued."""
 

@@ -62,6 +62,7 @@ class FakeSystem:
         self.pause_problems: list[str] = []  # what every pause reports
         self.holders: dict[int, list[Address]] = {}  # processes holding a listener itself
         self.refused_new = False
+        self.abandoned: set[Address] = set()  # held datagram addresses no process has open
         self.exec_under_way = False  # unfollow finds the exec already started
         # pid -> its stdout and stderr (write ends of hupt's pipes), while it lives
         self.stdio: dict[int, tuple[int | None, int | None]] = {}
@@ -270,6 +271,15 @@ class FakeSystem:
 
     def release_except(self, addresses: set[Address]) -> list[Address]:
         return self.listeners.keep_only(addresses)
+
+    def end_startup(self, number: int) -> None:
+        self.events.append(f"end startup {number}")
+
+    def release_abandoned(self, pids: set[int]) -> list[Address]:
+        gone = [a for a in self.abandoned if self.listeners.get(a) is not None]
+        for a in gone:
+            self.listeners.release(a)
+        return gone
 
     def refuse_new(self) -> None:
         self.refused_new = True

@@ -237,6 +237,13 @@ O_CLOEXEC = 0o2000000
 SOL_SOCKET = 1
 SO_ACCEPTCONN = 30
 SO_ATTACH_FILTER = 26
+SO_TYPE = 3
+SO_REUSEPORT = 15
+# Classic BPF run on a SO_REUSEPORT group to pick the socket a datagram goes to:
+# its return value is an index into the group (as the kernel keeps it).
+SO_ATTACH_REUSEPORT_CBPF = 51
+IPPROTO_IPV6 = 41
+IPV6_V6ONLY = 26
 # struct sockaddr_in { sa_family_t sin_family; __be16 sin_port; struct in_addr sin_addr;
 #                      unsigned char sin_zero[8]; }
 SOCKADDR_IN = struct.Struct("<HH4s8x")
@@ -249,6 +256,7 @@ AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
 SOCK_STREAM = 1
+SOCK_DGRAM = 2
 SOCK_NONBLOCK = O_NONBLOCK
 SOCK_CLOEXEC = O_CLOEXEC
 # struct sockaddr_un { sa_family_t sun_family; char sun_path[108]; }: bound with only

@@ -69,6 +69,40 @@ be the one that serves on, as after a rollback or a failed exec).
 The connections that keep arriving wait in the listener's accept queue, which
 the next generation (holding the same socket) drains.
 
+A datagram socket (UDP, unix SOCK_DGRAM: held from its bind, there is no
+listen) is paused the same way with a datagram dummy, so that what the old
+generation does with its fd stays harmless: recvfrom() blocks or says
+EAGAIN, poll says writable only, getsockname() and sendto() work.  What the
+old generation still sends matters: it may have read requests it has not
+answered yet, and a reply that leaves from another port is lost (a client
+on a connected socket never sees it; DNS resolvers drop it as a spoof).  So
+a UDP dummy is bound to the very address of the held socket:
+
+* hupt bound the held socket with SO_REUSEPORT and attached the group's
+  selector (below) right after, before the server got it back (handoff),
+  so no dummy is ever in a group without it.  For a socket bound otherwise
+  the flag is set here through the old generation's fd (it is only looked
+  at when another socket binds, and the held socket's group is created
+  then, with the held socket first).  The dummy gets it too and is bound to
+  the held socket's getsockname() address.  Both
+  sockets were created by the same user (the server's), as the kernel
+  requires.  The flag stays set on the held socket: later dummies join the
+  same group.
+* A classic BPF program "return 0" is attached to the group
+  (SO_ATTACH_REUSEPORT_CBPF): every datagram goes to the group's first
+  socket, the held one, never to a dummy.  It outlives the dummy (a
+  group's program is the group's) and keeps choosing the held socket.
+* The same "return 0" as a socket filter on the dummy (SO_ATTACH_FILTER)
+  drops whatever would still reach it, so it never becomes readable.
+
+Replies sent on the dummy then leave from the held address, as before the
+pause.  If that bind is refused (the held socket is bound by another user),
+the dummy is a loopback one on port 0 with the drop-all filter: replies the
+old generation sends after the pause then come from another port.  A unix
+datagram dummy is autobound (an abstract name nobody knows, so it receives
+nothing); unix datagram replies from a paused generation come from that
+name, and a client connected to the server's path does not accept them.
+
 Resuming reverses it: the process's O_NONBLOCK on the listener, ``dup3``
 the saved copy back, ``EPOLL_CTL_ADD`` with the recorded events and data,
 close the saved copy.  The kernel adds
@@ -153,12 +187,18 @@ from hupt.tracer.abi import (
     F_SETFD,
     F_SETFL,
     FD_CLOEXEC,
+    IPPROTO_IPV6,
+    IPV6_V6ONLY,
     O_CLOEXEC,
     O_NONBLOCK,
     PR_SET_NO_NEW_PRIVS,
     PTRACE_O_TRACEEXEC,
     SO_ATTACH_FILTER,
+    SO_ATTACH_REUSEPORT_CBPF,
+    SO_REUSEPORT,
+    SO_TYPE,
     SOCK_CLOEXEC,
+    SOCK_DGRAM,
     SOCK_FILTER,
     SOCK_FPROG,
     SOCK_NONBLOCK,
@@ -326,10 +366,8 @@ def _pause_one(t: Tracee, fd: int, ino: int, base: int, mem: _DummyScratch, *, c
                   op=f"epoll_ctl({r.epfd}, DEL, {fd})")
         t.on_rollback(f"epoll {r.epfd} registration of fd {fd}",
                       partial(_epoll_add, t, r, fd))
-    family, path = mem.name_of(fd)
-    dummy_ino, stand_in = _swap_in_dummy(t, fd, mem, family, cloexec=cloexec,
-                                         nonblock=nonblock, saved=saved,
-                                         names=stand_in_names(path, os.urandom(4).hex()))
+    dummy_ino, stand_in = _swap_in_dummy(t, fd, mem, fd, cloexec=cloexec,
+                                         nonblock=nonblock, saved=saved)
     return PausedListener(fd, saved, ino, dummy_ino, cloexec, nonblock, tuple(registrations),
                           stand_in)
 
@@ -341,7 +379,7 @@ def _resume_one(t: Tracee, p: PausedListener, epolls: set[int]) -> None:
     def undo_swap() -> None:
         with t.scratch(_DummyScratch.SIZE) as scratch:
             mem = _DummyScratch(t, scratch)
-            _swap_in_dummy(t, p.fd, mem, mem.name_of(p.saved)[0], cloexec=p.cloexec,
+            _swap_in_dummy(t, p.fd, mem, p.saved, cloexec=p.cloexec,
                            nonblock=p.nonblock, saved=None,
                            names=[p.stand_in] if p.stand_in is not None else [])
 
@@ -372,12 +410,16 @@ def stand_in_names(path: bytes, token: str) -> list[bytes]:
 
 class _DummyScratch:
     """What making dummies needs in the tracee's memory, written once per session:
-    the three sockaddrs, a one-instruction "drop everything" socket filter,
-    room for a getsockname() answer and for a unix path to bind."""
+    the three sockaddrs, a one-instruction "return 0" classic BPF program (as a
+    socket filter: drop everything; on a reuseport group: the first socket),
+    room for a getsockname() answer, for a unix path to bind, and for an int
+    option with its length."""
 
     UNIX, IN, IN6, FPROG, INSN, NAME, NAMELEN = 0, 16, 32, 64, 80, 96, 96 + SOCKADDR_MAX
     SUN = NAMELEN + 8
-    SIZE = SUN + SOCKADDR_UN.size
+    OPT = SUN + SOCKADDR_UN.size + 8
+    OPTLEN = OPT + 8
+    SIZE = OPTLEN + 8
 
     def __init__(self, t: Tracee, base: int) -> None:
         self.t, self.base = t, base
@@ -407,17 +449,49 @@ class _DummyScratch:
         self.t.write(self.base + self.SUN, SOCKADDR_UN.pack(AF_UNIX, name))
         return self.base + self.SUN, SOCKADDR_FAMILY.size + len(name) + 1
 
+    def name_len(self) -> int:
+        """The length of the name the last ``name_of`` got (it stays at NAME)."""
+        (n,) = struct.unpack("<I", self.t.read(self.base + self.NAMELEN, 4))
+        return int(n)
 
-def _swap_in_dummy(t: Tracee, fd: int, mem: _DummyScratch, family: int, *, cloexec: bool,
+    def get_int(self, fd: int, option: int, level: int = SOL_SOCKET) -> int:
+        """getsockopt(fd, level, option) of an int option in the tracee."""
+        self.t.write(self.base + self.OPTLEN, struct.pack("<I", 4))
+        self.t.syscall(SYS.getsockopt, fd, level, option, self.base + self.OPT,
+                       self.base + self.OPTLEN, op=f"getsockopt({fd}, {option})")
+        (v,) = struct.unpack("<i", self.t.read(self.base + self.OPT, 4))
+        return int(v)
+
+    def set_int(self, fd: int, option: int, value: int, level: int = SOL_SOCKET) -> None:
+        self.t.write(self.base + self.OPT, struct.pack("<i", value))
+        self.t.syscall(SYS.setsockopt, fd, level, option, self.base + self.OPT, 4,
+                       op=f"setsockopt({fd}, {option}, {value})")
+
+    def attach_return_0(self, fd: int, option: int) -> None:
+        """Attach the "return 0" program to ``fd`` as ``option`` (a filter, or the
+        reuseport group's selector)."""
+        self.t.syscall(SYS.setsockopt, fd, SOL_SOCKET, option, self.base + self.FPROG,
+                       SOCK_FPROG.size, op=f"setsockopt({fd}, {option}, return 0)")
+
+
+def _swap_in_dummy(t: Tracee, fd: int, mem: _DummyScratch, like: int, *, cloexec: bool,
                    nonblock: bool, saved: int | None,
-                   names: Sequence[bytes] = ()) -> tuple[int, bytes | None]:
-    """Put a never-ready listening socket of ``family`` on ``fd`` (unix if that
-    cannot be had); return the dummy's inode and the unix path it was bound to.
+                   names: Sequence[bytes] | None = None) -> tuple[int, bytes | None]:
+    """Put a never-ready socket of the family and type of fd ``like`` on ``fd`` (a
+    listening one for a stream socket, unix if that cannot be had); return the
+    dummy's inode and the unix path it was bound to.
 
-    A unix dummy is bound to the first of ``names`` that it can be (its file
-    unlinked at once), else autobound.  With ``saved``, the swap is registered
-    to be undone by putting ``saved`` back.
+    A unix stream dummy is bound to the first of ``names`` that it can be (its
+    file unlinked at once; None: names next to ``like``'s own path), else
+    autobound.  With ``saved``, the swap is registered to be undone by putting
+    ``saved`` back.
     """
+    family, path = mem.name_of(like)  # ``like``'s name stays at mem.NAME
+    if mem.get_int(like, SO_TYPE) == SOCK_DGRAM:
+        return _swap_in_datagram(t, fd, mem, like, family, cloexec=cloexec, nonblock=nonblock,
+                                 saved=saved), None
+    if names is None:
+        names = stand_in_names(path, os.urandom(4).hex())
     swap = partial(_swap_in, t, fd, mem, cloexec=cloexec, nonblock=nonblock, saved=saved)
     if family in (AF_INET, AF_INET6):
         try:
@@ -460,6 +534,58 @@ def _swap_in(t: Tracee, fd: int, mem: _DummyScratch, family: int, name: bytes | 
         _dup3(t, dummy, fd, cloexec)
         if saved is not None:
             t.on_rollback(f"dummy over fd {fd}", lambda: _dup3(t, saved, fd, cloexec))
+    return ino
+
+
+def _swap_in_datagram(t: Tracee, fd: int, mem: _DummyScratch, like: int, family: int, *,
+                      cloexec: bool, nonblock: bool, saved: int | None) -> int:
+    """A datagram dummy on ``fd``: sending from the address of ``like`` (the held
+    socket; its name is at mem.NAME) and never receiving (module docstring)."""
+    kind = SOCK_DGRAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0)
+    if family in (AF_INET, AF_INET6):
+        namelen = mem.name_len()
+        # A group only takes sockets alike in this (and bound device): a dummy
+        # outside the held socket's group would get its share of datagrams.
+        v6only = mem.get_int(like, IPV6_V6ONLY, IPPROTO_IPV6) if family == AF_INET6 else 0
+        had = mem.get_int(like, SO_REUSEPORT)
+        if not had:
+            mem.set_int(like, SO_REUSEPORT, 1)
+        try:
+            with t.temporary_fd(SYS.socket, family, kind, 0, op="socket for the dummy") as dummy:
+                mem.set_int(dummy, SO_REUSEPORT, 1)
+                if v6only:
+                    mem.set_int(dummy, IPV6_V6ONLY, 1, IPPROTO_IPV6)
+                mem.attach_return_0(dummy, SO_ATTACH_FILTER)  # before it can receive
+                t.syscall(SYS.bind, dummy, mem.base + mem.NAME, namelen,
+                          op="bind dummy to the held address")
+                mem.attach_return_0(dummy, SO_ATTACH_REUSEPORT_CBPF)
+                return _install_dummy(t, fd, dummy, cloexec, saved)
+        except InjectionError:
+            if not had:
+                mem.set_int(like, SO_REUSEPORT, 0)
+        # Not allowed to share the address: replies then leave from another port.
+        where, size = ((mem.IN, SOCKADDR_IN.size) if family == AF_INET
+                       else (mem.IN6, SOCKADDR_IN6.size))
+        try:
+            with t.temporary_fd(SYS.socket, family, kind, 0, op="socket for the dummy") as dummy:
+                mem.attach_return_0(dummy, SO_ATTACH_FILTER)
+                t.syscall(SYS.bind, dummy, mem.base + where, size, op="bind dummy")
+                return _install_dummy(t, fd, dummy, cloexec, saved)
+        except InjectionError:
+            pass  # no loopback of that family: an unnamed unix one does as well
+    with t.temporary_fd(SYS.socket, AF_UNIX, kind, 0, op="socket for the dummy") as dummy:
+        t.syscall(SYS.bind, dummy, mem.base + mem.UNIX, SOCKADDR_FAMILY.size, op="bind dummy")
+        return _install_dummy(t, fd, dummy, cloexec, saved)
+
+
+def _install_dummy(t: Tracee, fd: int, dummy: int, cloexec: bool, saved: int | None) -> int:
+    """dup3 ``dummy`` over ``fd``; return its inode."""
+    ino = procfs.socket_inodes(t.pid).get(dummy)
+    if ino is None:
+        raise KernelError(errno.ENOTSOCK, "dummy", f"fd {dummy} of {t.pid} is no socket")
+    _dup3(t, dummy, fd, cloexec)
+    if saved is not None:
+        t.on_rollback(f"dummy over fd {fd}", lambda: _dup3(t, saved, fd, cloexec))
     return ino
 
 

@@ -1,0 +1,3 @@
+module hupt.test/udpgo
+
+go 1.19
