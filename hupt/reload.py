@@ -235,14 +235,16 @@ class Reloader:
             self._fail(up, f"{old} could not stop accepting ({'; '.join(problems)}); "
                        "nothing was execed")
             return
-        self.draining.start_draining(old)
         sig = self.opts.drain_signal
         if sig is not None:
+            # Followed before its other processes get the drain signal: a master that
+            # exits with its last worker (haproxy -W) would be gone before it is.
             try:
                 up.follow = self.fleet.follow_exit(old, path, up.launch)
             except HuptError as e:
                 log.warn(f"{old}: its exit cannot be followed ({e}); it drains without "
                          f"{signal_name(sig)} and execs once drained")
+        self.draining.start_draining(old)
         if up.follow is not None:
             self.draining.signal_root(old)
             msg = (f"{old} stopped accepting; sent {signal_name(sig or 0)}: its exit "
