@@ -354,7 +354,14 @@ class Reloader:
             up.follow = None
         if self.fleet.current is gen:
             self.fleet.current = None
-        self._start_afresh(up, f"{gen} exited ({how}) before its exec")
+        reason = f"{gen} exited ({how}) before its exec"
+        sig = self.opts.drain_signal
+        if sig is not None and how == f"killed by {signal_name(sig)}":
+            # Death by a signal is no exit_group: nothing to turn into the exec.
+            reason += (f"; it died of its --drain-signal {signal_name(sig)} (raised again "
+                       "after its graceful stop, as uvicorn does): run it in exec mode "
+                       "without --drain-signal")
+        self._start_afresh(up, reason)
 
     def drain_slow(self, gen: Generation, message: str) -> None:
         """Exec mode: the drain the reload waits for is slow; its waiters hear why."""
