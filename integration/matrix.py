@@ -234,7 +234,7 @@ def nginx(user: str | None = None, listen_opts: str = "") -> Callable[[Path, Add
         conf = directory / "nginx.conf"
         conf.write_text(NGINX_CONF.format(
             dir=directory, listen=f"{listen} {listen_opts}".strip(),
-            user=f"user {user};" if user else ""))
+            user=f"user {user} nogroup;" if user else ""))
         return [_which("nginx"), "-c", str(conf), "-p", str(directory), "-e", "stderr"]
     return cmd
 
