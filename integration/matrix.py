@@ -286,7 +286,7 @@ SERVERS: list[Server] = [
            gunicorn(GUNICORN_PREVIOUS, "gthread"), processes=3, address="unix",
            note="previous major, 2 workers, 4 threads",
            modes={"fork": FORK, "exec": EXEC_TERM, "attach": TERM}),
-    Server("uvicorn", uvicorn, note="one process, asyncio",
+    Server("uvicorn", uvicorn, note="one process; exec and attach without --drain-signal",
            modes={"fork": TERM, "exec": ("--exec",), "attach": ()}),
     Server("node cluster", node_cluster, processes=3, note="a primary and 2 workers",
            modes={"fork": TERM, "exec": EXEC_TERM, "attach": TERM}, needs=("node",)),

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from matrix import BUILD, MODES, SERVERS, Server  # noqa: E402
+from matrix import BUILD, MODES, SERVERS, Server
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
