@@ -66,6 +66,8 @@ class Server:
     """Where the support is being built, for a row not run yet."""
     note: str = ""
     """What the row is, in a few words, for the table."""
+    reload_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Mode -> `hupt reload` options (before the PID) that the server needs there."""
 
     def cell(self, mode: str) -> tuple[str, ...] | str | None:
         """hupt's options for mode, the reason it cannot work, or None: not applicable."""
@@ -262,19 +264,26 @@ def _nginx_modes() -> dict[str, tuple[str, ...] | str]:
     return {"fork": QUIT, "exec": ("--exec", *QUIT), "attach": QUIT}
 
 
-# Measured, not understood yet: the reload fails, and hupt says only that the new image
-# "exited (status unknown) before it was ready"; hupt run --exec works.
-HAPROXY_W_ATTACH = ("not yet: attached, its master exits at once after the exec, and when"
-                    " `hupt attach` starts it afresh (\"All workers exited\"), forking no worker")
+# haproxy -W's master re-execs itself into a "wait mode" after forking its worker, with
+# HAPROXY_MWORKER_REEXEC, HAPROXY_MWORKER_WAIT_ONLY and the process list in its environment:
+# `hupt attach` reads the command's environment from /proc/PID/environ, so every image
+# (and a fresh start) would start in wait mode, with no worker, and exit at once. The
+# first reload removes them (hupt reload --unset-env, kept for every later generation).
+HAPROXY_W_UNSET = tuple(a for v in ("HAPROXY_MWORKER_REEXEC", "HAPROXY_MWORKER_WAIT_ONLY",
+                                    "HAPROXY_PROCESSES", "HAPROXY_CLI")
+                        for a in ("--unset-env", v))
 
 SERVERS: list[Server] = [
     Server("haproxy", haproxy(False), note="foreground, one process",
            modes={"fork": ("--drain-signal", "USR1"), "exec": ("--exec", "--drain-signal", "USR1"),
                   "attach": ("--drain-signal", "USR1")},
            needs=("haproxy",)),
-    Server("haproxy -W", haproxy(True), note="master-worker", processes=2,
+    Server("haproxy -W", haproxy(True),
+           note="master-worker; attached: reloaded with `--unset-env` of its HAPROXY_MWORKER_*",
+           processes=2,
            modes={"fork": ("--drain-signal", "USR1"), "exec": ("--exec", "--drain-signal", "USR1"),
-                  "attach": HAPROXY_W_ATTACH},
+                  "attach": ("--drain-signal", "USR1")},
+           reload_args={"attach": HAPROXY_W_UNSET},
            needs=("haproxy",)),
     Server("gunicorn (newest), sync, TCP", gunicorn(None, "sync"), processes=3,
            note="2 workers", modes={"fork": FORK, "exec": EXEC_TERM, "attach": TERM}),

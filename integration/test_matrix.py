@@ -273,9 +273,10 @@ def test_matrix_cell(cell: tuple[str, str], procs: Procs, tmp_path: Path,
         root = sup.pid
 
     def reload() -> subprocess.CompletedProcess[str]:
+        extra = spec.reload_args.get(mode, ())
         if isinstance(sup, HuptProcess):
-            return sup.reload()
-        return hupt_cli("reload", str(root))
+            return sup.reload(*extra)
+        return hupt_cli("reload", *extra, str(root))
 
     def log() -> str:
         return sup.log() + (server.log() if server is not None else "")
