@@ -240,14 +240,16 @@ class Reloader:
             self._fail(up, f"{old} could not stop accepting ({'; '.join(problems)}); "
                        "nothing was execed")
             return
-        self.draining.start_draining(old)
         sig = self.opts.drain_signal
         if sig is not None:
+            # Followed before its other processes get the drain signal: a master that
+            # exits with its last worker (haproxy -W) would be gone before it is.
             try:
                 up.follow = self.fleet.follow_exit(old, path, up.launch)
             except HuptError as e:
                 log.warn(f"{old}: its exit cannot be followed ({e}); it drains without "
                          f"{signal_name(sig)} and execs once drained")
+        self.draining.start_draining(old)
         if up.follow is not None:
             self.draining.signal_root(old)
             msg = (f"{old} stopped accepting; sent {signal_name(sig or 0)}: its exit "
@@ -357,7 +359,14 @@ class Reloader:
             up.follow = None
         if self.fleet.current is gen:
             self.fleet.current = None
-        self._start_afresh(up, f"{gen} exited ({how}) before its exec")
+        reason = f"{gen} exited ({how}) before its exec"
+        sig = self.opts.drain_signal
+        if sig is not None and how == f"killed by {signal_name(sig)}":
+            # Death by a signal is no exit_group: nothing to turn into the exec.
+            reason += (f"; it died of its --drain-signal {signal_name(sig)} (raised again "
+                       "after its graceful stop, as uvicorn does): run it in exec mode "
+                       "without --drain-signal")
+        self._start_afresh(up, reason)
 
     def drain_slow(self, gen: Generation, message: str) -> None:
         """Exec mode: the drain the reload waits for is slow; its waiters hear why."""

@@ -249,3 +249,64 @@ def test_attach_nginx_quit_with_the_command_given(procs: Procs, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert a.popen.wait(20) == 0, a.log()
     s.popen.wait(20)
+
+
+MASTER_WORKER = '''
+import os, signal, socket, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+host, port = sys.argv[1].rsplit(":", 1)
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind((host, int(port)))
+sock.listen(128)
+worker = os.fork()
+if worker == 0:
+    busy = stop = False
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            global busy
+            busy = True
+            body = f"ok pid={os.getpid()} tag=\\\\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            busy = False
+
+        def log_message(self, *args):
+            pass
+
+    def on_usr1(sig, frame):
+        global stop
+        stop = True
+        if not busy:
+            os._exit(0)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    server = HTTPServer((host, int(port)), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    while not stop:
+        server.handle_request()
+    os._exit(0)
+# The master, as haproxy -W's: forwards the soft stop, and exits with its last worker.
+signal.signal(signal.SIGUSR1, lambda sig, frame: os.kill(worker, signal.SIGUSR1))
+sock.close()
+os.waitpid(worker, 0)
+sys.exit(0)
+'''
+
+
+def test_exec_mode_a_master_that_exits_with_its_last_worker(procs: Procs,
+                                                            tmp_path: Path) -> None:
+    """haproxy -W's master exits as soon as its last worker has: --drain-signal sent to
+    the worker when the old image starts draining ends the master too, so its exit
+    must be followed (becoming the exec) before the worker is signalled, or the root
+    is gone and the reload fails."""
+    script = tmp_path / "master_worker.py"
+    script.write_text(MASTER_WORKER)
+    target: Target = ("127.0.0.1", free_port())
+    run_exec(procs, [sys.executable, str(script), f"127.0.0.1:{target[1]}"], target,
+             sig="USR1", workers=1)

@@ -610,3 +610,28 @@ def test_a_paused_unix_listener_answers_getsockname_with_a_path_that_is_not_ther
             assert back.getsockname() == str(path)
     finally:
         os.close(handle)
+
+
+def test_a_session_with_a_zombie_fails_at_once() -> None:
+    """A process that exited and waits to be reaped (exec mode: a root that exited
+    while it drained, as haproxy -W's master does with its last worker) has no live
+    thread: the session must fail at once, not try to seize the zombie for ever."""
+    import subprocess
+
+    from harness import Background, wait_for
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for("the child to be a zombie",
+                 lambda: procfs.parse_stat(Path(f"/proc/{child.pid}/stat").read_bytes())
+                 .state == "Z", 10)
+
+        def session() -> None:
+            with Tracee.seize(child.pid):
+                pass
+
+        entered = Background(session)
+        with pytest.raises(NoSuchProcess):
+            entered.result(10)
+    finally:
+        child.wait(10)

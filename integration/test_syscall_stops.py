@@ -254,3 +254,26 @@ def test_static_go_server_exits_into_the_exec(procs: Procs, tmp_path: Path,
     wait_listening(target, 20)
     exits_into_the_image(p, tmp_path)
     kill_and_see_it(p)
+
+
+def test_arming_on_a_root_that_already_exited_fails_at_once(procs: Procs) -> None:
+    """A root that exited before its exit could be followed (haproxy -W's master exits
+    with its last worker, which --drain-signal stopped first) is a zombie: seizing
+    it is refused. arm() must say it has no thread, not seize it again for ever."""
+    import subprocess
+
+    from harness import Background
+
+    from hupt.errors import HuptError
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for("the child to be a zombie",
+                 lambda: procfs.parse_stat(Path(f"/proc/{child.pid}/stat").read_bytes())
+                 .state == "Z", 10)
+        trap = ExitToExec(child.pid, os.fsencode(sys.executable), [b"python3"], [])
+        armed = Background(trap.arm)
+        with pytest.raises(HuptError):
+            armed.result(10)
+    finally:
+        child.wait(10)

@@ -569,6 +569,20 @@ def test_the_root_exiting_while_followed_starts_the_command_afresh(fake: FakeSys
     assert sup.gens[-1].state is State.STARTING and sup.gens[-1].pid != old.pid
 
 
+def test_a_root_killed_by_its_own_drain_signal_is_named_in_the_reason(
+        fake: FakeSystem) -> None:
+    """uvicorn raises SIGTERM again after its graceful stop: it dies of the signal,
+    with no exit to turn into the exec; the reason says so and what to do."""
+    sup, w = reload_followed(fake)
+    fake.exit_pid(sup.gens[0].pid, -signal.SIGTERM)
+    sup.fleet.refresh()
+    sup.loop.run_later()
+    assert w.result is not None and not w.result[0]
+    reason = w.result[1]
+    assert "\n" not in reason and "died of its --drain-signal SIGTERM" in reason, reason
+    assert "without --drain-signal" in reason, reason
+
+
 def test_a_root_that_cannot_be_followed_drains_without_the_signal(fake: FakeSystem) -> None:
     fake.follow_error = HuptError("thread 5 did not stop")
     sup, _w = reload_followed(fake)

@@ -284,11 +284,16 @@ class Tracee:
     def _seize_all(self) -> None:
         self._life.advance(State.SEIZING)
         self._our_child = procfs.ppid_of(self.pid) == os.getpid()
+        # A thread found dead is not tried again: a zombie stays listed in /proc/PID/task
+        # (a root that exited while it drained, waiting for us to reap it).
+        dead: set[int] = set()
         while True:
-            fresh = [t for t in procfs.threads(self.pid) if t not in self._threads]
+            fresh = [t for t in procfs.threads(self.pid)
+                     if t not in self._threads and t not in dead]
             if not fresh:
                 break
             seized = [th for tid in fresh if (th := self._seize_one(tid)) is not None]
+            dead.update(set(fresh) - set(self._threads))
             for th in seized:
                 self._await_stop(th)
         if not self.threads:

@@ -198,13 +198,18 @@ class ExitToExec:
             raise RuntimeError(f"cannot arm while {self.phase.value}")
         self._our_child = procfs.ppid_of(self.pid) == os.getpid()
         self.phase = Phase.WATCHING
+        # A thread found dead when seized is not tried again: a zombie (a root that
+        # exited before it could be followed) stays listed in /proc/PID/task.
+        dead: set[int] = set()
         try:
             while True:
-                fresh = [t for t in procfs.threads(self.pid) if t not in self._threads]
+                fresh = [t for t in procfs.threads(self.pid)
+                         if t not in self._threads and t not in dead]
                 if not fresh:
                     break
                 for tid in fresh:
-                    self._seize(tid)
+                    if not self._seize(tid):
+                        dead.add(tid)
                 for tid in fresh:
                     if tid in self._threads:
                         self._first_stop(self._threads[tid])
@@ -214,23 +219,25 @@ class ExitToExec:
             self.release()
             raise
 
-    def _seize(self, tid: int) -> None:
+    def _seize(self, tid: int) -> bool:
+        """Seize ``tid``; False if it is gone (exited, or a zombie)."""
         try:
             pt.seize(tid, OPTIONS)
         except NoSuchProcess:
-            return
+            return False
         except AccessDenied:
             if _is_dead(tid):
-                return
+                return False
             if procfs.tracer_pid(tid) == os.getpid():
                 # Cloned by a thread seized a moment ago: the kernel seized it for us,
                 # and its parent's PTRACE_EVENT_CLONE is still to come.
                 self._threads[tid] = _Thread(tid)
-                return
+                return True
             raise
         self._threads[tid] = _Thread(tid)
         with suppress(NoSuchProcess):
             pt.interrupt(tid)
+        return True
 
     def _first_stop(self, th: _Thread) -> None:
         """Wait for the interrupt stop of a freshly seized thread, then start tracing it."""
