@@ -68,6 +68,8 @@ class Server:
     """What the row is, in a few words, for the table."""
     reload_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Mode -> `hupt reload` options (before the PID) that the server needs there."""
+    dns_name: str | None = None
+    """For a "udp" load: ask DNS queries for this name instead of numbered echoes."""
 
     def cell(self, mode: str) -> tuple[str, ...] | str | None:
         """hupt's options for mode, the reason it cannot work, or None: not applicable."""
@@ -248,6 +250,17 @@ def _which(program: str) -> str:
     return found
 
 
+def udp_echo(directory: Path, address: Address) -> list[str]:
+    # test_datagram's own server and command: one definition of both.
+    from test_datagram import address_of, echo_cmd
+    return echo_cmd(address_of(_host_port(address)))
+
+
+def dnsmasq(directory: Path, address: Address) -> list[str]:
+    from test_datagram import dnsmasq_cmd
+    return dnsmasq_cmd(_host_port(address)[1], directory)
+
+
 def _pending(directory: Path, address: Address) -> list[str]:
     raise AssertionError("a pending row is never started")
 
@@ -258,6 +271,7 @@ FORK: tuple[str, ...] = ()
 TERM = ("--drain-signal", "TERM")
 QUIT = ("--drain-signal", "QUIT")
 EXEC_TERM = ("--exec", *TERM)
+NO_DGRAM_ATTACH = "hupt attach takes listening sockets only, not datagram sockets"
 
 
 def _nginx_modes() -> dict[str, tuple[str, ...] | str]:
@@ -318,10 +332,11 @@ SERVERS: list[Server] = [
            modes={"fork": QUIT, "exec": ("--exec", *QUIT), "attach": QUIT}),
     Server("redis-server --daemonize yes", _pending, load="redis", pending="branch daemonize",
            modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
-    Server("UDP echo server", _pending, load="udp", pending="branch udp",
-           modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
-    Server("dnsmasq", _pending, load="udp", pending="branch udp",
-           modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
+    Server("UDP echo server", udp_echo, load="udp", note="numbered datagrams, python",
+           modes={"fork": FORK, "exec": ("--exec",), "attach": NO_DGRAM_ATTACH}),
+    Server("dnsmasq", dnsmasq, load="udp", dns_name="example.test",
+           note="DNS queries in a loop, --no-daemon", needs=("dnsmasq",),
+           modes={"fork": FORK, "exec": ("--exec",), "attach": NO_DGRAM_ATTACH}),
 ]
 
 

@@ -248,6 +248,9 @@ def test_matrix_cell(cell: tuple[str, str], procs: Procs, tmp_path: Path,
     opts = spec.cell(mode)
     if not isinstance(opts, tuple):
         pytest.skip(f"{name} in {mode} mode cannot work: {opts}")
+    if spec.load == "udp":
+        datagram_cell(spec, mode, opts, procs, tmp_path)
+        return
     for program in spec.needs:
         assert shutil.which(program) or Path("/usr/sbin", program).exists(), (
             f"{program} is needed (.ci/run installs it)")
@@ -321,6 +324,50 @@ def test_matrix_cell(cell: tuple[str, str], procs: Procs, tmp_path: Path,
         assert sup.popen.wait(30) == 0, sup.log()
         server.popen.wait(30)
     record(name, mode, figures)
+
+
+def datagram_cell(spec: Server, mode: str, opts: tuple[str, ...], procs: Procs,
+                  tmp_path: Path) -> None:
+    """A "udp" row: test_datagram's own counting load and checks (fork and exec only).
+
+    Every datagram numbered and answered (0 lost, 0 refused), hupt holding the same
+    socket throughout, and each new generation reading that socket.
+    """
+    from datagram_load import dns_query
+    from test_datagram import ask, check_result, free_udp_port, held_inode, reloads_under_load
+
+    for program in spec.needs:
+        assert shutil.which(program) or Path("/usr/sbin", program).exists(), (
+            f"{program} is needed (.ci/run installs it)")
+    target = ("127.0.0.1", free_udp_port("127.0.0.1"))
+    h = procs.hupt(*opts, *hupt_opts(), cmd=spec.cmd(tmp_path, target), env=spec.env)
+
+    def answering() -> bool:
+        probe = dns_query(1, spec.dns_name) if spec.dns_name else b"0"
+        return ask(target, probe, timeout=2) is not None
+    wait_for(f"{spec.name} to answer", answering, 30, h)
+    inode = held_inode(h, target)
+    first = (wait_for("generation 1's root", lambda: next(iter(children(h.pid)), None), 10)
+             if mode == "exec" else None)
+    born = start_time(first) if first is not None else None
+    t0 = time.monotonic()
+    res = reloads_under_load(h, target, exec_pid=first, dns_name=spec.dns_name,
+                             reloads=RELOADS)
+    elapsed = time.monotonic() - t0
+    assert held_inode(h, target) == inode, "the same held socket"
+    if first is not None:
+        assert start_time(first) == born, f"pid {first} still runs every image"
+    processes = settled_processes(spec, mode, h, h.pid)
+    failed = len(res.lost) + res.refused + len(res.errors) + res.bad_answers
+    figures = {
+        "reloads": RELOADS, "requests": res.sent, "failed": failed,
+        "lost": len(res.lost), "refused": res.refused,
+        "longest_wait_ms": 0, "mean_reload_ms": round(elapsed / RELOADS * 1000),
+        "processes": processes, "persistent_ok": res.answered, "same_socket": True,
+    }
+    check_result(res, min_sent=100)
+    assert processes == spec.processes, processes
+    record(spec.name, mode, figures)
 
 
 def start_time(pid: int) -> int | None:
