@@ -261,8 +261,15 @@ def dnsmasq(directory: Path, address: Address) -> list[str]:
     return dnsmasq_cmd(_host_port(address)[1], directory)
 
 
-def _pending(directory: Path, address: Address) -> list[str]:
-    raise AssertionError("a pending row is never started")
+def nginx_daemon_on(directory: Path, address: Address) -> list[str]:
+    # test_daemonizing_servers' own configuration (`daemon on`).
+    from test_daemonizing_servers import _nginx
+    return _nginx(directory, _host_port(address)[1])
+
+
+def redis_daemonize(directory: Path, address: Address) -> list[str]:
+    from test_daemonizing_servers import _redis
+    return _redis(directory, _host_port(address)[1])
 
 
 # -- the rows -------------------------------------------------------------------------------
@@ -271,6 +278,9 @@ FORK: tuple[str, ...] = ()
 TERM = ("--drain-signal", "TERM")
 QUIT = ("--drain-signal", "QUIT")
 EXEC_TERM = ("--exec", *TERM)
+EXEC_DAEMON = ("a daemonized server is not the process hupt started: there is no process"
+               " to exec in place")
+ATTACH_DAEMON = "not tried yet (the attached master's command would daemonize again)"
 NO_DGRAM_ATTACH = "hupt attach takes listening sockets only, not datagram sockets"
 
 
@@ -328,10 +338,14 @@ SERVERS: list[Server] = [
            modes=_nginx_modes(), needs=("nginx",)),
     Server("nginx, workers as nobody", nginx(user="nobody"), processes=3,
            note="master root, `user nobody nogroup;`", modes=_nginx_modes(), needs=("nginx",)),
-    Server("nginx, daemon on", _pending, processes=3, pending="branch daemonize",
-           modes={"fork": QUIT, "exec": ("--exec", *QUIT), "attach": QUIT}),
-    Server("redis-server --daemonize yes", _pending, load="redis", pending="branch daemonize",
-           modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
+    Server("nginx, daemon on", nginx_daemon_on, processes=3, needs=("nginx",),
+           note="the master forks away; a cgroup per generation tracks it",
+           modes={"fork": ("--stop-signal", "QUIT", *QUIT), "exec": EXEC_DAEMON,
+                  "attach": ATTACH_DAEMON}),
+    Server("redis-server --daemonize yes", redis_daemonize, load="redis",
+           note="forks away; a cgroup per generation tracks it",
+           modes={"fork": FORK, "exec": EXEC_DAEMON, "attach": ATTACH_DAEMON},
+           needs=("redis-server", "redis-benchmark")),
     Server("UDP echo server", udp_echo, load="udp", note="numbered datagrams, python",
            modes={"fork": FORK, "exec": ("--exec",), "attach": NO_DGRAM_ATTACH}),
     Server("dnsmasq", dnsmasq, load="udp", dns_name="example.test",
