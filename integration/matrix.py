@@ -280,7 +280,9 @@ QUIT = ("--drain-signal", "QUIT")
 EXEC_TERM = ("--exec", *TERM)
 EXEC_DAEMON = ("a daemonized server is not the process hupt started: there is no process"
                " to exec in place")
-ATTACH_DAEMON = "not tried yet (the attached master's command would daemonize again)"
+# Tried: the launcher the cell starts exits as it daemonizes, and hupt attach says "PID
+# and its children have no listening socket"; attaching to the daemon itself is untried.
+ATTACH_DAEMON = "not run: the process started exits as it daemonizes (attach the daemon itself)"
 NO_DGRAM_ATTACH = "hupt attach takes listening sockets only, not datagram sockets"
 
 
