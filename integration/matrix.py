@@ -278,8 +278,9 @@ FORK: tuple[str, ...] = ()
 TERM = ("--drain-signal", "TERM")
 QUIT = ("--drain-signal", "QUIT")
 EXEC_TERM = ("--exec", *TERM)
-EXEC_DAEMON = ("a daemonized server is not the process hupt started: there is no process"
-               " to exec in place")
+# hupt's own line (test_daemonizing_servers checks it is one line).
+EXEC_DAEMON = ("exec mode reloads the process hupt started, which has exited (did the server"
+               " daemonize?)")
 # Tried: the launcher the cell starts exits as it daemonizes, and hupt attach says "PID
 # and its children have no listening socket"; attaching to the daemon itself is untried.
 ATTACH_DAEMON = "not run: the process started exits as it daemonizes (attach the daemon itself)"

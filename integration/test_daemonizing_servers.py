@@ -440,3 +440,25 @@ def test_without_a_writable_cgroup2_hierarchy_hupt_falls_back_and_says_so(
     assert r.returncode == 0, r.stderr + h.log()
     assert h.popen.wait(30) == 0, h.log()
     assert not _hupt_cgroups(h.pid).exists()
+
+
+def test_exec_mode_reload_of_a_daemonized_server_says_why_in_one_line(
+        procs: Procs, tmp_path: Path) -> None:
+    """Exec mode execs the process hupt started in place; a server that daemonized
+    left it (it exited 0): the reload fails with one line saying so, and the
+    daemon serves on until `hupt stop` (the matrix's exec reason for these rows)."""
+    port = free_port()
+    with _cleanup(lambda: _redis_servers(port)):
+        h = procs.hupt("--exec", "--drain-timeout", "5", "--kill-timeout", "5",
+                       cmd=_redis(tmp_path, port))
+        wait_listening(("127.0.0.1", port), 20, proc=h)
+        daemon = wait_for("the redis daemon", lambda: len(s := _redis_servers(port)) == 1 and s,
+                          10, h)
+        r = h.reload()
+        assert r.returncode != 0, r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, r.stderr
+        assert "exec mode reloads the process hupt started" in lines[0], r.stderr
+        assert "did the server daemonize?" in lines[0], r.stderr
+        assert _redis_servers(port) == daemon, "the daemon serves on"
+        assert h.stop() == 0, h.log()
