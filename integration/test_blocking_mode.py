@@ -159,9 +159,13 @@ def _start(procs: Procs, tmp: Path, mode: str, *opts: str) -> tuple[HuptProcess,
     return h, target, mode_file
 
 
-def _started(h: HuptProcess) -> dict[int, tuple[str, int]]:
-    """pid -> (mode, listener fd) of every generation started so far."""
-    return {int(p): (m, int(fd)) for p, m, fd in STARTED.findall(h.log())}
+def _started(h: HuptProcess, count: int = 0) -> dict[int, tuple[str, int]]:
+    """pid -> (mode, listener fd) of every generation started so far, once `count` of them
+    have said so: a server's line reaches hupt's log through a pipe, after it listens."""
+    def seen() -> dict[int, tuple[str, int]] | None:
+        got = {int(p): (m, int(fd)) for p, m, fd in STARTED.findall(h.log())}
+        return got if len(got) >= count else None
+    return wait_for(f"{count} generations' start lines", seen, 20, proc=h)
 
 
 def _nonblock(pid: int, fd: int) -> bool:
@@ -196,7 +200,7 @@ def test_each_generation_keeps_its_blocking_mode_across_reloads(
             r = h.reload()
             assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{h.log()}"
             new = generations(h)[max(generations(h))]
-            modes = _started(h)
+            modes = _started(h, i + 2)
             for pid in new:
                 assert modes[pid][0] == mode, h.log()
                 assert _nonblock(pid, modes[pid][1]) == (mode == "nonblock"), (
@@ -210,7 +214,7 @@ def test_each_generation_keeps_its_blocking_mode_across_reloads(
     assert load.result.failed == 0, load.result.summary() + h.log()
     assert load.result.persistent_ok > 20, load.result.summary()
     assert len(load.result.pids) == len(order), load.result.summary()
-    modes = _started(h)
+    modes = _started(h, len(order))
     retired = [p for p in modes if p not in h.descendants()]
     assert len(retired) == len(order) - 1
     assert set(map(int, (p for p, _ in AT_TERM.findall(h.log())))) == set(retired), h.log()
@@ -224,7 +228,7 @@ def test_a_rollback_gives_the_old_generation_its_own_blocking_mode_back(
         first: str, second: str, procs: Procs, tmp_path: Path) -> None:
     h, target, mode_file = _start(procs, tmp_path, first, "--ready", "http:/healthz",
                                   "--ready-timeout", "2", "--drain-signal", "TERM")
-    ((pid, (_, fd)),) = _started(h).items()
+    ((pid, (_, fd)),) = _started(h, 1).items()
     assert _nonblock(pid, fd) == (first == "nonblock")
     with Load(target, fresh=2, keepalive=1, persistent=2) as load:
         time.sleep(0.5)
@@ -240,7 +244,7 @@ def test_a_rollback_gives_the_old_generation_its_own_blocking_mode_back(
             time.sleep(1.0)  # the old generation serves on, its persistent clients too
     assert load.result.failed == 0, load.result.summary() + h.log()
     assert load.result.persistent_ok > 20, load.result.summary()
-    failed = [p for p in _started(h) if p != pid]
+    failed = [p for p in _started(h, 3) if p != pid]
     assert len(failed) == 2
     assert not wait_gone(set(failed), 15), "the generations that failed are stopped"
     _check_views_at_term(h, _started(h))
