@@ -467,6 +467,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # endpoint is the supervisor's (it opens before generation 1, as before).
     first = (start_first(system, opts, name=args.name, output=output)
              if opts.metrics is None else None)
+    if output is not None:
+        output.release_keeper()  # generation 1 has exec'd (hupt/output.py's start_keeper)
     try:
         from hupt.sdnotify import Notifier
         from hupt.supervisor import Supervisor
@@ -910,7 +912,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         status.dump(doc)
     else:
         status.render(doc)
-    return 0
+    return 1 if doc.get("unanswered") else 0  # the listing is incomplete
 
 
 # -- hupt completion --------------------------------------------------------------------------

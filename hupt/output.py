@@ -225,7 +225,8 @@ class _Stream:
 class Output:
     """The pipes of every generation hupt started, read in its loop (see the module)."""
 
-    def __init__(self, prefix: tuple[bool, bool], *, keeper: socket.socket | None = None,
+    def __init__(self, prefix: tuple[bool, bool], *,
+                 keeper: tuple[socket.socket, int] | None = None,
                  sinks: tuple[int, int] = (1, 2)) -> None:
         self.prefix = prefix
         self._sinks: dict[int, Sink] = {}
@@ -234,12 +235,20 @@ class Output:
                 self._sinks[which] = Sink(fd)
         self._streams: dict[int, _Stream] = {}  # by read fd
         self._tails: dict[int, deque[str]] = {}
-        self._keeper = keeper
+        self._keeper: socket.socket | None = keeper[0] if keeper is not None else None
+        # Its hold (start_keeper): open until release_keeper.
+        self._keeper_hold: int | None = keeper[1] if keeper is not None else None
         self._keeper_lost = False
         self._paused: set[int] = set()  # sinks whose streams are not read (full buffer)
         self._writing: set[int] = set()  # sinks waiting for room in the selector
         self._loop: Loop | None = None
         self._next_id = 0
+
+    def release_keeper(self) -> None:
+        """Let the keeper start its interpreter (see start_keeper)."""
+        if self._keeper_hold is not None:
+            os.close(self._keeper_hold)
+            self._keeper_hold = None
 
     def bind(self, loop: Loop) -> None:
         self._loop = loop
@@ -442,6 +451,7 @@ class Output:
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
+        self.release_keeper()
         if 2 in self._sinks:
             from hupt import log
 
@@ -454,16 +464,28 @@ _KEEPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
                 "from hupt.output import keeper_main; keeper_main(int(sys.argv[3]))")
 
 
-def start_keeper() -> socket.socket | None:
-    """Start the output keeper (see the module) and return hupt's end of its channel.
+def start_keeper() -> tuple[socket.socket, int] | None:
+    """Start the output keeper (see the module); return hupt's end of its channel
+    and its hold: the keeper execs its interpreter once that fd is closed.
 
     Before hupt becomes a child subreaper: the keeper is double-forked, so it
     is re-parented to init (or the nearest subreaper above hupt), never to
-    hupt.  None if it cannot be started (hupt then runs without one).
+    hupt.  None if it cannot be started (hupt then runs without one).  ``hupt
+    run`` closes the hold once generation 1 has exec'd (``Output.release_keeper``):
+    the keeper's interpreter start, a few ms of CPU, would otherwise compete
+    with hupt's own path to that exec (10 ms more to it, measured on one CPU).
+    Meanwhile the channel queues what hupt sends; hupt gone, the hold closes
+    with it and the keeper starts as before.
     """
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     except OSError:
+        return None
+    try:
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        ours.close()
+        theirs.close()
         return None
     me = os.getpid()
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -471,8 +493,11 @@ def start_keeper() -> socket.socket | None:
     if pid == 0:  # pragma: no cover - the keeper's side, proved by integration tests
         try:
             ours.close()
+            os.close(hold_w)
             if os.fork() == 0:
                 os.setsid()
+                with contextlib.suppress(OSError):
+                    os.read(hold_r, 1)  # EOF: hupt released it (or is gone)
                 fd = theirs.fileno()
                 os.set_inheritable(fd, True)
                 null = os.open(os.devnull, os.O_RDONLY)
@@ -485,8 +510,9 @@ def start_keeper() -> socket.socket | None:
         finally:
             os._exit(0)
     theirs.close()
+    os.close(hold_r)
     os.waitpid(pid, 0)
-    return ours
+    return ours, hold_w
 
 
 def keeper_main(fd: int) -> None:  # pragma: no cover - a process of its own

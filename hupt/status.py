@@ -1,7 +1,9 @@
 """``hupt status``: what every hupt instance of this user is doing.
 
 The JSON document (``hupt status --json``) is a stable interface, schema 1.
-Fields are only ever added within a schema version::
+Fields are only ever added within a schema version.  The listing of every
+instance also has ``"unanswered": [{"hupt_pid": 1234, "reason": "..."}]``:
+the instances that did not answer within ANSWER_WITHIN seconds::
 
     {"schema": 1, "version": "0.1.0",
      "instances": [
@@ -59,36 +61,55 @@ import time
 from typing import Any
 
 from hupt import control
-from hupt.errors import ControlError
+from hupt.errors import ControlError, ControlTimeout, Refused
 
 SCHEMA = 1
+# How long `hupt status` waits for each instance's answer.
+ANSWER_WITHIN = 5.0
 
 
-def collect(pid: int | None) -> dict[str, Any]:
-    """Ask one instance (the hupt of ``pid``) or every instance of this user."""
+def collect(pid: int | None, timeout: float = ANSWER_WITHIN) -> dict[str, Any]:
+    """Ask one instance (the hupt of ``pid``) or every instance of this user.
+
+    Every instance: one that does not answer (a hupt stopped with SIGSTOP, or
+    stuck) does not hide the others; it is listed under ``unanswered`` with
+    the reason.  A socket nobody listens on is a hupt that died: skipped.
+    """
     if pid is not None:
         pids = [control.find_instance(pid)]
     else:
         directory = control.existing_runtime_dir()
         if directory is None:
-            return {"schema": SCHEMA, "version": control.version(), "instances": []}
+            return {"schema": SCHEMA, "version": control.version(), "instances": [],
+                    "unanswered": []}
         control.clean_stale(directory)  # sockets of killed hupts: nobody answers
         # An attached server's pid names a symlink to its hupt's socket: one instance.
         # Only this PID namespace's: another one's PIDs mean nothing here.
-        pids = sorted(pid for p in glob.glob(os.path.join(directory, "*.sock"))
-                      if (pid := control.pid_of_socket(os.path.basename(p))) is not None
+        # (A walrus in a comprehension binds in this function: named apart from
+        # ``pid``, which it overwrote once, turning a stuck instance into an error.)
+        pids = sorted(found for p in glob.glob(os.path.join(directory, "*.sock"))
+                      if (found := control.pid_of_socket(os.path.basename(p))) is not None
                       and not os.path.islink(p))
     instances = []
+    unanswered = []
     for p in pids:
         try:
-            for msg in control.request(p, {"cmd": "status"}, timeout=5.0):
+            for msg in control.request(p, {"cmd": "status"}, timeout=timeout):
                 if msg.get("event") == "result" and isinstance(msg.get("status"), dict):
                     instances.append(msg["status"])
+        except (ControlTimeout, Refused) as e:  # Refused: someone else's socket
+            if pid is not None:
+                raise
+            unanswered.append({"hupt_pid": p, "reason": str(e)})
         except ControlError:
             if pid is not None:
                 raise
             continue  # a stale socket of an instance that died
-    return {"schema": SCHEMA, "version": control.version(), "instances": instances}
+    doc: dict[str, Any] = {"schema": SCHEMA, "version": control.version(),
+                           "instances": instances}
+    if pid is None:
+        doc["unanswered"] = unanswered
+    return doc
 
 
 def _age(seconds: float) -> str:
@@ -143,8 +164,13 @@ def _named(inst: dict[str, Any]) -> str:
 
 def render(doc: dict[str, Any]) -> None:
     """Tables on a terminal, plain text otherwise."""
+    silent = doc.get("unanswered", [])
+    for u in silent:
+        print(f"hupt: warning: {u['reason']}: not listed (is it stopped? "
+              f"`grep State /proc/{u['hupt_pid']}/status`)", file=sys.stderr)
     if not doc["instances"]:
-        print("no hupt instance of this user is running", file=sys.stderr)
+        if not silent:
+            print("no hupt instance of this user is running", file=sys.stderr)
         return
     if sys.stdout.isatty():
         _render_tty(doc)

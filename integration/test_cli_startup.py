@@ -41,22 +41,26 @@ print("\\n" + json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
 """
 
 # hupt run, recording what it has imported at generation 1's fork (not the output
-# keeper's, started before it when hupt's output is not a terminal); with TERM,
-# it also sends itself SIGTERM right after that fork.
+# keeper's, started before it when hupt's output is not a terminal): os.fork, or
+# clone3 into its cgroup (hupt/tracer/clone.py); with TERM, it also sends itself
+# SIGTERM right after that fork.
 RUN = """
 import json, os, signal, sys
-real = os.fork
-def fork():
-    if sys._getframe(1).f_globals.get("__name__") != "hupt.tracer.spawn":
-        return real()
-    os.fork = real
-    with open({out!r}, "w") as f:
-        json.dump(sorted(sys.modules), f)
-    pid = real()
-    if pid and {term!r}:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return pid
-os.fork = fork
+from hupt.tracer import clone
+real, real_into = os.fork, clone.fork_into
+def recorded(make):
+    def fork(*args):
+        if sys._getframe(1).f_globals.get("__name__") != "hupt.tracer.spawn":
+            return make(*args)
+        os.fork, clone.fork_into = real, real_into
+        with open({out!r}, "w") as f:
+            json.dump(sorted(sys.modules), f)
+        pid = make(*args)
+        if pid and {term!r}:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return pid
+    return fork
+os.fork, clone.fork_into = recorded(real), recorded(real_into)
 from hupt import cli
 sys.exit(cli.main({argv!r}))
 """

@@ -4,9 +4,12 @@ global options after the command, the version and name in `hupt status`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hupt import __version__, cli, control, status
-from hupt.errors import NotUnderHupt, UsageError
+from hupt.errors import ControlTimeout, NotUnderHupt, UsageError
 
 # -- names ------------------------------------------------------------------------------------
 
@@ -230,7 +233,8 @@ def test_version_without_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_status_names_instances_and_says_its_version(
         capsys: pytest.CaptureFixture[str], rundir: Path) -> None:
     doc = status.collect(None)
-    assert doc == {"schema": 1, "version": control.version(), "instances": []}
+    assert doc == {"schema": 1, "version": control.version(), "instances": [],
+                   "unanswered": []}
     inst = {"hupt_pid": 99, "name": "web", "version": "0.1.0", "command": ["srv"],
             "mode": "fork", "state": "running", "uptime_s": 1.0, "generations": [],
             "listeners": [], "reloads": []}
@@ -240,6 +244,57 @@ def test_status_names_instances_and_says_its_version(
         del inst["name"]  # an older hupt: no name key
     status.render({"schema": 1, "instances": [inst]})
     assert capsys.readouterr().out.splitlines()[0].startswith("hupt 99 (fork")
+
+
+def test_an_instance_that_does_not_answer_hides_no_other(
+        capsys: pytest.CaptureFixture[str], rundir: Path) -> None:
+    """A stuck hupt (its socket accepts, nobody reads: what SIGSTOP gives) is named
+    apart, and the instances that answer are listed; asked by PID, it is the error."""
+    stuck = subprocess.Popen(["sleep", "60"])
+    answering = subprocess.Popen(["sleep", "60"])
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(rundir / f"{stuck.pid}.sock"))
+    mute.listen(4)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(rundir / f"{answering.pid}.sock"))
+    live.listen(4)
+    inst = {"hupt_pid": answering.pid, "name": None, "command": ["srv"], "mode": "fork",
+            "state": "running", "uptime_s": 1.0, "generations": [], "reloads": [],
+            "listeners": []}
+
+    def answer() -> None:  # every connection: clean_stale's probes too
+        while True:
+            try:
+                conn, _ = live.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn, contextlib.suppress(OSError):
+                if conn.recv(65536):
+                    conn.sendall(json.dumps({"event": "result", "ok": True,
+                                             "status": inst}).encode() + b"\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        doc = status.collect(None, timeout=0.5)
+        assert doc["instances"] == [inst]
+        (silent,) = doc["unanswered"]
+        assert silent["hupt_pid"] == stuck.pid
+        assert silent["reason"] == f"hupt {stuck.pid} gave no result within 0.5 s"
+        status.render(doc)
+        out, err = capsys.readouterr()
+        assert out.startswith(f"hupt {answering.pid} (fork")
+        assert err.startswith(f"hupt: warning: hupt {stuck.pid} gave no result"), err
+        with pytest.raises(ControlTimeout):
+            status.collect(stuck.pid, timeout=0.5)
+    finally:
+        mute.close()
+        live.shutdown(socket.SHUT_RDWR)
+        live.close()
+        t.join(5)
+        for p in (stuck, answering):
+            p.kill()
+            p.wait()
 
 
 def test_status_shows_a_listener_the_kernel_did_not_describe(

@@ -62,9 +62,17 @@ class SYS(IntEnum):
     seccomp = 317
     pidfd_send_signal = 424
     pidfd_open = 434
+    clone3 = 435
     close_range = 436
     pidfd_getfd = 438
 
+
+# struct clone_args (include/uapi/linux/sched.h), CLONE_ARGS_SIZE_VER2 (5.7+):
+#   __aligned_u64 flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+#                 stack_size, tls, set_tid, set_tid_size, cgroup;
+CLONE_ARGS = struct.Struct("<11Q")
+# clone3() flags: the child starts in the cgroup whose directory fd is clone_args.cgroup.
+CLONE_INTO_CGROUP = 0x200000000
 
 # wait4() options (include/uapi/linux/wait.h).
 WNOHANG = 1

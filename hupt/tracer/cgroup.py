@@ -9,8 +9,10 @@ then reads its title.  A cgroup is what no server can leave or overwrite:
 
 * A child created by fork/clone starts in its parent's cgroup, whatever it
   does afterwards (setsid, double fork, exec, a new title).  So the process
-  hupt starts joins the generation's group between fork() and execve(), by
-  writing "0" (itself) to its ``cgroup.procs``: every descendant is a member.
+  hupt starts is created in the generation's group (clone3 with
+  CLONE_INTO_CGROUP, hupt/tracer/clone.py), or where the kernel refuses
+  that joins it between fork() and execve(), by writing "0" (itself) to its
+  ``cgroup.procs``: every descendant is a member.
 * ``cgroup.procs`` lists the thread-group ids of the group's processes;
   zombies are not listed (measured: a child that exited and is not reaped is
   gone from it at once, ``cgroup.events`` reads ``populated 0``).

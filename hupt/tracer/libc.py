@@ -29,6 +29,10 @@ def _load_libc() -> ctypes.CDLL:
 _libc = _load_libc()
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# The same function called through PyDLL: the GIL stays held across the call
+# (CDLL releases it), as os.fork holds it across fork() (hupt/tracer/clone.py).
+_syscall_gil = ctypes.PyDLL(_libc._name, use_errno=True).syscall
+_syscall_gil.restype = ctypes.c_long
 
 
 def syscall(nr: SYS, *args: Any, op: str = "", notify: bool = False) -> int:
@@ -38,6 +42,15 @@ def syscall(nr: SYS, *args: Any, op: str = "", notify: bool = False) -> int:
     if res == -1:
         err = ctypes.get_errno()
         raise from_errno(err, op or nr.name, notify=notify)
+    return res
+
+
+def syscall_holding_gil(nr: SYS, *args: Any, op: str = "") -> int:
+    """``syscall`` without releasing the GIL: for a call that makes a process."""
+    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    res = int(_syscall_gil(ctypes.c_long(int(nr)), *cargs))
+    if res == -1:
+        raise from_errno(ctypes.get_errno(), op or nr.name)
     return res
 
 
