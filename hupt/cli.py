@@ -276,7 +276,9 @@ def _run_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> None:
     run.add_argument("--exec", dest="exec_mode", action="store_true",
                      help="exec mode: a reload keeps the server's PID (it stops accepting, "
                           "drains, and execs its program again in place)")
-    run.add_argument("--ready", type=_policy, default="listen", metavar="POLICY",
+    # default None, not "listen": argparse would parse the default string through
+    # _policy at every `hupt run`, importing the readiness module before the exec.
+    run.add_argument("--ready", type=_policy, default=None, metavar="POLICY",
                      help="when a new generation counts as ready: 'listen' (it listened on "
                           "every held address; default), 'delay:S' (and S more seconds), "
                           "'notify' (and it sent READY=1 to $NOTIFY_SOCKET), 'http:PATH' or "
@@ -435,29 +437,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.multi > 1 and args.exec_mode:
         raise UsageError("hupt run: --multi and --exec do not go together (exec mode keeps "
                          "one process)")
+    # Only what generation 1's exec needs is imported before it (hupt/early.py);
+    # the supervisor and the Linux System are built while the server starts.
     from hupt.control import ensure_runtime_dir
-    from hupt.launch import abandon, start_first
-    from hupt.linux import LinuxSystem
-    from hupt.options import Options
-    from hupt.system import become_subreaper
 
     chdir, env_file = _deploy_paths(args)
     ensure_runtime_dir()  # an unsafe one is refused before anything starts
     if args.name is not None:
         _name_free(args.name)
     output = _output(args.prefix_output)  # its keeper must not be a child of the subreaper
-    become_subreaper()
+    try:
+        return _run(args, cmd, chdir, env_file, output)
+    finally:
+        if output is not None:
+            output.close()  # the pipes' read ends, and the keeper's hold (it exits then)
+
+
+def _run(args: argparse.Namespace, cmd: list[str], chdir: str | None, env_file: str | None,
+         output: Output | None) -> int:
+    from hupt.command import environment, servers_env
+    from hupt.early import Early
+    from hupt.launch import FirstRun, abandon, start_first
+    from hupt.tracer import subreaper
+
+    subreaper.become_subreaper()
     fdlimit.raise_own()  # for control clients; each generation starts with the limit as it was
-    opts = Options(argv=cmd, chdir=chdir, env_file=env_file, ready_timeout=args.ready_timeout,
-                   drain_timeout=args.drain_timeout, kill_timeout=args.kill_timeout,
-                   stop_signal=args.stop_signal, drain_signal=args.drain_signal,
-                   exec_mode=args.exec_mode, ready=args.ready,
-                   revive=args.revive, pidfile=args.pidfile, unlink=args.unlink,
-                   watch=args.watch, before_reload=args.before_reload,
-                   after_reload=args.after_reload, close_idle_ms=args.close_idle,
-                   multi=args.multi, metrics=args.metrics,
-                   metrics_allow_remote=args.metrics_allow_remote)
-    system = LinuxSystem(exec_mode=args.exec_mode)
     named = f" as {args.name!r}" if args.name else ""
     log.info(f"pid {os.getpid()}: starting {' '.join(cmd)}{named}")
     # Generation 1 starts before the supervisor is even imported, which happens
@@ -465,20 +469,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (atomically) with the control socket, before generation 1. Not with
     # --metrics: a refused or taken address must start nothing, and its
     # endpoint is the supervisor's (it opens before generation 1, as before).
-    first = (start_first(system, opts, name=args.name, output=output)
-             if opts.metrics is None else None)
-    if output is not None:
-        output.release_keeper()  # generation 1 has exec'd (hupt/output.py's start_keeper)
+    early = first = None
+    if args.metrics is None:
+        early = Early(exec_mode=args.exec_mode)
+        plan = FirstRun(argv=cmd, env=environment(servers_env(), env_file, {}), cwd=chdir,
+                        pidfile=args.pidfile, unlink=args.unlink,
+                        notify_ready=args.ready is not None and args.ready.kind == "notify")
+        first = start_first(early, plan, name=args.name, output=output)
+        if output is not None:
+            output.release_keeper()  # generation 1 has exec'd (hupt/output.py's start_keeper)
     try:
+        from hupt.linux import LinuxSystem
+        from hupt.options import Options
+        from hupt.readiness import Policy
         from hupt.sdnotify import Notifier
         from hupt.supervisor import Supervisor
 
+        opts = Options(argv=cmd, chdir=chdir, env_file=env_file,
+                       ready_timeout=args.ready_timeout, drain_timeout=args.drain_timeout,
+                       kill_timeout=args.kill_timeout, stop_signal=args.stop_signal,
+                       drain_signal=args.drain_signal, exec_mode=args.exec_mode,
+                       ready=args.ready or Policy("listen"), revive=args.revive,
+                       pidfile=args.pidfile, unlink=args.unlink, watch=args.watch,
+                       before_reload=args.before_reload, after_reload=args.after_reload,
+                       close_idle_ms=args.close_idle, multi=args.multi, metrics=args.metrics,
+                       metrics_allow_remote=args.metrics_allow_remote)
+        system = LinuxSystem(exec_mode=args.exec_mode)
+        if early is not None:
+            system.adopt_early(early)
         sup = Supervisor(system, opts, notifier=Notifier(), first=first, output=output)
         sup.endpoint.name = args.name
     except BaseException:
         if first is not None:
             abandon(first)
+        if early is not None:
+            early.close()
         raise
+    if output is not None:
+        output.release_keeper()
     return sup.run()
 
 

@@ -31,6 +31,21 @@ import re
 
 from hupt.errors import HuptError, UsageError
 
+# hupt's marker in the environment of every process it starts: "<hupt pid>.<generation>".
+GEN_ENV = "HUPT_GEN"
+# hupt's own debugging switch (hupt/loop.py): invariant violations raise.
+STRICT_ENV = "HUPT_STRICT"
+
+
+def servers_env() -> dict[str, str]:
+    """hupt's environment minus what is hupt's alone: the service manager's
+    NOTIFY_SOCKET (hupt answers to systemd; a generation that wrote to it would
+    report READY for hupt), and hupt's own debugging switch."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop(STRICT_ENV, None)
+    return env
+
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

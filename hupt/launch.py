@@ -7,10 +7,13 @@ the environment (with --ready notify, a NOTIFY_SOCKET of hupt's own), spawn.
 ``start_first`` (issue 14: ``hupt run`` should add little before the server
 runs) starts generation 1 with only what its exec needs imported: the
 control socket and the name (so a second instance with the name refuses
-before anything runs), the pidfile, then the spawn through the same System
-call.  The supervisor's parts (hupt/supervisor.py and everything below it)
-are imported and built afterwards, while the server starts; a bind() or
-listen() it makes meanwhile waits in the notify filter until hupt answers.
+before anything runs), the pidfile, then the spawn, through ``Early``
+(hupt/early.py), which LinuxSystem adopts later.  It takes a ``FirstRun``,
+not the supervisor's Options, and this module has no dataclass: importing
+dataclasses alone costs that path ~5 ms.  The supervisor's parts
+(hupt/supervisor.py and everything below it) are imported and built
+afterwards, while the server starts; a bind() or listen() it makes
+meanwhile waits in the notify filter until hupt answers.
 With --metrics the supervisor is built first, as before: a refused or taken
 metrics address must start nothing, and the endpoint is the supervisor's.
 Every signal is blocked from before the spawn until the supervisor's
@@ -24,8 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from hupt.command import environment
 from hupt.errors import HuptError
@@ -36,11 +38,13 @@ if TYPE_CHECKING:
     from hupt.options import Options
     from hupt.output import Output
     from hupt.sdnotify import Listener
-    from hupt.system import System
 
 
-@dataclass(frozen=True)
-class Launch:
+# NamedTuples, not dataclasses: this module is on `hupt run`'s path to the
+# server's exec, which importing dataclasses (inspect, ast, dis...) slows down.
+
+
+class Launch(NamedTuple):
     """What a new generation runs: the command as it is now, with a reload's change."""
 
     argv: list[str]
@@ -65,12 +69,12 @@ def launch_of(opts: Options, change: Change | None = None) -> Launch:
     return Launch(list(argv), env, program, opts.chdir or opts.cwd, opts.chdir)
 
 
-def generation_env(opts: Options, number: int,
+def generation_env(opts: Options | FirstRun, number: int,
                    base: dict[str, str]) -> tuple[dict[str, str], Listener | None]:
     """Generation ``number``'s environment, spawned or exec'd: ``base`` (the
     command's), with --ready notify a NOTIFY_SOCKET of hupt's own."""
     env = dict(base)
-    if opts.ready.kind != "notify":
+    if not _notify_ready(opts):
         return env, None
     from hupt.control import ensure_runtime_dir
     from hupt.sdnotify import Listener
@@ -81,15 +85,18 @@ def generation_env(opts: Options, number: int,
     return env, listener
 
 
-def unlink_files(opts: Options) -> None:
+def _notify_ready(opts: Options | FirstRun) -> bool:
+    return opts.notify_ready if isinstance(opts, FirstRun) else opts.ready.kind == "notify"
+
+
+def unlink_files(opts: Options | FirstRun) -> None:
     """--unlink: what a generation must not find when it starts (a stale pidfile)."""
     for path in opts.unlink:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-@dataclass
-class Started:
+class Started(NamedTuple):
     """A generation just spawned: its root, the fd to watch, what it was given."""
 
     number: int
@@ -100,7 +107,7 @@ class Started:
     launch: Launch
 
 
-def spawn_process(system: System, number: int, argv: list[str], env: dict[str, str],
+def spawn_process(system: Spawner, number: int, argv: list[str], env: dict[str, str],
                   cwd: str | None, output: Output | None) -> tuple[int, int]:
     """Spawn a process of generation ``number``; with ``output``, its stdout and stderr
     are pipes hupt reads (hupt/output.py)."""
@@ -115,7 +122,7 @@ def spawn_process(system: System, number: int, argv: list[str], env: dict[str, s
                 os.close(fd)
 
 
-def start_generation(system: System, opts: Options, number: int, la: Launch,
+def start_generation(system: Spawner, opts: Options | FirstRun, number: int, la: Launch,
                      output: Output | None = None) -> Started:
     """Spawn generation ``number`` running ``la`` (raises HuptError if it cannot start)."""
     unlink_files(opts)
@@ -130,8 +137,7 @@ def start_generation(system: System, opts: Options, number: int, la: Launch,
     return Started(number, pid, fd, env, ready, la)
 
 
-@dataclass
-class First:
+class First(NamedTuple):
     """``hupt run``'s generation 1, started before the supervisor was built."""
 
     started: Started
@@ -140,7 +146,28 @@ class First:
     mask: set[int | signal.Signals]  # the signal mask to restore once handlers are in place
 
 
-def start_first(system: System, opts: Options, *, name: str | None = None,
+class FirstRun(NamedTuple):
+    """What ``start_first`` needs of ``hupt run``'s options: the supervisor's Options
+    (a dataclass, with the readiness policies behind it) are built after the exec."""
+
+    argv: list[str]
+    env: dict[str, str]  # the command's (servers_env(), the --env-file read)
+    cwd: str | None  # --chdir
+    pidfile: str | None
+    unlink: list[str]
+    notify_ready: bool  # --ready notify: a NOTIFY_SOCKET of hupt's own
+
+
+class Spawner(Protocol):
+    """What starting a generation needs of the System (hupt/system.py), and all that
+    ``Early`` (hupt/early.py) offers before the System exists."""
+
+    def spawn(self, number: int, argv: list[str], env: dict[str, str],
+              cwd: str | None = None, stdio: tuple[int | None, int | None] = (None, None)
+              ) -> tuple[int, int]: ...
+
+
+def start_first(system: Spawner, opts: FirstRun, *, name: str | None = None,
                 control: bool = True, output: Output | None = None) -> First:
     """Open the control socket (taking ``name``), write the pidfile, start generation 1.
 
@@ -160,7 +187,8 @@ def start_first(system: System, opts: Options, *, name: str | None = None,
 
             write_pidfile(opts.pidfile, os.getpid())
             written = True
-        started = start_generation(system, opts, 1, launch_of(opts), output)
+        la = Launch(list(opts.argv), opts.env, None, opts.cwd, opts.cwd)
+        started = start_generation(system, opts, 1, la, output)
     except BaseException:
         if written and opts.pidfile:
             with contextlib.suppress(OSError):

@@ -40,9 +40,10 @@ from hupt.system import (
 from hupt.tracer import cgroup, pidfd, procfs
 from hupt.tracer.abi import SYS
 from hupt.tracer.notify import NotifyFd
-from hupt.tracer.spawn import spawn
+from hupt.tracer.spawn import notified_calls, spawn
 
 if TYPE_CHECKING:
+    from hupt.early import Early
     from hupt.tracer.accepting import PausedListeners
     from hupt.tracer.sockdiag import SockDiag
     from hupt.tracer.syscall_stops import ExitToExec, Report
@@ -59,13 +60,14 @@ class _Notifications:
     closed here, and the group has hung up when none is left.
     """
 
-    def __init__(self) -> None:
-        self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
+    def __init__(self, epoll: select.epoll | None = None) -> None:
+        self._epoll = epoll if epoll is not None else select.epoll(flags=select.EPOLL_CLOEXEC)
         self.handoffs: dict[int, Handoff] = {}
 
-    def add(self, handoff: Handoff) -> None:
+    def add(self, handoff: Handoff, *, registered: bool = False) -> None:
         fd = handoff.notify.fileno()
-        self._epoll.register(fd, select.EPOLLIN)
+        if not registered:  # (Early registered generation 1's: hupt/early.py)
+            self._epoll.register(fd, select.EPOLLIN)
         self.handoffs[fd] = handoff
 
     def fileno(self) -> int:
@@ -178,6 +180,12 @@ class LinuxSystem:
             self._groups = cgroup.open_groups(self._me)
         except HuptError as e:
             self._no_groups = str(e)
+        return self._report_groups()
+
+    def _report_groups(self) -> cgroup.Groups | None:
+        """Say whether hupt has cgroups; remove what killed hupts left (once)."""
+        if self._groups is None:
+            e = self._no_groups
             log.info(f"cgroups unavailable ({e}): generations are tracked by their process "
                      "tree; a server that daemonizes and rewrites its title may be lost")
             return None
@@ -200,10 +208,22 @@ class LinuxSystem:
         return time.monotonic()
 
     def _filter_calls(self, *, spawning: bool) -> list[SYS]:
-        syscalls = [SYS.bind, SYS.listen]
-        if self.listeners.has_unix or (self._exec_mode and spawning):
-            syscalls += [SYS.unlink, SYS.unlinkat]
-        return syscalls
+        return notified_calls(unix=self.listeners.has_unix or (self._exec_mode and spawning))
+
+    def adopt_early(self, early: Early) -> None:
+        """Take generation 1 as ``hupt run`` spawned it before this System existed
+        (hupt/early.py), as if ``spawn`` had made it."""
+        sp = early.spawned
+        if sp is None:
+            raise HuptError("no generation was spawned early")
+        self._groups, self._no_groups = early.groups, early.no_groups
+        self._report_groups()
+        if early.group_problem is not None:
+            log.warn(f"generation {sp.number} is tracked by its process tree: "
+                     f"{early.group_problem}")
+        early.spawned, early.groups = None, None  # ours now
+        self._register(sp.number, _GenRecord(group=sp.group), sp.pid, sp.notify_fd, sp.joined,
+                       sp.syscalls, _Notifications(sp.epoll))
 
     def spawn(self, number: int, argv: list[str], env: dict[str, str],
               cwd: str | None = None, stdio: tuple[int | None, int | None] = (None, None)
@@ -222,12 +242,19 @@ class LinuxSystem:
                 except HuptError as e:
                     log.warn(f"generation {number} is tracked by its process tree: {e}")
         try:
-            pid, notify, joined = spawn(argv, env, syscalls, cwd=cwd, stdout=stdio[0],
-                                        stderr=stdio[1], cgroup=rec.group)
+            pid, notify_fd, joined = spawn(argv, env, syscalls, cwd=cwd, stdout=stdio[0],
+                                           stderr=stdio[1], cgroup=rec.group)
         except BaseException:
             if fresh and rec.group is not None and self._groups is not None:
                 self._groups.remove(rec.group)
             raise
+        return self._register(number, rec, pid, notify_fd, joined, syscalls)
+
+    def _register(self, number: int, rec: _GenRecord, pid: int, notify_fd: int, joined: bool,
+                  syscalls: list[SYS], registered: _Notifications | None = None
+                  ) -> tuple[int, int]:
+        """A process of generation ``number`` was spawned: its group checked, its notify
+        fd watched (``registered``: in there already, by Early)."""
         if rec.group is not None and not joined:
             # --multi: a copy outside the group would be no member at all.
             log.warn(f"generation {number}: pid {pid} could not join {rec.group}: the "
@@ -236,11 +263,12 @@ class LinuxSystem:
                 self._groups.remove(rec.group)
             rec.group = None
         self._gens[number] = rec
+        notify = NotifyFd(notify_fd)
         notify.enable_sync_wakeup()
         group = rec.notifications
         if group is None:  # --multi: later copies join the first one's group
-            group = rec.notifications = _Notifications()
-        group.add(Handoff(number, notify, self.listeners))
+            group = rec.notifications = registered or _Notifications()
+        group.add(Handoff(number, notify, self.listeners), registered=registered is not None)
         rec.marker = number
         rec.unlink_covered |= SYS.unlink in syscalls
         if self._exec_mode and self._diag is None:

@@ -38,8 +38,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from hupt import log
+from hupt.command import STRICT_ENV
 
-STRICT_ENV = "HUPT_STRICT"
 # Rounds of ticks for timers still due after the first: a tick may make
 # another component due at once (a drained generation retired, a revive due).
 TICK_ROUNDS = 3

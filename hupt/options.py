@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from dataclasses import dataclass, field
 
 from hupt.address import Address
-from hupt.loop import STRICT_ENV
+from hupt.command import servers_env as servers_env
 from hupt.readiness import Policy
-
-
-def servers_env() -> dict[str, str]:
-    """hupt's environment minus what is hupt's alone: the service manager's
-    NOTIFY_SOCKET (hupt answers to systemd; a generation that wrote to it would
-    report READY for hupt), and hupt's own debugging switch."""
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop(STRICT_ENV, None)
-    return env
 
 
 @dataclass

@@ -75,7 +75,6 @@ import struct
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -212,14 +211,18 @@ def _say(msg: str) -> None:
         sys.stderr.flush()
 
 
-@dataclass(eq=False)
 class _Stream:
-    id: int
-    fd: int  # hupt's read end
-    which: int  # 1: stdout, 2: stderr
-    gen: int  # the generation its lines are labelled with
-    lines: Lines = field(default_factory=Lines)
-    watched: bool = False  # in the loop's selector
+    # (Not a dataclass: `hupt run` opens generation 1's pipes before the server's exec,
+    # and importing dataclasses would slow that path down.)
+    __slots__ = ("fd", "gen", "id", "lines", "watched", "which")
+
+    def __init__(self, id: int, fd: int, which: int, gen: int) -> None:
+        self.id = id
+        self.fd = fd  # hupt's read end
+        self.which = which  # 1: stdout, 2: stderr
+        self.gen = gen  # the generation its lines are labelled with
+        self.lines = Lines()
+        self.watched = False  # in the loop's selector
 
 
 class Output:
@@ -243,6 +246,7 @@ class Output:
         self._writing: set[int] = set()  # sinks waiting for room in the selector
         self._loop: Loop | None = None
         self._next_id = 0
+        self._closed = False
 
     def release_keeper(self) -> None:
         """Let the keeper start its interpreter (see start_keeper)."""
@@ -428,7 +432,11 @@ class Output:
                      "servers' output has nowhere to go (SIGPIPE)")
 
     def close(self) -> None:
-        """hupt exits: what the pipes hold now is written, the rest is the keeper's."""
+        """hupt exits: what the pipes hold now is written, the rest is the keeper's.
+        (Once: again is nothing.)"""
+        if self._closed:
+            return
+        self._closed = True
         for s in list(self._streams.values()):
             self._unwatch(s)
             if self._read(s, chunks=DRAIN_CHUNKS) and s.lines.partial:

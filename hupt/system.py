@@ -27,13 +27,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from hupt.address import Address
+from hupt.command import GEN_ENV as GEN_ENV
 from hupt.errors import HuptError
 
 if TYPE_CHECKING:
     from hupt.tracer.attach import AttachRefused as AttachRefused
     from hupt.tracer.attach import Server as Server
 
-GEN_ENV = "HUPT_GEN"
 
 
 @dataclass(frozen=True)

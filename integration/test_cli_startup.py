@@ -26,12 +26,16 @@ pytestmark = pytest.mark.root
 # Never needed by a control round trip (prefixes).
 CONTROL_HEAVY = ("rich", "pyroute2", "ptrace", "ctypes", "importlib.metadata", "hupt.tracer",
                  "hupt.supervisor", "hupt.linux", "hupt.fleet", "hupt.reload")
-# Imported by hupt run only once generation 1 has started.
+# Imported by hupt run only once generation 1 has started (hupt/early.py): the
+# supervisor, the Linux System and the readiness policies, and dataclasses (inspect,
+# ast, dis: ~5 ms) that nearly all of them use.
 AFTER_THE_EXEC = ("rich", "pyroute2", "ptrace", "importlib.metadata", "hupt.supervisor",
                   "hupt.fleet", "hupt.reload", "hupt.upgrade", "hupt.endpoint", "hupt.draining",
                   "hupt.announce", "hupt.hooks", "hupt.revive", "hupt.detach", "hupt.watch",
                   "hupt.snapshot", "hupt.tracer.attach", "hupt.tracer.inject",
-                  "hupt.tracer.sockdiag", "hupt.tracer.accepting")
+                  "hupt.tracer.sockdiag", "hupt.tracer.accepting", "hupt.linux", "hupt.system",
+                  "hupt.options", "hupt.readiness", "hupt.handoff", "hupt.listeners",
+                  "hupt.tracer.notify", "dataclasses", "inspect")
 
 CLI = """
 import json, sys

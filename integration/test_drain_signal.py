@@ -148,8 +148,11 @@ def test_without_drain_signal_a_persistent_client_holds_the_drain_and_hupt_says_
         assert len(draining) == 1 and draining[0]["pid"] == old, gens
         assert draining[0]["in_flight"] >= 1 and draining[0]["draining_s"] >= 5, draining
         assert draining[0]["drain_signal"] is None
-        # The persistent client's connection, open since before the reload.
-        assert draining[0]["oldest_connection_s"] >= 5, draining
+        # The persistent client's connection, open since before the reload. hupt dates a
+        # connection from the drain poll that first saw it, which a busy machine delays
+        # past the drain's start (4.93 s once, where draining_s was 5.0).
+        assert draining[0]["oldest_connection_s"] >= 4, draining
+        assert draining[0]["oldest_connection_s"] <= draining[0]["draining_s"], draining
         plain = hupt_cli("status", str(h.pid), timeout=30).stdout
         assert "--drain-signal" in plain and "still open" in plain, plain
     # The client gone, its connection closes and the old generation drains.

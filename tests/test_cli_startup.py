@@ -94,16 +94,18 @@ def test_generation_1_started_before_the_supervisor_is_supervised_as_any(
 
     from hupt.address import AF_INET, Address
     from hupt.generations import State
-    from hupt.launch import start_first
+    from hupt.launch import FirstRun, start_first
     from hupt.supervisor import Options, Supervisor
     from tests.fakes import FakeSystem
 
     fake = FakeSystem()
     pidfile = tmp_path / "hupt.pid"
     opts = Options(argv=["server"], env={"A": "1"}, pidfile=str(pidfile))
+    plan = FirstRun(argv=["server"], env={"A": "1"}, cwd=None, pidfile=str(pidfile), unlink=[],
+                    notify_ready=False)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
-        first = start_first(fake, opts, control=False)
+        first = start_first(fake, plan, control=False)
         assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), \
             "blocked until the supervisor's handlers are in place"
         assert first.mask == before and first.pidfile == str(pidfile)
@@ -126,8 +128,7 @@ def test_generation_1_started_before_the_supervisor_is_supervised_as_any(
 def test_a_first_generation_that_cannot_start_leaves_nothing(tmp_path: Path) -> None:
     import signal
 
-    from hupt.launch import start_first
-    from hupt.supervisor import Options
+    from hupt.launch import FirstRun, start_first
     from hupt.tracer.spawn import SpawnError
     from tests.fakes import FakeSystem
 
@@ -137,8 +138,8 @@ def test_a_first_generation_that_cannot_start_leaves_nothing(tmp_path: Path) -> 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
         with pytest.raises(SpawnError):
-            start_first(fake, Options(argv=["server"], env={}, pidfile=str(pidfile)),
-                        control=False)
+            start_first(fake, FirstRun(argv=["server"], env={}, cwd=None, pidfile=str(pidfile),
+                                       unlink=[], notify_ready=False), control=False)
         assert not pidfile.exists()
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     finally:

@@ -102,7 +102,7 @@ def test_the_control_server_refuses_an_unsafe_runtime_dir_in_one_line(
     assert not list(other.iterdir()), "a socket was created through the symlink"
     # And `hupt run` says so in one line, exit 2, having started nothing.
     flag = tmp_path / "started"
-    monkeypatch.setattr("hupt.system.become_subreaper", lambda: None)
+    monkeypatch.setattr("hupt.tracer.subreaper.become_subreaper", lambda: None)
     assert cli.main(["run", "--", "sh", "-c", f"touch {flag}"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hupt: error: the runtime directory") and "symlink" in err[-1]
@@ -161,7 +161,7 @@ def test_a_bad_pidfile_starts_nothing_and_removes_nothing(fake: FakeSystem,
 
 def test_pidfile_errors_are_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr("hupt.system.become_subreaper", lambda: None)
+    monkeypatch.setattr("hupt.tracer.subreaper.become_subreaper", lambda: None)
     flag = tmp_path / "started"
     for pidfile, needle in ((tmp_path / "no" / "x.pid", "does not exist"),
                             (tmp_path, "is a directory")):

@@ -149,7 +149,7 @@ def test_a_grouped_generations_retitled_process_is_not_in_transit_for_the_others
     has nothing in transit and is empty at once."""
     sys = LinuxSystem()
     sys._gens[1] = _GenRecord(group=group_with(tmp_path, "gen.1", {sleeper}))
-    sys._gens[2] = _GenRecord(marker=2, members={12345})
+    sys._gens[2] = _GenRecord(marker=2, members={dead_pid()})  # not 12345: it may live
     assert sys.members({1: dead_pid(), 2: dead_pid()}) == {1: {sleeper}, 2: set()}
 
 

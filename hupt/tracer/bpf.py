@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hupt.tracer.abi import BPF_MAXINSNS, SOCK_FILTER
 
@@ -71,23 +71,29 @@ class InvalidProgram(ValueError):
     """A program the kernel's checker would refuse, or one that cannot be encoded."""
 
 
-@dataclass(frozen=True)
-class Insn:
+# Tuples, not dataclasses: this module is on `hupt run`'s path to the server's
+# exec, and importing dataclasses (inspect, ast, dis...) costs that path ~5 ms.
+class _InsnFields(NamedTuple):
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+class Insn(_InsnFields):
     """One ``struct sock_filter``: jt/jf are forward offsets from the next instruction."""
 
-    code: int
-    jt: int = 0
-    jf: int = 0
-    k: int = 0
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if not (0 <= self.code <= 0xFFFF and 0 <= self.jt <= 0xFF and 0 <= self.jf <= 0xFF
-                and 0 <= self.k <= 0xFFFFFFFF):
-            raise InvalidProgram(f"field out of range in {self}")
+    def __new__(cls, code: int, jt: int = 0, jf: int = 0, k: int = 0) -> Insn:
+        if not (0 <= code <= 0xFFFF and 0 <= jt <= 0xFF and 0 <= jf <= 0xFF
+                and 0 <= k <= 0xFFFFFFFF):
+            raise InvalidProgram(f"field out of range in Insn(code={code}, jt={jt}, jf={jf}, "
+                                 f"k={k})")
+        return super().__new__(cls, code, jt, jf, k)
 
 
-@dataclass(frozen=True)
-class Jump:
+class Jump(NamedTuple):
     """A jump whose targets are label names, resolved by ``assemble``; None = next insn.
 
     For JA the target is ``jt``.
@@ -99,8 +105,7 @@ class Jump:
     jf: str | None = None
 
 
-@dataclass(frozen=True)
-class Label:
+class Label(NamedTuple):
     """Marks the position of the instruction that follows it."""
 
     name: str

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
 
 from hupt.errors import HuptError
 
@@ -116,12 +115,19 @@ def _remove(path: str) -> bool:
     return True
 
 
-@dataclass
 class Groups:
-    """hupt's own groups: ``base`` = <hierarchy>/<hupt's group>/hupt.<pid>."""
+    """hupt's own groups: ``base`` = <hierarchy>/<hupt's group>/hupt.<pid>.
 
-    base: str
-    made: set[str] = field(default_factory=set)  # generations' groups not removed yet
+    (A plain class: this module is on `hupt run`'s path to the server's exec,
+    which importing dataclasses would slow down.)
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.made: set[str] = set()  # generations' groups not removed yet
+
+    def __repr__(self) -> str:
+        return f"Groups({self.base!r})"
 
     def create(self, number: int) -> str:
         path = os.path.join(self.base, f"{GEN_PREFIX}{number}")

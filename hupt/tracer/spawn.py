@@ -45,7 +45,6 @@ from hupt import fdlimit
 from hupt.errors import HuptError, KernelError
 from hupt.tracer import clone, seccomp
 from hupt.tracer.abi import SYS
-from hupt.tracer.notify import NotifyFd
 
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
                   signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
@@ -55,11 +54,18 @@ class SpawnError(HuptError):
     pass
 
 
+def notified_calls(*, unix: bool) -> list[SYS]:
+    """The calls a spawned generation's filter hands to hupt: bind and listen, and
+    with ``unix`` (hupt holds a unix socket path, or exec mode, whose next image
+    removes its path before binding it) unlink and unlinkat."""
+    return [SYS.bind, SYS.listen, *((SYS.unlink, SYS.unlinkat) if unix else ())]
+
+
 def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
           cwd: str | None = None, stdout: int | None = None,
-          stderr: int | None = None, cgroup: str | None = None) -> tuple[int, NotifyFd, bool]:
+          stderr: int | None = None, cgroup: str | None = None) -> tuple[int, int, bool]:
     """Fork, install the notify filter in the child, exec ``argv``; return (pid, notify
-    fd, whether it joined ``cgroup``)."""
+    fd (close-on-exec, the caller's to close), whether it joined ``cgroup``)."""
     prog = seccomp.build_filter(notify)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -91,7 +97,7 @@ def spawn(argv: Sequence[str], env: dict[str, str], notify: Iterable[SYS], *,
     if notify_fd is None:
         os.waitpid(pid, 0)
         raise SpawnError(f"cannot start {argv[0]!r}: the child sent no notify fd")
-    return pid, NotifyFd(notify_fd), joined and cgroup is not None
+    return pid, notify_fd, joined and cgroup is not None
 
 
 def _fork_into(cgroup: str) -> int | None:
