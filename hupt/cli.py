@@ -476,8 +476,6 @@ def _run(args: argparse.Namespace, cmd: list[str], chdir: str | None, env_file: 
                         pidfile=args.pidfile, unlink=args.unlink,
                         notify_ready=args.ready is not None and args.ready.kind == "notify")
         first = start_first(early, plan, name=args.name, output=output)
-        if output is not None:
-            output.release_keeper()  # generation 1 has exec'd (hupt/output.py's start_keeper)
     try:
         from hupt.linux import LinuxSystem
         from hupt.options import Options
@@ -506,7 +504,7 @@ def _run(args: argparse.Namespace, cmd: list[str], chdir: str | None, env_file: 
             early.close()
         raise
     if output is not None:
-        output.release_keeper()
+        output.release_keeper()  # not before: see hupt/output.py's start_keeper
     return sup.run()
 
 

@@ -479,11 +479,14 @@ def start_keeper() -> tuple[socket.socket, int] | None:
     Before hupt becomes a child subreaper: the keeper is double-forked, so it
     is re-parented to init (or the nearest subreaper above hupt), never to
     hupt.  None if it cannot be started (hupt then runs without one).  ``hupt
-    run`` closes the hold once generation 1 has exec'd (``Output.release_keeper``):
-    the keeper's interpreter start, a few ms of CPU, would otherwise compete
-    with hupt's own path to that exec (10 ms more to it, measured on one CPU).
-    Meanwhile the channel queues what hupt sends; hupt gone, the hold closes
-    with it and the keeper starts as before.
+    run`` closes the hold once generation 1 has exec'd and the supervisor is
+    built (``Output.release_keeper``): the keeper's interpreter start, 10 ms of
+    CPU, would otherwise compete with hupt's own path to that exec, and then
+    with the server's first steps (10 to 13 ms from the exec to the server's
+    first instruction in 5 of 12 starts on one CPU, 3 to 5 ms once moved).
+    Meanwhile the pipes hold what generation 1 writes and the channel queues
+    what hupt sends; hupt gone, the hold closes with it and the keeper starts
+    as before.
     """
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
