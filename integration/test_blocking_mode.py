@@ -21,7 +21,10 @@ spins on EAGAIN), a different mode in each generation: fork mode reloads
 and rollbacks under fresh and persistent clients, 0 failed requests, each
 old generation gone well before --drain-timeout, and each generation's view
 read from /proc/PID/fdinfo/FD (or printed by the server at its SIGTERM,
-when its fd holds hupt's stand-in).
+when its fd holds hupt's stand-in).  In exec mode one process runs image
+after image, each in its own mode: each drains on a stand-in in its mode and
+the next one gets the very socket in the mode it asked for (the handoff's
+F_SETFL; without it the test fails).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from harness import (
     fdinfo_flags,
     free_port,
     http_get,
+    socket_inodes,
     wait_for,
     wait_gone,
     wait_listening,
@@ -249,3 +253,51 @@ def test_a_rollback_gives_the_old_generation_its_own_blocking_mode_back(
     assert not wait_gone(set(failed), 15), "the generations that failed are stopped"
     _check_views_at_term(h, _started(h))
     stop_gracefully(h)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("first,second", [("nonblock", "block"), ("block", "nonblock")])
+def test_exec_mode_gives_each_image_its_own_blocking_mode(
+        first: str, second: str, procs: Procs, tmp_path: Path) -> None:
+    """Exec mode: one process, a different mode in each image.  The paused image's
+    stand-in has its mode (it drains on it: a blocking acceptor that saw EAGAIN
+    would spin, an event loop given a blocking one would sleep in accept()), and
+    the image exec'd in its place gets the held socket in the mode it asked for."""
+    h, target, mode_file = _start(procs, tmp_path, first, "--exec", "--drain-signal", "TERM")
+    ((pid, (_, fd)),) = _started(h, 1).items()
+    (held,) = [ino for ino, at in socket_inodes(pid).items() if at == fd]
+    order = [first, second, first, second]
+    with Load(target, fresh=2, keepalive=1, persistent=2) as load:
+        time.sleep(0.5)
+        for i, mode in enumerate(order[1:]):
+            mode_file.write_text(mode)
+            r = h.reload()
+            assert r.returncode == 0, f"reload {i + 1}: {r.stderr}\n{h.log()}"
+            lines = _start_lines(h, i + 2)
+            p, seen_mode, seen_fd = lines[i + 1]
+            assert (int(p), seen_mode) == (pid, mode), "the same process, the new image's mode"
+            assert _nonblock(pid, int(seen_fd)) == (mode == "nonblock"), (
+                f"reload {i + 1}: the new image's own view of the held socket")
+            assert socket_inodes(pid).get(held) == int(seen_fd), "the very socket of image 1"
+            time.sleep(0.5)
+    assert load.result.failed == 0, load.result.summary() + h.log()
+    assert load.result.persistent_ok > 20, load.result.summary()
+    assert load.result.pids == {pid}, load.result.summary()
+    log = h.log()
+    at_term = [int(f, 8) for p, f in AT_TERM.findall(log) if int(p) == pid]
+    assert len(at_term) == len(order) - 1, log
+    for image, flags in zip(order, at_term, strict=False):
+        assert bool(flags & O_NONBLOCK_FLAG) == (image == "nonblock"), (
+            f"an image in {image} mode saw flags {flags:o} on its paused listener\n{log}")
+    for image, (_, n) in zip(order, EAGAIN.findall(log), strict=False):
+        if image == "block":
+            assert int(n) == 0, f"a blocking image spun on EAGAIN {n} times\n{log}"
+    stop_gracefully(h)
+
+
+def _start_lines(h: HuptProcess, count: int) -> list[tuple[str, str, str]]:
+    """The first ``count`` start lines, in order (exec mode: one PID, a line per image)."""
+    def seen() -> list[tuple[str, str, str]] | None:
+        lines: list[tuple[str, str, str]] = STARTED.findall(h.log())
+        return lines if len(lines) >= count else None
+    return wait_for(f"{count} images' start lines", seen, 20, proc=h)
