@@ -454,6 +454,9 @@ def test_exec_mode_reload_of_a_daemonized_server_says_why_in_one_line(
         wait_listening(("127.0.0.1", port), 20, proc=h)
         daemon = wait_for("the redis daemon", lambda: len(s := _redis_servers(port)) == 1 and s,
                           10, h)
+        # Said at start, before any reload: the launcher exited 0, its daemon lives on.
+        wait_for("hupt's warning", lambda: "did the server daemonize?" in h.log(), 10, h)
+        assert "exec mode reloads the process hupt started in place" in h.log(), h.log()
         r = h.reload()
         assert r.returncode != 0, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.strip()]
