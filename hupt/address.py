@@ -16,7 +16,7 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hupt.errors import UsageError
 
@@ -128,6 +128,20 @@ def from_socket_name(family: int, name: object) -> Address:
         return Address(AF_UNIX, path=name)
     assert isinstance(name, tuple)
     return Address(family, str(name[0]), int(name[1]))
+
+
+def parse_datagram_address(text: str) -> Address:
+    """Parse "udp:HOST:PORT", "udp:[V6]:PORT", "unixgram:PATH" or "unixgram:@NAME"
+    (the forms hupt prints datagram addresses in)."""
+    try:
+        if text.startswith("udp:") and not text.startswith("udp:unix:"):
+            return replace(parse_user_address(text[4:]), kind=SOCK_DGRAM)
+        if text.startswith("unixgram:"):
+            return replace(parse_user_address("unix:" + text[9:]), kind=SOCK_DGRAM)
+    except UsageError:
+        pass
+    raise UsageError(f"not a datagram address: {text!r} (expected udp:HOST:PORT, "
+                     "udp:[V6]:PORT, unixgram:PATH or unixgram:@NAME)")
 
 
 def parse_user_address(text: str) -> Address:

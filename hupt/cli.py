@@ -741,6 +741,12 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> N
     at.add_argument("--yes", action="store_true",
                     help="do not ask for confirmation, before attaching or before detaching "
                          "(for scripts)")
+    at.add_argument("--datagram", type=_datagram_address, action="append", metavar="ADDR",
+                    help="also hold the server's datagram socket bound to ADDR "
+                         "(udp:HOST:PORT, udp:[V6]:PORT, unixgram:PATH, unixgram:@NAME; "
+                         "repeat for each): each new image gets that very socket, with the "
+                         "datagrams queued in it. Named, never guessed: an unconnected "
+                         "datagram socket may be a client's")
     _add_timeouts(
         at,
         ready="the re-exec'd server must listen on every address within S seconds "
@@ -758,6 +764,15 @@ def _add_attach_parser(sub: argparse._SubParsersAction[_Parser], help: str) -> N
                           "connections and exits, and hupt turns that exit into the exec of "
                           "its program (same PID; its parent never sees an exit)")
     _add_metrics(at)
+
+
+def _datagram_address(text: str) -> object:
+    from hupt.address import parse_datagram_address
+
+    try:
+        return parse_datagram_address(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _metrics_address(text: str) -> object:
@@ -817,7 +832,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
         pass
     else:
         raise AttachRefused(f"PID {pid} is already under hupt (pid {owner})")
-    server = inspect_server(pid)
+    datagrams = frozenset(args.datagram or ())
+    server = inspect_server(pid, datagrams)
     env = dict(_env_pair(e) for e in server.env if b"=" in e)
     program: str | None
     if given:
@@ -848,7 +864,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
                    program=program,
                    detach_on_stop=True, confirm_detach=not args.yes,
                    metrics=args.metrics, metrics_allow_remote=args.metrics_allow_remote)
-    sup = Supervisor(LinuxSystem(exec_mode=True), opts)
+    sup = Supervisor(LinuxSystem(exec_mode=True, attach_datagrams=datagrams), opts)
     sup.open_metrics()  # a refused --metrics address before the server is touched
     sup.adopt(pid)
     log.info(f"pid {os.getpid()}: supervising pid {pid}; reload with `hupt reload {pid}`")

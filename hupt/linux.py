@@ -161,9 +161,11 @@ class LinuxSystem:
     once hupt is gone.
     """
 
-    def __init__(self, *, exec_mode: bool = False) -> None:
+    def __init__(self, *, exec_mode: bool = False,
+                 attach_datagrams: frozenset[Address] = frozenset()) -> None:
         self.listeners = Listeners()
         self._exec_mode = exec_mode
+        self._attach_datagrams = attach_datagrams  # hupt attach --datagram
         self._gens: dict[int, _GenRecord] = {}  # by generation number
         self._diag: SockDiag | None = None
         self._me = os.getpid()
@@ -283,7 +285,7 @@ class LinuxSystem:
     def attach(self, number: int, pid: int) -> Attached:
         from hupt.tracer import attach, bpf, seccomp
 
-        server = attach.inspect(pid)
+        server = attach.inspect(pid, self._attach_datagrams)
         taken: list[Address] = []
         try:
             for lst in server.listeners:

@@ -237,16 +237,16 @@ def parent_of(pid: int) -> int:
     return procfs.ppid_of(pid)
 
 
-def inspect_server(pid: int) -> Server:
+def inspect_server(pid: int, datagrams: frozenset[Address] = frozenset()) -> Server:
     """What ``hupt attach`` would take over in ``pid``, without changing anything:
-    its command, environment, processes and listening sockets.
+    its command, environment, processes, listening sockets and the ``datagrams``.
 
     Raises AttachRefused if it cannot be taken over (gone, traced by someone
     else, no listening socket, no permission).
     """
     from hupt.tracer import attach
 
-    return attach.inspect(pid)
+    return attach.inspect(pid, datagrams)
 
 
 def __getattr__(name: str) -> object:

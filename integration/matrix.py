@@ -284,7 +284,6 @@ EXEC_DAEMON = ("exec mode reloads the process hupt started, which has exited (di
 # Tried: the launcher the cell starts exits as it daemonizes, and hupt attach says "PID
 # and its children have no listening socket"; attaching to the daemon itself is untried.
 ATTACH_DAEMON = "not run: the process started exits as it daemonizes (attach the daemon itself)"
-NO_DGRAM_ATTACH = "hupt attach takes listening sockets only, not datagram sockets"
 
 
 def _nginx_modes() -> dict[str, tuple[str, ...] | str]:
@@ -350,10 +349,10 @@ SERVERS: list[Server] = [
            modes={"fork": FORK, "exec": EXEC_DAEMON, "attach": ATTACH_DAEMON},
            needs=("redis-server", "redis-benchmark")),
     Server("UDP echo server", udp_echo, load="udp", note="numbered datagrams, python",
-           modes={"fork": FORK, "exec": ("--exec",), "attach": NO_DGRAM_ATTACH}),
+           modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
     Server("dnsmasq", dnsmasq, load="udp", dns_name="example.test",
            note="DNS queries in a loop, --no-daemon", needs=("dnsmasq",),
-           modes={"fork": FORK, "exec": ("--exec",), "attach": NO_DGRAM_ATTACH}),
+           modes={"fork": FORK, "exec": ("--exec",), "attach": ()}),
 ]
 
 

@@ -328,34 +328,59 @@ def test_matrix_cell(cell: tuple[str, str], procs: Procs, tmp_path: Path,
 
 def datagram_cell(spec: Server, mode: str, opts: tuple[str, ...], procs: Procs,
                   tmp_path: Path) -> None:
-    """A "udp" row: test_datagram's own counting load and checks (fork and exec only).
+    """A "udp" row: test_datagram's own counting load and checks.
 
     Every datagram numbered and answered (0 lost, 0 refused), hupt holding the same
-    socket throughout, and each new generation reading that socket.
+    socket throughout, and each new generation reading that socket.  Attached, the
+    server is started alone and taken over with `--datagram` naming its address.
     """
     from datagram_load import dns_query
-    from test_datagram import ask, check_result, free_udp_port, held_inode, reloads_under_load
+    from test_datagram import (
+        address_of,
+        ask,
+        check_result,
+        free_udp_port,
+        held_inode,
+        reloads_under_load,
+    )
 
     for program in spec.needs:
         assert shutil.which(program) or Path("/usr/sbin", program).exists(), (
             f"{program} is needed (.ci/run installs it)")
     target = ("127.0.0.1", free_udp_port("127.0.0.1"))
-    h = procs.hupt(*opts, *hupt_opts(), cmd=spec.cmd(tmp_path, target), env=spec.env)
+    cmd = spec.cmd(tmp_path, target)
 
     def answering() -> bool:
         probe = dns_query(1, spec.dns_name) if spec.dns_name else b"0"
         return ask(target, probe, timeout=2) is not None
-    wait_for(f"{spec.name} to answer", answering, 30, h)
-    inode = held_inode(h, target)
-    first = (wait_for("generation 1's root", lambda: next(iter(children(h.pid)), None), 10)
-             if mode == "exec" else None)
+
+    h: HuptProcess | _Attached
+    first: int | None
+    if mode == "attach":
+        server = procs.spawn(cmd, name=spec.name.split()[0], env=spec.env)
+        wait_for(f"{spec.name} to answer", answering, 30, server)
+        sup = procs.spawn([sys.executable, "-m", "hupt", "attach", "--yes", *opts,
+                           "--datagram", address_of(target), *hupt_opts(), str(server.pid),
+                           "--", *cmd], name="attach")
+        wait_for("hupt attach to take over",
+                 lambda: "supervising pid" in sup.err.read_text() or sup.poll() is not None,
+                 30)
+        assert sup.poll() is None, sup.log()
+        h, root, first = _Attached(sup, server), server.pid, server.pid
+    else:
+        h = procs.hupt(*opts, *hupt_opts(), cmd=cmd, env=spec.env)
+        wait_for(f"{spec.name} to answer", answering, 30, h)
+        root = h.pid
+        first = (wait_for("generation 1's root", lambda: next(iter(children(h.pid)), None),
+                          10) if mode == "exec" else None)
+    inode = held_inode(h, target)  # type: ignore[arg-type]
     born = start_time(first) if first is not None else None
-    res = reloads_under_load(h, target, exec_pid=first, dns_name=spec.dns_name,
-                             reloads=RELOADS)
-    assert held_inode(h, target) == inode, "the same held socket"
+    res = reloads_under_load(h, target, exec_pid=first,  # type: ignore[arg-type]
+                             dns_name=spec.dns_name, reloads=RELOADS)
+    assert held_inode(h, target) == inode, "the same held socket"  # type: ignore[arg-type]
     if first is not None:
         assert start_time(first) == born, f"pid {first} still runs every image"
-    processes = settled_processes(spec, mode, h, h.pid)
+    processes = settled_processes(spec, mode, h, root)  # type: ignore[arg-type]
     failed = len(res.lost) + res.refused + len(res.errors) + res.bad_answers
     figures = {
         "reloads": RELOADS, "requests": res.sent, "failed": failed,
@@ -365,6 +390,27 @@ def datagram_cell(spec: Server, mode: str, opts: tuple[str, ...], procs: Procs,
     check_result(res, min_sent=100)
     assert processes == spec.processes, processes
     record(spec.name, mode, figures)
+
+
+class _Attached:
+    """`hupt attach` where test_datagram drives a HuptProcess: hupt's PID (the socket's
+    holder), both logs, and reloads by the server's PID."""
+
+    def __init__(self, sup: Started, server: Started) -> None:
+        self.sup, self.server = sup, server
+
+    @property
+    def pid(self) -> int:
+        return self.sup.pid
+
+    def poll(self) -> int | None:
+        return self.sup.poll()
+
+    def log(self) -> str:
+        return self.sup.log() + self.server.log()
+
+    def reload(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return hupt_cli("reload", *args, str(self.server.pid), timeout=60)
 
 
 def start_time(pid: int) -> int | None:

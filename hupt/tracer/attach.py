@@ -59,7 +59,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hupt.address import Address, from_socket_name
 from hupt.errors import AccessDenied, HuptError, InjectionError, KernelError, NoSuchProcess
@@ -94,13 +94,14 @@ class Server:
     filters: dict[int, int] = field(default_factory=dict)  # pid -> seccomp filters before
 
 
-def inspect(pid: int) -> Server:
+def inspect(pid: int, datagrams: frozenset[Address] = frozenset()) -> Server:
     """Look at process ``pid`` and its descendants; raise AttachRefused if it cannot be taken over.
 
-    Changes nothing in the server.
+    ``datagrams``: the datagram sockets to take too, by the address they are bound
+    to (the user names them: see ``_datagram_sockets``).  Changes nothing in the server.
     """
     try:
-        return _inspect(pid)
+        return _inspect(pid, datagrams)
     except NoSuchProcess as e:
         raise AttachRefused(f"no process with PID {pid}") from e
     except AccessDenied as e:
@@ -109,7 +110,7 @@ def inspect(pid: int) -> Server:
                             "kernel.yama.ptrace_scope=0)") from e
 
 
-def _inspect(pid: int) -> Server:
+def _inspect(pid: int, datagrams: frozenset[Address]) -> Server:
     if pid == os.getpid():
         raise AttachRefused("hupt cannot attach to itself")
     if procfs.tgid_of(pid) != pid:
@@ -122,9 +123,11 @@ def _inspect(pid: int) -> Server:
             if tracer:
                 raise AttachRefused(f"PID {p} is being traced by PID {tracer}")
     listeners = _listeners(processes)
+    if datagrams:
+        listeners += _datagram_sockets(pid, processes, datagrams)
     if not listeners:
         raise AttachRefused(f"PID {pid} and its children have no listening socket "
-                            "(TCP or unix stream)")
+                            "(TCP or unix stream; name datagram ones with --datagram ADDR)")
     exe = procfs.exe(pid)
     if exe.endswith(" (deleted)"):
         exe = exe[: -len(" (deleted)")]
@@ -193,6 +196,40 @@ def _listeners(processes: list[int]) -> list[Listener]:
         if address.chosen:
             out.append(Listener(address, ino, backlog[ino], tuple(where)))
     return out
+
+
+def _datagram_sockets(root: int, processes: list[int],
+                      wanted: frozenset[Address]) -> list[Listener]:
+    """The datagram sockets of ``processes`` bound to the ``wanted`` addresses.
+
+    Named by the user, never guessed: a bound, unconnected datagram socket may
+    as well be a client's (one that sent with sendto() got an ephemeral port),
+    and a held address is one every new image must bind before it counts as
+    ready.  Refused if one of them is not found.
+    """
+    seen: dict[int, Address | None] = {}
+    holders: dict[Address, tuple[int, list[tuple[int, int]]]] = {}
+    for p in processes:
+        try:
+            fds = procfs.socket_inodes(p)
+        except NoSuchProcess:
+            continue
+        for fd, ino in sorted(fds.items()):
+            if ino not in seen:
+                seen[ino] = None
+                with _their_socket(p, fd) as sock:
+                    if sock is not None and sock.type == socket.SOCK_DGRAM:
+                        seen[ino] = replace(_address(sock, p), kind=socket.SOCK_DGRAM)
+            addr = seen[ino]
+            if addr is not None and addr in wanted:
+                holders.setdefault(addr, (ino, []))[1].append((p, fd))
+    missing = sorted(wanted - set(holders))
+    if missing:
+        found = sorted({a for a in seen.values() if a is not None and a.chosen})
+        has = ", ".join(map(str, found)) if found else "none"
+        raise AttachRefused(f"PID {root} and its children have no datagram socket on "
+                            f"{', '.join(map(str, missing))} (bound datagram sockets: {has})")
+    return [Listener(addr, ino, 0, tuple(where)) for addr, (ino, where) in holders.items()]
 
 
 def _address(sock: socket.socket, pid: int) -> Address:
