@@ -187,10 +187,15 @@ class Handoff:
                 old = self.first_reuseport.pop(addr, None)
                 if old is not None:
                     old.close()
-                if held is None and reuseport(theirs):
-                    kept = socket.socket(fileno=os.dup(theirs.fileno()))
-                    os.set_inheritable(kept.fileno(), False)
-                    self.first_reuseport[addr] = kept
+                # The first SO_REUSEPORT socket is bound here rather than let
+                # through: a later bind of the group is handed this very socket
+                # and may listen() on it before a CONTINUE'd bind has run, and
+                # listen() on an unbound socket binds it to an ephemeral port;
+                # the first bind then fails with EINVAL (CI, four workers
+                # binding at one moment).
+                if held is None and reuseport(theirs) and self._bind_first(n, theirs, raw,
+                                                                           addr):
+                    return None
                 self.notify.send_continue(n.id)
                 return None
         if self._hand(n, fd, give, addr):
@@ -262,6 +267,28 @@ class Handoff:
         log.debug(f"generation {self.generation}: bound and holding datagram socket {addr}")
         return self._count(n.pid, addr)
 
+    def _bind_first(self, n: Notification, theirs: socket.socket, raw: bytes,
+                    addr: Address) -> bool:
+        """Bind ``theirs``, the first SO_REUSEPORT socket on ``addr``, as the server
+        asked, and answer its bind (the kernel's error, if any); False if hupt may
+        not make that bind (a privileged port, a policy on hupt): the caller lets
+        the server's own call through then."""
+        try:
+            _bind_raw(theirs.fileno(), raw)
+        except KernelError as e:
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return False
+            self.notify.send_result(n.id, error=e.errno)
+            return True
+        # Kept before the answer: a bind withdrawn by a signal comes again, and
+        # finds its socket bound and first in its group.
+        kept = socket.socket(fileno=os.dup(theirs.fileno()))
+        os.set_inheritable(kept.fileno(), False)
+        self.first_reuseport[addr] = kept
+        self.notify.send_result(n.id, 0)
+        log.debug(f"generation {self.generation}: bound {addr} (SO_REUSEPORT) for it")
+        return True
+
     def _first_of_group(self, addr: Address, theirs: socket.socket) -> socket.socket | None:
         """The socket this generation already bound to ``addr`` with SO_REUSEPORT, if
         ``theirs`` would join it in a reuseport group.
@@ -275,9 +302,10 @@ class Handoff:
         first = self.first_reuseport.get(addr)
         if first is None or first.family != theirs.family or not reuseport(theirs):
             return None
-        # Its own bind was let through (CONTINUE) but may not have run yet: the
-        # process that made it is runnable, not necessarily scheduled.  Unbound
-        # is therefore fine; bound elsewhere is not the same socket's business.
+        # Where hupt could not bind it itself (_bind_first), its own bind was let
+        # through (CONTINUE) but may not have run yet: the process that made it
+        # is runnable, not necessarily scheduled.  Unbound is therefore fine;
+        # bound elsewhere is not the same socket's business.
         if not (_bound_to(first, addr) or _unbound(first)):
             return None
         return first
