@@ -487,10 +487,9 @@ class Fleet:
             if ((g.pid == pid and g.replaced_by is None)
                     or pid in g.pids or pid in members.get(g.number, ())):
                 g.exit_status = status
-            left = members.get(g.number, set()) - {pid}
             if (self.opts.exec_mode and g.pid == pid and g.replaced_by is None and status == 0
-                    and left and not g.retired_by_hupt
-                    and g.state in (State.STARTING, State.SERVING)):
+                    and not g.retired_by_hupt and g.state in (State.STARTING, State.SERVING)
+                    and (left := members.get(g.number, set()) - {pid})):
                 # Said now, not only when the first reload fails: the operator who
                 # just started it is the one who can change the server's config.
                 log.warn(f"{g}: its process {pid} exited 0 and left {len(left)} other "

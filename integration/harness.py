@@ -100,6 +100,16 @@ class Pollable(Protocol):
     def poll(self) -> int | None: ...
 
 
+class Logged(Protocol):
+    def log(self) -> str: ...
+
+
+class Reloadable(Pollable, Logged, Protocol):
+    """What reloads a server: `hupt run` under test (HuptProcess) or `hupt attach`."""
+
+    def reload(self, *args: str) -> subprocess.CompletedProcess[str]: ...
+
+
 def wait_listening(target: Target, timeout: float = 10.0, proc: Pollable | None = None) -> None:
     """Wait until a connect() to target succeeds; fail early if `proc` exits meanwhile."""
     deadline = time.monotonic() + timeout
@@ -143,7 +153,7 @@ def serving_pid(target: Target, path: str = "/") -> int:
 
 
 def wait_for(what: str, check: Callable[[], T | bool | None], timeout: float = 10.0,
-             proc: Started | None = None) -> T:
+             proc: Logged | None = None) -> T:
     """Poll check() until it returns something other than None/False; return that.
 
     Fails (AssertionError naming `what`, with `proc`'s output) after `timeout` s.

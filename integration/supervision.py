@@ -31,6 +31,7 @@ from harness import (
     Background,
     HuptProcess,
     Procs,
+    Reloadable,
     alive,
     chatty_cmd,
     children,
@@ -147,7 +148,7 @@ def wait_single_generation(h: HuptProcess, timeout: float = 30.0) -> int:
 # -- reloads --------------------------------------------------------------------------------
 
 
-def reload_ok(h: HuptProcess) -> subprocess.CompletedProcess[str]:
+def reload_ok(h: Reloadable) -> subprocess.CompletedProcess[str]:
     """`hupt reload`, which must succeed."""
     r = h.reload()
     assert r.returncode == 0, f"reload failed: {r.stderr}\n{h.log()}"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from datagram_load import DatagramLoad, DatagramResult, DgramTarget, dns_answer, dns_query
-from harness import SERVERS, HuptProcess, Procs, alive, socket_inodes, wait_for
+from harness import SERVERS, HuptProcess, Procs, Reloadable, alive, socket_inodes, wait_for
 from supervision import generations, ping, reload_ok, stop_gracefully, wait_single_generation
 
 from conftest import build_static_go
@@ -117,7 +117,7 @@ def datagram_inodes(target: DgramTarget) -> set[int]:
     return found
 
 
-def held_inode(h: HuptProcess, target: DgramTarget) -> int:
+def held_inode(h: Reloadable, target: DgramTarget) -> int:
     """The one datagram socket on target in hupt's own fd table."""
     held = set(socket_inodes(h.pid)) & datagram_inodes(target)
     assert len(held) == 1, f"hupt holds {held} on {target!r}\n{h.log()}"
@@ -160,7 +160,7 @@ def check_result(res: DatagramResult, min_sent: int = 300) -> None:
     assert res.answered == res.sent, res.summary()
 
 
-def reloads_under_load(h: HuptProcess, target: DgramTarget, *, exec_pid: int | None = None,
+def reloads_under_load(h: Reloadable, target: DgramTarget, *, exec_pid: int | None = None,
                        dns_name: str | None = None, tmp: Path | None = None,
                        reloads: int = RELOADS) -> DatagramResult:
     """`reloads` reloads under a counting client; each new generation reads the held socket."""
@@ -177,7 +177,11 @@ def reloads_under_load(h: HuptProcess, target: DgramTarget, *, exec_pid: int | N
                 assert pid == exec_pid and "execed" in r.stderr, f"reload {i + 1}: {r.stderr}"
             assert held_inode(h, target) == inode, "hupt must keep holding the same socket"
             # An exec'd image keeps its environment, so its generation mark too.
-            pids = {exec_pid} if exec_pid is not None else generations(h).get(new, set())
+            if exec_pid is not None:
+                pids = {exec_pid}
+            else:  # fork mode: hupt run's generations (attach is exec mode)
+                assert isinstance(h, HuptProcess)
+                pids = generations(h).get(new, set())
             assert any(inode in socket_inodes(p) for p in pids), (
                 f"reload {i + 1}: generation {new} does not read the held socket\n{h.log()}")
             time.sleep(0.3)

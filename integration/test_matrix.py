@@ -373,14 +373,14 @@ def datagram_cell(spec: Server, mode: str, opts: tuple[str, ...], procs: Procs,
         root = h.pid
         first = (wait_for("generation 1's root", lambda: next(iter(children(h.pid)), None),
                           10) if mode == "exec" else None)
-    inode = held_inode(h, target)  # type: ignore[arg-type]
+    inode = held_inode(h, target)
     born = start_time(first) if first is not None else None
-    res = reloads_under_load(h, target, exec_pid=first,  # type: ignore[arg-type]
+    res = reloads_under_load(h, target, exec_pid=first,
                              dns_name=spec.dns_name, reloads=RELOADS)
-    assert held_inode(h, target) == inode, "the same held socket"  # type: ignore[arg-type]
+    assert held_inode(h, target) == inode, "the same held socket"
     if first is not None:
         assert start_time(first) == born, f"pid {first} still runs every image"
-    processes = settled_processes(spec, mode, h, root)  # type: ignore[arg-type]
+    processes = settled_processes(spec, mode, h if isinstance(h, HuptProcess) else h.sup, root)
     failed = len(res.lost) + res.refused + len(res.errors) + res.bad_answers
     figures = {
         "reloads": RELOADS, "requests": res.sent, "failed": failed,

@@ -179,14 +179,9 @@ def _listeners(processes: list[int]) -> list[Listener]:
         for u in diag.unix_listeners():
             backlog[u.inode] = u.backlog
     holders: dict[int, list[tuple[int, int]]] = {}
-    for p in processes:
-        try:
-            fds = procfs.socket_inodes(p)
-        except NoSuchProcess:
-            continue
-        for fd, ino in sorted(fds.items()):
-            if ino in backlog:
-                holders.setdefault(ino, []).append((p, fd))
+    for p, fd, ino in _socket_fds(processes):
+        if ino in backlog:
+            holders.setdefault(ino, []).append((p, fd))
     out: list[Listener] = []
     for ino, where in holders.items():
         with _their_socket(*where[0]) as sock:
@@ -196,6 +191,18 @@ def _listeners(processes: list[int]) -> list[Listener]:
         if address.chosen:
             out.append(Listener(address, ino, backlog[ino], tuple(where)))
     return out
+
+
+def _socket_fds(processes: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(pid, fd, socket inode) of every socket fd of ``processes``, in fd order; a
+    process gone meanwhile holds none."""
+    for p in processes:
+        try:
+            fds = procfs.socket_inodes(p)
+        except NoSuchProcess:
+            continue
+        for fd, ino in sorted(fds.items()):
+            yield p, fd, ino
 
 
 def _datagram_sockets(root: int, processes: list[int],
@@ -209,20 +216,15 @@ def _datagram_sockets(root: int, processes: list[int],
     """
     seen: dict[int, Address | None] = {}
     holders: dict[Address, tuple[int, list[tuple[int, int]]]] = {}
-    for p in processes:
-        try:
-            fds = procfs.socket_inodes(p)
-        except NoSuchProcess:
-            continue
-        for fd, ino in sorted(fds.items()):
-            if ino not in seen:
-                seen[ino] = None
-                with _their_socket(p, fd) as sock:
-                    if sock is not None and sock.type == socket.SOCK_DGRAM:
-                        seen[ino] = replace(_address(sock, p), kind=socket.SOCK_DGRAM)
-            addr = seen[ino]
-            if addr is not None and addr in wanted:
-                holders.setdefault(addr, (ino, []))[1].append((p, fd))
+    for p, fd, ino in _socket_fds(processes):
+        if ino not in seen:
+            seen[ino] = None
+            with _their_socket(p, fd) as sock:
+                if sock is not None and sock.type == socket.SOCK_DGRAM:
+                    seen[ino] = replace(_address(sock, p), kind=socket.SOCK_DGRAM)
+        addr = seen[ino]
+        if addr is not None and addr in wanted:
+            holders.setdefault(addr, (ino, []))[1].append((p, fd))
     missing = sorted(wanted - set(holders))
     if missing:
         found = sorted({a for a in seen.values() if a is not None and a.chosen})
