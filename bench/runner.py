@@ -492,12 +492,13 @@ class Runner:
             time.sleep(0.05)
         return proc
 
-    def python_startup(self, timeout: float = 20.0) -> float:
-        """ms from launching the interpreter to its first statement (site included)."""
+    def python_startup(self, timeout: float = 20.0, *, site: bool = True) -> float:
+        """ms from launching the interpreter to its first statement (site and the .pth
+        files it runs included, unless ``site`` is False: -S)."""
         with self.cpus.on(self.cpus.server):
             t0 = time.time_ns()
-            proc = self.procs.spawn([sys.executable, "-c", "import time; print(time.time_ns())"],
-                                    name="python")
+            proc = self.procs.spawn([sys.executable, *(() if site else ("-S",)), "-c",
+                                     "import time; print(time.time_ns())"], name="python")
         proc.popen.wait(timeout)
         return (int(proc.out.read_text().split()[0]) - t0) / 1e6
 

@@ -75,7 +75,7 @@ import struct
 import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hupt.loop import Loop
@@ -472,21 +472,34 @@ _KEEPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
                 "from hupt.output import keeper_main; keeper_main(int(sys.argv[3]))")
 
 
+# The keeper waits for its release in a shell: spawned, not forked.  A fork of
+# hupt copies its page tables and, while the copy waits, turns every page hupt
+# writes on its way to generation 1's exec into a copy-on-write fault: 6 ms of
+# that path on one CPU, measured, against about 1 for /bin/sh exec'd from a
+# vfork (posix_spawn) that forks itself once.  The subshell is the keeper: its
+# parent exits at once, so it is re-parented away from hupt's tree.  fd 3 is
+# the channel, 4 the hold; $0.. are the interpreter, the code, the package
+# directory and the label (the keeper's name in ps).
+_SH = "/bin/sh"
+_KEEPER_SH = '(read -r hold <&4; exec 4<&-; exec "$0" -I -S -c "$1" "$2" "$3" 3) &'
+_CHAN_FD, _HOLD_FD = 3, 4
+
+
 def start_keeper() -> tuple[socket.socket, int] | None:
     """Start the output keeper (see the module); return hupt's end of its channel
     and its hold: the keeper execs its interpreter once that fd is closed.
 
-    Before hupt becomes a child subreaper: the keeper is double-forked, so it
-    is re-parented to init (or the nearest subreaper above hupt), never to
-    hupt.  None if it cannot be started (hupt then runs without one).  ``hupt
-    run`` closes the hold once generation 1 has exec'd and the supervisor is
-    built (``Output.release_keeper``): the keeper's interpreter start, 10 ms of
-    CPU, would otherwise compete with hupt's own path to that exec, and then
-    with the server's first steps (10 to 13 ms from the exec to the server's
-    first instruction in 5 of 12 starts on one CPU, 3 to 5 ms once moved).
-    Meanwhile the pipes hold what generation 1 writes and the channel queues
-    what hupt sends; hupt gone, the hold closes with it and the keeper starts
-    as before.
+    Before hupt becomes a child subreaper: the keeper's parent exits at once,
+    so it is re-parented to init (or the nearest subreaper above hupt), never
+    to hupt.  None if it cannot be started (hupt then runs without one).
+    ``hupt run`` closes the hold once generation 1 has exec'd and the
+    supervisor is built (``Output.release_keeper``): the keeper's interpreter
+    start, 10 ms of CPU, would otherwise compete with hupt's own path to that
+    exec, and then with the server's first steps (10 to 13 ms from the exec to
+    the server's first instruction in 5 of 12 starts on one CPU, 3 to 5 ms
+    once moved).  Meanwhile the pipes hold what generation 1 writes and the
+    channel queues what hupt sends; hupt gone, the hold closes with it and the
+    keeper starts as before.
     """
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -498,8 +511,54 @@ def start_keeper() -> tuple[socket.socket, int] | None:
         ours.close()
         theirs.close()
         return None
-    me = os.getpid()
+    label = f"hupt-output-keeper:{os.getpid()}"
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        started = _spawn_keeper(theirs.fileno(), hold_r, label, package)
+    except OSError:
+        started = False
+    if not started:
+        _fork_keeper(theirs.fileno(), hold_r, hold_w, ours, label, package)
+    theirs.close()
+    os.close(hold_r)
+    return ours, hold_w
+
+
+def _spawn_keeper(chan: int, hold: int, label: str, package: str) -> bool:
+    """The keeper through /bin/sh (see _KEEPER_SH); False where there is none."""
+    if not os.access(_SH, os.X_OK):
+        return False
+    # Above the numbers the dup2s write, so that no source is overwritten first.
+    chan, hold = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (chan, hold))
+    try:
+        actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, chan, _CHAN_FD), (os.POSIX_SPAWN_DUP2, hold, _HOLD_FD)]
+        # What hupt inherited open (its own fds are close-on-exec) is not the keeper's.
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in (_CHAN_FD, _HOLD_FD) and _inheritable(fd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        pid = os.posix_spawn(_SH, ["sh", "-c", _KEEPER_SH, sys.executable, _KEEPER_CODE,
+                                   package, label], os.environ, file_actions=actions,
+                              setsid=True)
+    finally:
+        os.close(chan)
+        os.close(hold)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False  # the listing's own fd, closed since
+
+
+def _fork_keeper(chan: int, hold_r: int, hold_w: int, ours: socket.socket, label: str,
+                 package: str) -> None:
+    """The keeper without a shell: a double fork of hupt (see _KEEPER_SH's comment)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the keeper's side, proved by integration tests
         try:
@@ -509,21 +568,17 @@ def start_keeper() -> tuple[socket.socket, int] | None:
                 os.setsid()
                 with contextlib.suppress(OSError):
                     os.read(hold_r, 1)  # EOF: hupt released it (or is gone)
-                fd = theirs.fileno()
-                os.set_inheritable(fd, True)
+                os.set_inheritable(chan, True)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.close(null)
-                os.closerange(3, fd)
-                os.closerange(fd + 1, 1 << 20)
-                os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, package,
-                                          f"hupt-output-keeper:{me}", str(fd)])
+                os.closerange(3, chan)
+                os.closerange(chan + 1, 1 << 20)
+                os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _KEEPER_CODE,
+                                          package, label, str(chan)])
         finally:
             os._exit(0)
-    theirs.close()
-    os.close(hold_r)
     os.waitpid(pid, 0)
-    return ours, hold_w
 
 
 def keeper_main(fd: int) -> None:  # pragma: no cover - a process of its own

@@ -27,15 +27,16 @@ pytestmark = pytest.mark.root
 CONTROL_HEAVY = ("rich", "pyroute2", "ptrace", "ctypes", "importlib.metadata", "hupt.tracer",
                  "hupt.supervisor", "hupt.linux", "hupt.fleet", "hupt.reload")
 # Imported by hupt run only once generation 1 has started (hupt/early.py): the
-# supervisor, the Linux System and the readiness policies, and dataclasses (inspect,
-# ast, dis: ~5 ms) that nearly all of them use.
+# supervisor, the Linux System and the readiness policies, dataclasses (inspect,
+# ast, dis: ~5 ms) that nearly all of them use, and json (1.3 ms: the control
+# socket's messages).
 AFTER_THE_EXEC = ("rich", "pyroute2", "ptrace", "importlib.metadata", "hupt.supervisor",
                   "hupt.fleet", "hupt.reload", "hupt.upgrade", "hupt.endpoint", "hupt.draining",
                   "hupt.announce", "hupt.hooks", "hupt.revive", "hupt.detach", "hupt.watch",
                   "hupt.snapshot", "hupt.tracer.attach", "hupt.tracer.inject",
                   "hupt.tracer.sockdiag", "hupt.tracer.accepting", "hupt.linux", "hupt.system",
                   "hupt.options", "hupt.readiness", "hupt.handoff", "hupt.listeners",
-                  "hupt.tracer.notify", "dataclasses", "inspect")
+                  "hupt.tracer.notify", "dataclasses", "inspect", "json")
 
 CLI = """
 import json, sys
@@ -49,7 +50,7 @@ print("\\n" + json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
 # clone3 into its cgroup (hupt/tracer/clone.py); with TERM, it also sends itself
 # SIGTERM right after that fork.
 RUN = """
-import json, os, signal, sys
+import os, signal, sys
 from hupt.tracer import clone
 real, real_into = os.fork, clone.fork_into
 def recorded(make):
@@ -58,7 +59,7 @@ def recorded(make):
             return make(*args)
         os.fork, clone.fork_into = real, real_into
         with open({out!r}, "w") as f:
-            json.dump(sorted(sys.modules), f)
+            f.write(" ".join(sorted(sys.modules)))
         pid = make(*args)
         if pid and {term!r}:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -84,7 +85,7 @@ def cli_modules(*argv: str) -> tuple[int, list[str]]:
 def start_recorded(procs: Procs, tmp_path: Path, *,
                    term: bool = False) -> tuple[Started, Target, Path]:
     target: Target = ("127.0.0.1", free_port())
-    out = tmp_path / "modules.json"
+    out = tmp_path / "modules.txt"
     argv = ["run", "--", *health_cmd(target)]
     h = procs.spawn([sys.executable, "-c", RUN.format(out=str(out), term=term, argv=argv)],
                     name="hupt")
@@ -95,7 +96,7 @@ def test_hupt_run_starts_the_server_before_it_imports_the_supervisor(
         procs: Procs, tmp_path: Path) -> None:
     h, target, out = start_recorded(procs, tmp_path)
     wait_listening(target, 20, proc=h)
-    before = json.loads(out.read_text())
+    before = out.read_text().split()
     assert heavy(before, AFTER_THE_EXEC) == [], "imported before generation 1's exec"
     assert "hupt.tracer.spawn" in before
     # Supervised as any generation: reloaded, shown, stopped.
@@ -122,3 +123,42 @@ def test_a_term_while_hupt_run_is_still_starting_is_a_graceful_stop(
     err = h.err.read_text()
     assert "Traceback" not in err, err
     assert "stopping" in err, err  # and the server stopped with it: procs.finish checks
+
+
+def _script(path: Path, says: str, mode: int = 0o755) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho {says} > \"$OUT\"\n")
+    path.chmod(mode)
+
+
+@pytest.mark.parametrize("case", ["absolute", "relative-entry", "slash"])
+def test_the_spawn_runs_what_execvpe_would(tmp_path: Path, case: str) -> None:
+    """hupt looks a bare name up on the server's PATH itself (hupt/tracer/spawn.py);
+    what runs is what execvpe() in the child would have run."""
+    from hupt.tracer import spawn
+    from hupt.tracer.abi import SYS
+
+    out = tmp_path / "out"
+    _script(tmp_path / "a" / "prog", "not-executable", mode=0o644)
+    _script(tmp_path / "b" / "prog", "b")
+    _script(tmp_path / "cwd" / "bin" / "prog", "relative")
+    path, argv, expect = {
+        "absolute": (f"{tmp_path}/a:{tmp_path}/b", ["prog"], "b"),
+        "relative-entry": ("bin", ["prog"], "relative"),  # the child's working directory
+        "slash": (f"{tmp_path}/b", ["bin/prog"], "relative"),
+    }[case]
+    env = {"PATH": path, "OUT": str(out)}
+    assert (spawn._on_path(argv[0], env) is not None) == (case == "absolute")
+    pid, notify, _ = spawn.spawn(argv, env, [SYS.bind, SYS.listen], cwd=str(tmp_path / "cwd"))
+    os.close(notify)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out.read_text().strip() == expect
+
+
+def test_a_name_found_nowhere_is_the_child_s_error_as_before(tmp_path: Path) -> None:
+    from hupt.tracer import spawn
+    from hupt.tracer.abi import SYS
+
+    with pytest.raises(spawn.SpawnError, match=r"'nosuch-prog'.*exec: No such file"):
+        spawn.spawn(["nosuch-prog"], {"PATH": str(tmp_path)}, [SYS.bind])

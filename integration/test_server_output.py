@@ -15,12 +15,14 @@ has.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from harness import (
     HuptProcess,
     Procs,
@@ -146,3 +148,68 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("shell", [True, False], ids=["through-sh", "forked"])
+def test_the_keeper_waits_outside_hupt_s_tree_with_none_of_its_fds(
+        monkeypatch: pytest.MonkeyPatch, shell: bool) -> None:
+    """start_keeper as `hupt run` calls it, in this process: through /bin/sh where
+    there is one, a double fork of hupt where there is none."""
+    from hupt import output
+
+    if not shell:
+        monkeypatch.setattr(output, "_SH", "/nonexistent/sh")
+    stray_r, stray_w = os.pipe()  # inheritable, as an fd hupt was given could be
+    os.set_inheritable(stray_r, True)
+    stray = os.readlink(f"/proc/self/fd/{stray_r}")
+    label = f"hupt-output-keeper:{os.getpid()}"
+    before = {p for p in _pids() if label in _cmdline(p)}
+
+    def keepers() -> set[int]:
+        return {p for p in _pids() if label in _cmdline(p)} - before
+
+    started = output.start_keeper()
+    assert started is not None
+    chan, hold = started
+    try:
+        if shell:  # waiting in sh: the channel (3), the hold (4), nothing else of ours
+            waiting, = keepers()
+            assert _cmdline(waiting).startswith("sh -c ")
+            assert stray not in _links(waiting)
+            assert {3, 4} <= set(_fds(waiting))
+        os.close(hold)  # released: it execs its interpreter
+        wait_for("the keeper's interpreter", lambda: any(
+            "import keeper_main" in _cmdline(p) for p in keepers()), 10)
+        keeper, = keepers()
+        if shell:
+            assert keeper == waiting
+        assert os.getsid(keeper) != os.getsid(0), "a session of its own"
+        assert _ppid(keeper) != os.getpid(), "re-parented: not a child of hupt"
+        # stdin (/dev/null), the stdout and stderr it forwards to, the channel.
+        wait_for("nothing else of hupt's", lambda: len(_fds(keeper)) == 4, 10)
+        assert stray not in _links(keeper)
+        assert Path(f"/proc/{keeper}/fd/0").resolve() == Path(os.devnull)
+    finally:
+        os.close(stray_r)
+        os.close(stray_w)
+        chan.close()  # hupt gone: with no pipe to forward, it exits
+    assert not wait_gone([keeper], 10), "the keeper outlived hupt's channel"
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _fds(pid: int) -> list[int]:
+    try:
+        return [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
+
+
+def _links(pid: int) -> set[str]:
+    out = set()
+    for fd in _fds(pid):
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out

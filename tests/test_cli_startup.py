@@ -10,6 +10,7 @@ nor importlib.metadata (the version).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -77,15 +78,35 @@ def test_a_control_command_imports_only_what_it_needs(tmp_path: Path, argv: list
 def test_the_parser_builds_only_the_command_being_run() -> None:
     from hupt import cli
 
-    run = cli.build_parser("status")
-    sub = next(a for a in run._actions if a.dest == "command")
-    choices = getattr(sub, "choices", {})
-    assert set(choices) == set(cli.COMMANDS), "every command is listed for --help"
-    assert [a.dest for a in choices["run"]._actions] == [], "run's options are not built"
-    assert "json" in [a.dest for a in choices["status"]._actions]
+    def commands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        sub = next(a for a in p._actions if a.dest == "command")
+        return dict(getattr(sub, "choices", {}))
+
+    only = commands(cli.build_parser("status"))
+    assert list(only) == ["status"], "no other command's parser is built"
+    assert "json" in [a.dest for a in only["status"]._actions]
+    assert set(commands(cli.build_parser())) == set(cli.COMMANDS)
     assert cli.command_of(["-v", "status", "run"]) == "status"
     assert cli.command_of(["--version"]) is None
     assert cli.command_of(["nosuch"]) is None
+
+
+@pytest.mark.parametrize("argv, listed", [
+    (["--help"], True), (["--help", "run"], True), (["-v", "-h", "status"], True),
+    (["run", "--help"], False)])
+def test_help_lists_every_command_when_it_is_hupt_s_own(argv: list[str], listed: bool) -> None:
+    r = subprocess.run([sys.executable, "-m", "hupt", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    shown = [c for c in cli_commands() if f"\n    {c} " in r.stdout]
+    assert shown == (cli_commands() if listed else []), r.stdout
+
+
+def cli_commands() -> list[str]:
+    from hupt import cli
+
+    return list(cli.COMMANDS)
 
 
 def test_generation_1_started_before_the_supervisor_is_supervised_as_any(
@@ -145,3 +166,4 @@ def test_a_first_generation_that_cannot_start_leaves_nothing(tmp_path: Path) -> 
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         fake.close()
+
