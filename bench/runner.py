@@ -492,15 +492,31 @@ class Runner:
             time.sleep(0.05)
         return proc
 
-    def python_startup(self, timeout: float = 20.0, *, site: bool = True) -> float:
+    def python_startup(self, python: str = sys.executable, timeout: float = 20.0) -> float:
         """ms from launching the interpreter to its first statement (site and the .pth
-        files it runs included, unless ``site`` is False: -S)."""
+        files it runs included)."""
         with self.cpus.on(self.cpus.server):
             t0 = time.time_ns()
-            proc = self.procs.spawn([sys.executable, *(() if site else ("-S",)), "-c",
-                                     "import time; print(time.time_ns())"], name="python")
+            proc = self.procs.spawn([python, "-c", "import time; print(time.time_ns())"],
+                                    name="python")
         proc.popen.wait(timeout)
         return (int(proc.out.read_text().split()[0]) - t0) / 1e6
+
+    def python_without_pth(self) -> str:
+        """An interpreter of this installation that runs none of its .pth files: a venv
+        (no pip) whose one .pth adds this installation's site-packages as plain path
+        lines, which site does not scan for .pth files.  hupt and its dependencies
+        are found there as from the installation itself."""
+        import site
+
+        venv = self.dir / "venv-without-pth"
+        if not venv.exists():
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                           check=True, timeout=120)
+            lib = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+            (lib / "site-packages" / "installation.pth").write_text(
+                "".join(f"{d}\n" for d in site.getsitepackages()))
+        return str(venv / "bin" / "python")
 
     def syscall_ns(self, prefix: Sequence[str], calls: int, timeout: float = 60.0) -> float:
         """ns per getppid() in a Python loop launched as `prefix + python3 -c ...`."""
