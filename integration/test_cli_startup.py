@@ -131,7 +131,7 @@ def _script(path: Path, says: str, mode: int = 0o755) -> None:
     path.chmod(mode)
 
 
-@pytest.mark.parametrize("case", ["absolute", "relative-entry", "slash"])
+@pytest.mark.parametrize("case", ["absolute", "relative-entry", "slash", "refused-first"])
 def test_the_spawn_runs_what_execvpe_would(tmp_path: Path, case: str) -> None:
     """hupt looks a bare name up on the server's PATH itself (hupt/tracer/spawn.py);
     what runs is what execvpe() in the child would have run."""
@@ -146,9 +146,14 @@ def test_the_spawn_runs_what_execvpe_would(tmp_path: Path, case: str) -> None:
         "absolute": (f"{tmp_path}/a:{tmp_path}/b", ["prog"], "b"),
         "relative-entry": ("bin", ["prog"], "relative"),  # the child's working directory
         "slash": (f"{tmp_path}/b", ["bin/prog"], "relative"),
+        # Executable, but no format execve() knows (ENOEXEC): execvpe goes on to b.
+        "refused-first": (f"{tmp_path}/c:{tmp_path}/b", ["prog"], "b"),
     }[case]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "prog").write_bytes(b"\x00\x01 not a program\n")
+    (tmp_path / "c" / "prog").chmod(0o755)
     env = {"PATH": path, "OUT": str(out)}
-    assert (spawn._on_path(argv[0], env) is not None) == (case == "absolute")
+    assert (spawn._on_path(argv[0], env) is not None) == (case in ("absolute", "refused-first"))
     pid, notify, _ = spawn.spawn(argv, env, [SYS.bind, SYS.listen], cwd=str(tmp_path / "cwd"))
     os.close(notify)
     _, status = os.waitpid(pid, 0)

@@ -40,6 +40,7 @@ installed by the forked child itself, between fork() and execve():
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -173,9 +174,11 @@ def _child(argv: Sequence[str], program: str | None, env: dict[str, str], prog: 
         fdlimit.restore_in_child()
         step = "exec"
         if program is not None:
-            os.execve(program, list(argv), env)
-        else:
-            os.execvpe(argv[0], list(argv), env)
+            with contextlib.suppress(OSError):
+                os.execve(program, list(argv), env)
+            # A file execve() refuses (a noexec mount, ENOEXEC): execvpe() goes on
+            # to the next PATH entry, and reports the error as it always did.
+        os.execvpe(argv[0], list(argv), env)
     except KernelError as e:
         os.write(err_w, f"{e.errno}:{step}".encode())
     except OSError as e:
