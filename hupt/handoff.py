@@ -65,7 +65,6 @@ with a new id or fails with EINTR), so every handler is idempotent.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -76,16 +75,8 @@ from hupt import log
 from hupt.address import Address, from_socket_name, parse_sockaddr
 from hupt.errors import KernelError, NoSuchProcess, NotificationGone
 from hupt.listeners import Listeners, reuseport
-from hupt.tracer import libc, pidfd, procfs
-from hupt.tracer.abi import (
-    BPF_RET_K,
-    O_CLOEXEC,
-    O_NONBLOCK,
-    SO_ATTACH_REUSEPORT_CBPF,
-    SOCK_FILTER,
-    SOCK_FPROG,
-    SYS,
-)
+from hupt.tracer import bpf, libc, pidfd, procfs
+from hupt.tracer.abi import O_CLOEXEC, O_NONBLOCK, SYS
 from hupt.tracer.notify import Notification, NotifyFd
 
 AT_FDCWD = -100
@@ -244,7 +235,7 @@ class Handoff:
         try:
             if not addr.is_unix:
                 _steer_to_first(theirs)
-            _bind_raw(theirs.fileno(), sockaddr)
+            libc.bind(theirs.fileno(), sockaddr)
         except KernelError as e:
             if e.errno in (errno.EACCES, errno.EPERM):
                 log.warn(f"generation {self.generation}: hupt may not bind {addr} ({e}): "
@@ -255,7 +246,7 @@ class Handoff:
             return None
         if not addr.is_unix:
             try:
-                _attach_selector(theirs)
+                bpf.attach_reuseport_selector(theirs)  # (see _steer_to_first)
             except OSError as e:  # its dummies then fall back to another port
                 log.warn(f"generation {self.generation}: {addr}: reuseport selector: {e}")
         if addr.is_unix and not addr.is_abstract:
@@ -274,7 +265,7 @@ class Handoff:
         not make that bind (a privileged port, a policy on hupt): the caller lets
         the server's own call through then."""
         try:
-            _bind_raw(theirs.fileno(), raw)
+            libc.bind(theirs.fileno(), raw)
         except KernelError as e:
             if e.errno in (errno.EACCES, errno.EPERM):
                 return False
@@ -403,11 +394,6 @@ class Handoff:
             self.notify.send_continue(n.id)
 
 
-def _bind_raw(fd: int, sockaddr: bytes) -> None:
-    buf = ctypes.create_string_buffer(sockaddr, len(sockaddr))
-    libc.syscall(SYS.bind, fd, buf, len(sockaddr), op="bind")
-
-
 def _steer_to_first(sock: socket.socket) -> None:
     """Make ``sock``'s bind create a SO_REUSEPORT group, first in it, whose selector
     program ("return 0") sends every datagram to it.
@@ -421,13 +407,6 @@ def _steer_to_first(sock: socket.socket) -> None:
     before the server gets its socket back.
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-
-
-def _attach_selector(sock: socket.socket) -> None:
-    """The group's selector program, on ``sock`` bound by ``_steer_to_first``."""
-    insn = ctypes.create_string_buffer(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
-    fprog = SOCK_FPROG.pack(1, ctypes.addressof(insn))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def _own_like(tid: int, path: bytes) -> None:

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from hupt.tracer.attach import Server as Server
 
 
-
 @dataclass(frozen=True)
 class Serviced:
     listened: list[Address]

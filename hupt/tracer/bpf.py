@@ -21,15 +21,21 @@ the RET it reaches is the action.  The things that matter here:
   the process and its descendants, so they must stay short and obviously
   right: this module lets tests run them in userspace, the way gVisor tests
   its filters, instead of trusting a hand count of jump offsets.
+
+One socket program is attached here too: a SO_REUSEPORT group's selector,
+"return 0", which sends every datagram to the group's first socket
+(``attach_reuseport_selector``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from hupt.tracer.abi import BPF_MAXINSNS, SOCK_FILTER
+from hupt.tracer.abi import BPF_MAXINSNS, SO_ATTACH_REUSEPORT_CBPF, SOCK_FILTER, SOCK_FPROG
 
 # Opcode fields (include/uapi/linux/bpf_common.h); only those hupt emits.
 LD = 0x00
@@ -237,3 +243,11 @@ def _execute(prog: Sequence[Insn], data: bytes) -> tuple[int, int]:
         else:
             pc += i.jt if _CONDITIONS[i.code](a, i.k) else i.jf
     raise InvalidProgram("fell off the end of the program")
+
+
+def attach_reuseport_selector(sock: socket.socket) -> None:
+    """Attach "return 0" as the SO_REUSEPORT group selector of bound ``sock``: the
+    group's first socket gets every datagram (hupt/handoff.py's _steer_to_first)."""
+    insn = ctypes.create_string_buffer(SOCK_FILTER.pack(RET_K, 0, 0, 0))
+    fprog = SOCK_FPROG.pack(1, ctypes.addressof(insn))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)

@@ -54,6 +54,13 @@ def syscall_holding_gil(nr: SYS, *args: Any, op: str = "") -> int:
     return res
 
 
+def bind(fd: int, sockaddr: bytes) -> None:
+    """bind(2) with a raw ``struct sockaddr`` (as a notification carries it), for
+    the families Python's socket.bind cannot spell from bytes."""
+    buf = ctypes.create_string_buffer(sockaddr, len(sockaddr))
+    syscall(SYS.bind, fd, buf, len(sockaddr), op="bind")
+
+
 def ioctl_buf(fd: int, request: int, buf: bytearray, *, op: str, notify: bool = False) -> int:
     """ioctl with an in/out buffer (mutated in place)."""
     try:
